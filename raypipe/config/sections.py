@@ -1,0 +1,67 @@
+"""Typed config sections, one class per stage.
+
+Each stage owns its class here; fields carry defaults that run the embedded demo on one laptop. Cross-field
+rules that only concern one section live in that section's validator; rules that span sections live in
+:class:`raypipe.config.RaypipeConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from raypipe.config.base import StrictModel
+
+
+class RayConfig(StrictModel):
+    """Where Ray runs. ``address=None`` starts (or joins, inside ``ray job submit``) a local instance."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class StorageConfig(StrictModel):
+    """How to reach s3:// URIs. ``None`` fields fall back to the usual AWS variables (AWS_ENDPOINT_URL, ...).
+
+    Kept in the config (not only the environment) so that Ray workers on other nodes get the same settings.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+
+class CorpusConfig(StrictModel):
+    """The synthetic demo/test corpus (see :mod:`raypipe.corpus`)."""
+
+    out: str = "demo_out/corpus"
+    videos: int = Field(default=60, ge=1)
+    seed: int = 0
+    bad_inputs: bool = False
+    min_duration_s: float = Field(default=2.0, gt=0.2)
+    max_duration_s: float = Field(default=40.0, gt=0.2)
+    long_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    noise_rate: float = Field(default=0.15, ge=0.0, le=1.0)
+    num_level1: int = Field(default=4, ge=2, le=23)
+    num_level2_per_level1: int = Field(default=3, ge=2, le=10)
+
+    @model_validator(mode="after")
+    def _durations(self) -> "CorpusConfig":
+        if self.min_duration_s > self.max_duration_s:
+            raise ValueError(
+                f"min_duration_s ({self.min_duration_s}) must not exceed max_duration_s ({self.max_duration_s})"
+            )
+        return self
+
+
+class TrackingConfig(StrictModel):
+    """MLflow: a SQLite file by default, any tracking URI (a server) in production."""
+
+    tracking_uri: str = "sqlite:///demo_out/mlflow.db"
+    artifact_location: str | None = None
+    experiment: str = "raypipe"
+    registered_model_name: str = "raypipe-classifier"
+    alias: str = "candidate"
+    enabled: bool = True

@@ -1,0 +1,54 @@
+"""One registry and one ``create_model``, in the manner of timm.
+
+Each paper model lives in its own module and registers its builder with ``@register_model("name")``.
+Builders take keyword-only arguments, so a misspelt option fails loudly at build time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+ModelBuilder = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    def decorator(fn: ModelBuilder) -> ModelBuilder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_builder(name: str) -> ModelBuilder:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def builder_params(name: str) -> list[str]:
+    """Keyword arguments the builder of ``name`` accepts (used to validate configs up front)."""
+    return [
+        p.name
+        for p in inspect.signature(get_builder(name)).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    builder = get_builder(name)
+    unknown = sorted(set(kwargs) - set(builder_params(name)))
+    if unknown:
+        raise TypeError(f"model {name!r} got unknown option(s) {unknown}; allowed: {builder_params(name)}")
+    return builder(**kwargs)

@@ -1,0 +1,109 @@
+"""The feature-shard contract between embed, train and label (pure Python + pyarrow, no Ray, no torch).
+
+One Parquet row per video. Tensors are stored flat (row-major) in list columns so that any Parquet reader can
+load them; their shapes are fixed per dataset and recorded in the file metadata under ``raypipe``:
+
+=================  ==================  ==========================================================
+column             arrow type          meaning
+=================  ==================  ==========================================================
+video_id           string              stable id (file stem, manifest id or annotation id)
+source_uri         string              where the video was read from
+duration_s         float64             container duration
+num_frames         int32               sampled frames, <= MAX_FRAMES
+frame_times        list<float32>       timestamps (s) of the sampled frames
+frame_emb          list<float16>       [MAX_FRAMES, frame_dim] flat, zero-padded
+frame_mask         list<bool>          [MAX_FRAMES]
+audio_emb          list<float16>       [MAX_FRAMES, audio_dim] flat, aligned to frame_times
+audio_mask         list<bool>          [MAX_FRAMES], all false when the video has no audio
+title, asr, ocr    string              raw sidecar text (ocr/asr flattened to text)
+text               string              cleaned "title asr ocr"
+input_ids          list<int32>         [text_len] token ids of ``text``
+attention_mask     list<int32>         [text_len]
+text_emb           list<float16>       [text_dim] sentence embedding of ``text``
+label              string (nullable)   level-2 code or class name; null when unlabelled
+label_l1           string (nullable)   level-1 code (first two digits of a WBDC level-2 code)
+labels             list<string>        multi-label corpora (YouTube-8M); empty otherwise
+=================  ==================  ==========================================================
+
+Failed videos never appear here: they go to the errors table (:data:`ERROR_COLUMNS`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+MAX_FRAMES = 32
+METADATA_KEY = b"raypipe"
+
+ERROR_COLUMNS = ("video_id", "source_uri", "stage", "reason", "error")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a reader needs to reshape the flat columns, plus provenance. Stored as JSON in the metadata."""
+
+    frame_dim: int
+    audio_dim: int
+    text_dim: int
+    text_len: int
+    max_frames: int = MAX_FRAMES
+    # vocab_size and special token ids (pad, cls, sep, mask, unk) of the tokenizer that made input_ids;
+    # models size their embeddings from it and MLM never masks the special ids.
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    embedders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    config_hash: str = ""
+    raypipe_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {METADATA_KEY: json.dumps(asdict(self), sort_keys=True).encode()}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> "ShardInfo":
+        if not metadata or METADATA_KEY not in metadata:
+            raise ValueError("Parquet file has no raypipe metadata: not a raypipe feature shard")
+        return cls(**json.loads(metadata[METADATA_KEY]))
+
+
+def feature_schema(info: ShardInfo) -> pa.Schema:
+    """The Arrow schema of a feature shard, with ``info`` in its metadata."""
+    return pa.schema(
+        [
+            ("video_id", pa.string()),
+            ("source_uri", pa.string()),
+            ("duration_s", pa.float64()),
+            ("num_frames", pa.int32()),
+            ("frame_times", pa.list_(pa.float32())),
+            ("frame_emb", pa.list_(pa.float16())),
+            ("frame_mask", pa.list_(pa.bool_())),
+            ("audio_emb", pa.list_(pa.float16())),
+            ("audio_mask", pa.list_(pa.bool_())),
+            ("title", pa.string()),
+            ("asr", pa.string()),
+            ("ocr", pa.string()),
+            ("text", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("attention_mask", pa.list_(pa.int32())),
+            ("text_emb", pa.list_(pa.float16())),
+            ("label", pa.string()),
+            ("label_l1", pa.string()),
+            ("labels", pa.list_(pa.string())),
+        ],
+        metadata=info.to_metadata(),
+    )
+
+
+def error_schema() -> pa.Schema:
+    return pa.schema([(name, pa.string()) for name in ERROR_COLUMNS])
+
+
+def level1_of(label: str | None) -> str | None:
+    """WBDC rule: the level-1 class is the first two digits of the 4-digit level-2 code."""
+    if label is None:
+        return None
+    return label[:2] if len(label) == 4 and label.isdigit() else None

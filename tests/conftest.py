@@ -1,0 +1,81 @@
+"""Shared fixtures: one local Ray instance, one generated corpus and one set of feature shards per session.
+
+Tests are marked by folder (unit / pipeline / e2e) and run in that order, so the fast pure-PyTorch set fails
+first. Heavy fixtures are session-scoped and built lazily: a unit-only run never starts Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+_ORDER = {"unit": 0, "pipeline": 1, "e2e": 2}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for name in _ORDER:
+            if name in parts:
+                item.add_marker(getattr(pytest.mark, name))
+    items.sort(key=lambda it: min((_ORDER[m.name] for m in it.iter_markers() if m.name in _ORDER), default=1))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (logical CPUs > physical so trainer + data can co-schedule)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory):
+    """A small generated corpus with every kind of bad input (see raypipe.corpus)."""
+    from raypipe.config import CorpusConfig
+    from raypipe.corpus import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    return generate_corpus(CorpusConfig(out=str(out), videos=40, seed=7, bad_inputs=True, max_duration_s=40.0))
+
+
+@pytest.fixture(scope="session")
+def test_config_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Build a RaypipeConfig from the tiny ``test`` preset, with all outputs inside a fresh temp folder."""
+    from raypipe.config import load_config
+
+    def make(*overrides: str, name: str = "run"):
+        root = tmp_path_factory.mktemp(name)
+        base = [
+            f"embed.output={root / 'features'}",
+            f"train.storage_path={root / 'ray_results'}",
+            f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            f"label.output={root / 'labels'}",
+        ]
+        return load_config("test", base + list(overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def feature_shards(ray_session, corpus, test_config_factory):
+    """Feature shards embedded from the session corpus with the tiny test encoders; returns (cfg, summary)."""
+    from raypipe.embed.pipeline import embed_videos
+
+    cfg = test_config_factory(
+        f"embed.source.uri={corpus.videos_dir}",
+        f"embed.source.annotations={corpus.annotations_path}",
+        name="shards",
+    )
+    summary = embed_videos(cfg)
+    return cfg, summary
