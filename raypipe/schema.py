@@ -64,7 +64,7 @@ class ShardInfo:
         return {METADATA_KEY: json.dumps(asdict(self), sort_keys=True).encode()}
 
     @classmethod
-    def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> "ShardInfo":
+    def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> ShardInfo:
         if not metadata or METADATA_KEY not in metadata:
             raise ValueError("Parquet file has no raypipe metadata: not a raypipe feature shard")
         return cls(**json.loads(metadata[METADATA_KEY]))

@@ -68,7 +68,7 @@ class RaypipeConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _cross_section(self) -> "RaypipeConfig":
+    def _cross_section(self) -> RaypipeConfig:
         if self.train.amp != "none" and not self.train.use_gpu:
             raise ValueError(
                 f"train.amp={self.train.amp!r} needs train.use_gpu=true (mixed precision is a GPU path; use amp=none on CPU)"

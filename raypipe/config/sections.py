@@ -7,7 +7,7 @@ rules that only concern one section live in that section's validator; rules that
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -48,7 +48,7 @@ class CorpusConfig(StrictModel):
     num_level2_per_level1: int = Field(default=3, ge=2, le=10)
 
     @model_validator(mode="after")
-    def _durations(self) -> "CorpusConfig":
+    def _durations(self) -> CorpusConfig:
         if self.min_duration_s > self.max_duration_s:
             raise ValueError(
                 f"min_duration_s ({self.min_duration_s}) must not exceed max_duration_s ({self.max_duration_s})"
