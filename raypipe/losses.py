@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from raypipe.config.train import LossConfig
 
 logger = logging.getLogger(__name__)
 
@@ -114,3 +119,326 @@ def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None)
         if generator is not None and generator.device != weights.device:
             return torch.multinomial(weights.to(generator.device), 1, generator=generator).squeeze(1).to(sim.device)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
+
+
+def vtm_targets(batch_size: int, *, device: torch.device | str | None = None) -> Tensor:
+    """ALBEF's matching labels for ``B`` positive pairs followed by ``2B`` hard negatives -> ``(3B,)`` int64.
+
+    Label 1 = match, 0 = no match; the negatives are one negative text per video then one negative video per
+    text (both drawn with :func:`sample_hard_negatives`).
+    """
+    return torch.cat(
+        [
+            torch.ones(batch_size, dtype=torch.long, device=device),
+            torch.zeros(2 * batch_size, dtype=torch.long, device=device),
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------- distributed gather
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 that keeps the graph: the backward all-reduces (sums) the gradient of the whole
+    gathered tensor and returns this rank's slice.
+
+    Why a sum: every rank computes the same full-batch loss L, so the total objective seen by autograd across
+    ranks is N * L and this rank's slice receives N * dL/dx_local. DDP then *averages* parameter gradients over
+    the N ranks, which gives exactly dL/dtheta of the single-process full-batch loss (open_clip's
+    ``gather_with_grad`` via ``torch.distributed.nn.all_gather`` has the same semantics). Shards may differ in
+    length (a short last batch): the sizes are exchanged first and the shards padded to the longest.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        rank = dist.get_rank()
+        local_n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+        sizes = [torch.zeros_like(local_n) for _ in range(world)]
+        dist.all_gather(sizes, local_n)
+        counts = [int(s.item()) for s in sizes]
+        longest = max(counts)
+        x = x.contiguous()
+        if x.shape[0] < longest:
+            pad = x.new_zeros((longest - x.shape[0], *x.shape[1:]))
+            padded = torch.cat([x, pad])
+        else:
+            padded = x
+        shards = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(shards, padded)
+        ctx.offset = sum(counts[:rank])
+        ctx.local_n = counts[rank]
+        return torch.cat([shard[:n] for shard, n in zip(shards, counts, strict=True)])  # (sum(counts), ...)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.offset : ctx.offset + ctx.local_n]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank along dim 0 (rank order), differentiable for the local shard.
+
+    A no-op when torch.distributed is not initialised or has a single rank, so the same loss code runs in a
+    plain process, in tests and under Ray Train's DDP.
+    """
+    if not _is_distributed():
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def _scale_value(logit_scale: Tensor | float | None, *, clamp: bool, like: Tensor) -> Tensor:
+    """The multiplicative logit scale (1 / tau) as a tensor, clamped to ALBEF's temperature range."""
+    if logit_scale is None:
+        return like.new_tensor(1.0)
+    scale = torch.as_tensor(logit_scale, dtype=like.dtype, device=like.device)
+    if scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(scale.shape)}")
+    scale = scale.reshape(())
+    return scale.clamp(MIN_LOGIT_SCALE, MAX_LOGIT_SCALE) if clamp else scale
+
+
+# ------------------------------------------------------------------------------------------------ contrastive
+
+
+class MILNCELoss(nn.Module):
+    """MIL-NCE between clip embeddings ``(B, D)`` and ``K`` positive text candidates per clip ``(B*K, D)``.
+
+    Exactly the reference ``MILNCELoss``: with ``x = video @ text.T`` viewed as ``(B, B, K)``, the loss is
+    ``mean_i[logsumexp(cat(x[i, :, :], x[:, i, :])) - logsumexp(x[i, i, :])]``; the positives appear in both
+    halves of the denominator, as in the reference. DMAFNet adds a learnable temperature, so by default both
+    sides are L2-normalised and ``x`` is multiplied by ``logit_scale`` (= 1 / tau, owned by the model, see the
+    module docstring) clamped to tau in [0.001, 0.5]. With ``K = 1`` this is the symmetric NCE of the MIL-NCE
+    paper: one softmax whose negatives are the clip's other texts *and* the text's other clips,
+    ``-log(e^{x_ii} / (sum_j e^{x_ij} + sum_j e^{x_ji}))``. ``normalize=False`` with ``logit_scale=None``
+    reproduces the reference bit for bit (no temperature, no normalisation).
+
+    Under DDP (``gather=True``) the embeddings of all ranks are gathered with gradients, so every rank's clips
+    see the whole global batch as negatives and the loss equals the single-process loss over that batch.
+    """
+
+    def __init__(self, *, gather: bool = True, normalize: bool = True, clamp_scale: bool = True) -> None:
+        super().__init__()
+        self.gather = gather
+        self.normalize = normalize
+        self.clamp_scale = clamp_scale
+
+    def forward(self, video: Tensor, text: Tensor, logit_scale: Tensor | float | None = None) -> Tensor:
+        if video.dim() != 2 or text.dim() != 2 or video.shape[1] != text.shape[1]:
+            raise ValueError(
+                f"MIL-NCE needs video (B, D) and text (B*K, D); got {tuple(video.shape)} and {tuple(text.shape)}"
+            )
+        if video.shape[0] == 0 or text.shape[0] % video.shape[0] != 0:
+            raise ValueError(
+                f"MIL-NCE: text rows ({text.shape[0]}) must be a positive multiple K of video rows ({video.shape[0]})"
+            )
+        k = text.shape[0] // video.shape[0]
+        video = video.float()
+        text = text.float()
+        if self.normalize:
+            video = F.normalize(video, dim=-1)
+            text = F.normalize(text, dim=-1)
+        if self.gather:
+            video = gather_with_grad(video)  # (N, D), N = global batch
+            text = gather_with_grad(text)  # (N*K, D)
+        n = video.shape[0]
+        scale = _scale_value(logit_scale, clamp=self.clamp_scale, like=video)
+        x = (scale * video @ text.T).view(n, n, k)  # (N, N, K)
+        idx = torch.arange(n, device=x.device)
+        numerator = torch.logsumexp(x[idx, idx, :], dim=1)  # (N,)
+        denominator = torch.logsumexp(torch.cat([x, x.permute(1, 0, 2)], dim=1).reshape(n, -1), dim=1)  # (N,)
+        return (denominator - numerator).mean()
+
+
+class InfoNCELoss(nn.Module):
+    """CLIP-style symmetric InfoNCE: ``(CE(s * a @ b.T, i) + CE(s * b @ a.T, i)) / 2`` with ``i`` the diagonal.
+
+    CAV-Net's language-guided contrastive loss between the pooled video representation and the Sentence-BERT
+    embedding of its text. Same normalisation, clamped scale and DDP gathering as :class:`MILNCELoss`. Unlike
+    MIL-NCE with ``K = 1`` (one softmax over both directions' negatives) this averages two separate softmaxes.
+    """
+
+    def __init__(self, *, gather: bool = True, normalize: bool = True, clamp_scale: bool = True) -> None:
+        super().__init__()
+        self.gather = gather
+        self.normalize = normalize
+        self.clamp_scale = clamp_scale
+
+    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor | float | None = None) -> Tensor:
+        if a.dim() != 2 or a.shape != b.shape:
+            raise ValueError(
+                f"InfoNCE needs two (B, D) tensors of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        a = a.float()
+        b = b.float()
+        if self.normalize:
+            a = F.normalize(a, dim=-1)
+            b = F.normalize(b, dim=-1)
+        if self.gather:
+            a = gather_with_grad(a)  # (N, D)
+            b = gather_with_grad(b)  # (N, D)
+        scale = _scale_value(logit_scale, clamp=self.clamp_scale, like=a)
+        logits = scale * a @ b.T  # (N, N)
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+# ------------------------------------------------------------------------------------------ MLM, VTM, classify
+
+
+class MLMLoss(nn.Module):
+    """Cross entropy over the positions :func:`mask_tokens` selected (labels ``-100`` elsewhere are ignored).
+
+    A batch in which no token was selected (tiny texts) gives a zero that still depends on the logits, so every
+    DDP rank produces gradients for the same parameters instead of a NaN or a hang.
+    """
+
+    def forward(self, mlm_logits: Tensor, mlm_labels: Tensor) -> Tensor:
+        if mlm_logits.shape[:-1] != mlm_labels.shape:
+            raise ValueError(
+                f"mlm_logits {tuple(mlm_logits.shape)} must be labels {tuple(mlm_labels.shape)} plus a vocab axis"
+            )
+        logits = mlm_logits.reshape(-1, mlm_logits.shape[-1]).float()  # (B*L, V)
+        labels = mlm_labels.reshape(-1).long()  # (B*L,)
+        if not bool((labels != IGNORE_INDEX).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+
+class VTMLoss(nn.Module):
+    """2-way cross entropy of the matching head over ``B`` positives and ``2B`` hard negatives (ALBEF ITM)."""
+
+    def forward(self, vtm_logits: Tensor, vtm_labels: Tensor) -> Tensor:
+        if vtm_logits.dim() != 2 or vtm_logits.shape[1] != 2 or vtm_labels.shape != vtm_logits.shape[:1]:
+            raise ValueError(
+                f"VTM needs logits (3B, 2) and labels (3B,); got {tuple(vtm_logits.shape)} and {tuple(vtm_labels.shape)}"
+            )
+        return F.cross_entropy(vtm_logits.float(), vtm_labels.long())
+
+
+Task = Literal["single_label", "multi_label"]
+
+
+class ClassificationLoss(nn.Module):
+    """Cross entropy on class indices (single label) or BCE-with-logits on multi-hot targets (multi label)."""
+
+    def __init__(self, task: Task = "single_label") -> None:
+        super().__init__()
+        if task not in ("single_label", "multi_label"):
+            raise ValueError(f"task must be 'single_label' or 'multi_label', got {task!r}")
+        self.task = task
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.task == "single_label":
+            if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+                raise ValueError(f"single-label targets must be (B,) class indices; got {tuple(target.shape)}")
+            return F.cross_entropy(logits.float(), target.long())
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"multi-label targets must be multi-hot like logits {tuple(logits.shape)}; got {tuple(target.shape)}"
+            )
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+# ------------------------------------------------------------------------------------------------ the objective
+
+TERMS = ("classification", "contrastive", "mlm", "vtm")
+_REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "classification": ("logits",),
+    "contrastive": ("con_video", "con_text", "logit_scale"),
+    "mlm": ("mlm_logits", "mlm_labels"),
+    "vtm": ("vtm_logits", "vtm_labels"),
+}
+
+
+class FusionObjective(nn.Module):
+    """``L = w_cls l_class + w_con l_con + w_mlm l_mlm + w_vtm l_vtm`` over a model's output dict.
+
+    Paper default (DMAFNet): weights 1, 1, 0.25, 0.25. A weight of 0 switches its term off (its outputs, if the
+    model still produces them, are ignored); a positive weight whose outputs are missing is a configuration
+    error and raises, naming the missing keys and the config key to change. ``forward`` returns the total and
+    the unweighted terms (detached, for logging). ``contrastive="infonce"`` selects CAV-Net's symmetric InfoNCE
+    instead of MIL-NCE (which needs ``con_text`` rows == ``con_video`` rows).
+    """
+
+    def __init__(
+        self,
+        *,
+        task: Task = "single_label",
+        classification: float = 1.0,
+        contrastive: float = 1.0,
+        mlm: float = 0.25,
+        vtm: float = 0.25,
+        contrastive_loss: Literal["milnce", "infonce"] = "milnce",
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        self.weights = {"classification": classification, "contrastive": contrastive, "mlm": mlm, "vtm": vtm}
+        for name, w in self.weights.items():
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"train.loss.{name} must be a finite weight >= 0, got {w}")
+        if contrastive_loss not in ("milnce", "infonce"):
+            raise ValueError(f"contrastive_loss must be 'milnce' or 'infonce', got {contrastive_loss!r}")
+        self.task = task
+        self.target_key = "label" if task == "single_label" else "labels"
+        self.classification = ClassificationLoss(task)
+        self.contrastive = MILNCELoss(gather=gather) if contrastive_loss == "milnce" else InfoNCELoss(gather=gather)
+        self.mlm = MLMLoss()
+        self.vtm = VTMLoss()
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: LossConfig,
+        task: Task,
+        *,
+        contrastive_loss: Literal["milnce", "infonce"] = "milnce",
+        gather: bool = True,
+    ) -> FusionObjective:
+        return cls(
+            task=task,
+            classification=cfg.classification,
+            contrastive=cfg.contrastive,
+            mlm=cfg.mlm,
+            vtm=cfg.vtm,
+            contrastive_loss=contrastive_loss,
+            gather=gather,
+        )
+
+    def active_terms(self) -> list[str]:
+        return [name for name in TERMS if self.weights[name] > 0]
+
+    def _require(self, outputs: Mapping[str, Any], name: str) -> None:
+        missing = [key for key in _REQUIRED_OUTPUTS[name] if outputs.get(key) is None]
+        if missing:
+            raise ValueError(
+                f"loss term {name!r} has weight {self.weights[name]} but the model output lacks {missing}; "
+                f"enable the matching switch in model.params or set train.loss.{name}=0"
+            )
+
+    def forward(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        terms: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for name in self.active_terms():
+            self._require(outputs, name)
+            if name == "classification":
+                if batch.get(self.target_key) is None:
+                    raise ValueError(f"task {self.task!r} needs batch[{self.target_key!r}] for the classification loss")
+                value = self.classification(outputs["logits"], batch[self.target_key])
+            elif name == "contrastive":
+                value = self.contrastive(outputs["con_video"], outputs["con_text"], outputs["logit_scale"])
+            elif name == "mlm":
+                value = self.mlm(outputs["mlm_logits"], outputs["mlm_labels"])
+            else:
+                value = self.vtm(outputs["vtm_logits"], outputs["vtm_labels"])
+            weighted = self.weights[name] * value
+            total = weighted if total is None else total + weighted
+            terms[name] = value.detach()
+        if total is None:
+            raise ValueError("every loss weight is 0: set at least one of train.loss.{" + ",".join(TERMS) + "} > 0")
+        return total, terms
