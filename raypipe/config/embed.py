@@ -1,21 +1,37 @@
-"""Config of the embedding stage (owned by raypipe.embed / raypipe.io)."""
+"""Config of the embedding stage (owned by raypipe.embed / raypipe.io).
+
+Split in the order the data flows: where videos come from (``source``), how they are decoded (``decode``), the
+three encoders (``frames``, ``audio``, ``text``) and how the job is laid out on Ray (pool sizes, shards).
+Fields that change the features go into the config hash recorded in every shard (:func:`feature_hash_fields`);
+fields that only change speed or placement do not, so a rerun with more actors still resumes.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raypipe.config.base import StrictModel
 
 
 class SourceConfig(StrictModel):
-    """Where the videos are: a folder, glob, s3:// prefix, manifest file or class folders."""
+    """Where the videos are: a folder, glob, s3:// prefix, manifest file or class folders.
+
+    ``wbdc_features`` and ``yt8m`` are pre-extracted feature corpora: ``uri`` is the WBDC zip of ``{id}.npy`` (with
+    ``annotations`` the JSON) or the YouTube-8M frame-level TFRecord path/glob; they are imported, not decoded.
+    """
 
     uri: str = "demo_out/corpus/videos"
-    kind: Literal["auto", "folder", "glob", "s3", "manifest", "class_folders"] = "auto"
+    kind: Literal["auto", "folder", "glob", "s3", "manifest", "class_folders", "wbdc_features", "yt8m"] = "auto"
     annotations: str | None = "demo_out/corpus/annotations.json"
     extensions: list[str] = Field(default_factory=lambda: [".mp4", ".mkv", ".webm", ".mov", ".avi"])
+    # Manifest column names (CSV / JSONL / Parquet); only ``uri`` is required in the file.
+    manifest_uri_column: str = "uri"
+    manifest_id_column: str = "id"
+    manifest_text_column: str = "text"
+    manifest_labels_column: str = "labels"
+    limit: int | None = Field(default=None, ge=1)
 
 
 class DecodeConfig(StrictModel):
@@ -23,12 +39,100 @@ class DecodeConfig(StrictModel):
     max_frames: int = Field(default=32, ge=1, le=32)
     sampling: Literal["head", "uniform"] = "head"
     audio_sample_rate: int = Field(default=16000, ge=8000)
+    # Audio window per sampled frame, centred on the frame time; None = 1 / fps.
+    audio_window_s: float | None = Field(default=None, gt=0)
     max_duration_s: float = Field(default=4 * 3600, gt=0)
     max_file_mb: float = Field(default=4096, gt=0)
+    max_decode_s: float = Field(default=300.0, gt=0)
+    # Seek (instead of decoding through) when consecutive sampled frames are further apart than this.
+    seek_gap_s: float = Field(default=8.0, gt=0)
+    # Beyond this duration a seek takes the keyframe it lands on (no decoding forward to the exact time).
+    keyframe_only_after_s: float = Field(default=1800.0, gt=0)
+
+    @property
+    def window_s(self) -> float:
+        return self.audio_window_s if self.audio_window_s is not None else 1.0 / self.fps
+
+
+class FrameEncoderConfig(StrictModel):
+    """A timm image model applied per sampled frame, globally average-pooled."""
+
+    model: str = "resnet10t"
+    image_size: int = Field(default=112, ge=16, le=1024)
+    # Local folder / file or s3:// path with a state dict (model.safetensors, *.pt, *.pth, *.bin); None = random
+    # init from ``seed`` (identical in every actor).
+    weights: str | None = None
+    seed: int = 0
+    batch_size: int = Field(default=8, ge=1)
+
+
+class AudioEncoderConfig(StrictModel):
+    """Log-mel front end + small CNN over each frame-aligned window."""
+
+    n_mels: int = Field(default=64, ge=8)
+    n_fft: int = Field(default=400, ge=64)
+    hop_length: int = Field(default=160, ge=16)
+    fmin: float = Field(default=60.0, ge=0)
+    fmax: float = Field(default=7800.0, gt=0)
+    channels: int = Field(default=16, ge=1)
+    dim: int = Field(default=128, ge=8)
+    weights: str | None = None
+    seed: int = 1
+    batch_size: int = Field(default=8, ge=1)
+
+
+class TextEncoderConfig(StrictModel):
+    """Sentence embedding + tokenisation. ``model``: ``minilm`` (the packaged all-MiniLM-L6-v2), ``tiny-random``
+    (a 2-layer random BERT with the MiniLM tokenizer, for speed) or a local / s3:// folder in HF format."""
+
+    model: str = "minilm"
+    max_len: int = Field(default=256, ge=8, le=512)
+    seed: int = 2
+    batch_size: int = Field(default=16, ge=1)
+
+
+class PoolConfig(StrictModel):
+    min_size: int = Field(default=1, ge=1)
+    max_size: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    # GPUs per actor; "auto" = 1 when the cluster has GPUs, else 0.
+    num_gpus: float | Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PoolConfig:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        return self
 
 
 class EmbedConfig(StrictModel):
     source: SourceConfig = Field(default_factory=SourceConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    frames: FrameEncoderConfig = Field(default_factory=FrameEncoderConfig)
+    audio: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig)
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    frame_pool: PoolConfig = Field(default_factory=PoolConfig)
+    audio_pool: PoolConfig = Field(default_factory=PoolConfig)
+    text_pool: PoolConfig = Field(default_factory=PoolConfig)
     output: str = "demo_out/features"
     num_shards: int = Field(default=4, ge=1)
+    decode_num_cpus: float = Field(default=1.0, gt=0)
+    # Videos per Ray block out of the list stage (one decode task each); small keeps decoded memory bounded.
+    videos_per_block: int = Field(default=2, ge=1)
+    # Rows per part file (the unit of resume).
+    write_batch_size: int = Field(default=8, ge=1)
+    # Rerun previously failed videos instead of keeping their error rows.
+    retry_failed: bool = False
+    # Replace an output folder made with a different feature config instead of refusing to mix them.
+    overwrite: bool = False
+    progress_bars: bool = True
+
+
+def feature_hash_fields(cfg: EmbedConfig) -> dict:
+    """The part of the config that changes feature values (hashed into ShardInfo.config_hash)."""
+    return {
+        "decode": cfg.decode.model_dump(exclude={"max_decode_s"}),
+        "frames": cfg.frames.model_dump(exclude={"batch_size"}),
+        "audio": cfg.audio.model_dump(exclude={"batch_size"}),
+        "text": cfg.text.model_dump(exclude={"batch_size"}),
+    }
