@@ -1,0 +1,185 @@
+"""`ray job submit` against a real local Ray cluster with token auth, as the nightly schedule runs it.
+
+The cluster is a separate `ray start --head --block` process group on free ports with its own temp dir, so it
+cannot touch the test session's own Ray instance (or anyone else's on the machine). It is always torn down by
+killing exactly that process group: `ray stop` would kill every Ray process on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+# What the working-dir upload leaves out: the venv (7 GB), caches and local outputs.
+EXCLUDES = [".venv", ".git", "demo_out", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.db", "mlruns", "runs"]
+PORT_FLAGS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class LocalCluster:
+    proc: subprocess.Popen
+    temp_dir: Path
+    dashboard_port: int
+    token: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def client_env(self, *, with_token: bool = True) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(RAY_ADDRESS=self.address, RAY_AUTH_MODE="token", PATH=self.env["PATH"])
+        if with_token:
+            env["RAY_AUTH_TOKEN"] = self.token
+        else:
+            # No token anywhere: not in the environment and not in a default file.
+            env["RAY_AUTH_TOKEN_PATH"] = str(self.temp_dir / "missing-token")
+        return env
+
+    def job_info(self, job_id: str) -> dict:
+        """The Jobs REST API, authenticated with the same token as a bearer header."""
+        req = urllib.request.Request(
+            f"{self.address}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def job(self, *args: str, timeout: float = 600, with_token: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [RAY, "job", *args], cwd=cwd, env=self.client_env(with_token=with_token),
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+
+def _stop(cluster: LocalCluster) -> None:
+    """Kill exactly the process group `ray start --block` leads (every Ray process it started is in it)."""
+    pgid = cluster.proc.pid
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            cluster.proc.poll()
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.3)
+    cluster.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[LocalCluster]:
+    # A short temp dir: Ray puts unix sockets under it and socket paths are limited to ~107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rpj", dir="/tmp"))
+    token = secrets.token_hex(32)
+    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # `python` in a job entrypoint must be this venv's interpreter: put its bin first on the cluster's PATH.
+    env.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1",
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    log_path = temp_dir / "ray_start.log"
+    cmd = [
+        RAY, "start", "--head", "--block", "--num-cpus=4", "--disable-usage-stats",
+        f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        *(f"--{flag}={port}" for flag, port in ports.items()),
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = LocalCluster(proc, temp_dir, ports["dashboard-port"], token, log_path, env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            if cluster.job("list", timeout=60).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster did not come up:\n{log_path.read_text()[-4000:]}")
+            time.sleep(2)
+        yield cluster
+    finally:
+        _stop(cluster)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path, timeout: float = 900) -> tuple[str, str]:
+    """Submit and wait (the CLI follows the logs until the job ends); return (status, logs)."""
+    runtime_env = {"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}}
+    res = cluster.job(
+        "submit", "--working-dir", str(working_dir), "--runtime-env-json", json.dumps(runtime_env),
+        "--", *entrypoint, timeout=timeout, cwd=working_dir,
+    )
+    out = res.stdout + res.stderr
+    match = re.search(r"Job '(raysubmit_\w+)'", out)
+    assert match, f"no job id in submit output:\n{out[-4000:]}"
+    return cluster.job_info(match.group(1))["status"], out
+
+
+def test_token_auth_and_working_dir(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    """The mechanics first: a trivial script runs with the token, from the uploaded dir, on the venv python."""
+    denied = local_cluster.job("list", with_token=False, timeout=60)
+    assert denied.returncode != 0
+    assert "token" in (denied.stdout + denied.stderr).lower()
+
+    (tmp_path / "helper_mod.py").write_text("ANSWER = 42\n")
+    (tmp_path / "hello.py").write_text(
+        "import sys, ray, helper_mod\n"
+        "ray.init()\n"
+        "@ray.remote\n"
+        "def f():\n"
+        "    return helper_mod.ANSWER\n"
+        "print('EXE', sys.executable)\n"
+        "print('RESULT', ray.get(f.remote()))\n"
+    )
+    status, logs = _submit(local_cluster, ["python", "hello.py"], working_dir=tmp_path, timeout=300)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "RESULT 42" in logs
+    assert f"EXE {VENV_BIN}" in logs
