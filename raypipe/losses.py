@@ -111,7 +111,10 @@ def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None)
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"sim must be a square (B, B) matrix, got {tuple(sim.shape)}")
     if sim.shape[0] < 2:
-        raise ValueError("hard-negative sampling needs a batch of at least 2 (a row has no negative otherwise)")
+        raise ValueError(
+            "hard-negative sampling needs a batch of at least 2 (a row has no negative otherwise); "
+            "drop the last short batch or skip VTM for it"
+        )
     with torch.no_grad():
         weights = F.softmax(sim.detach().float(), dim=1) + 1e-5  # (B, B)
         weights = torch.nan_to_num(weights, nan=1e-5)
