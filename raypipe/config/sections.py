@@ -46,12 +46,27 @@ class CorpusConfig(StrictModel):
     noise_rate: float = Field(default=0.15, ge=0.0, le=1.0)
     num_level1: int = Field(default=4, ge=2, le=23)
     num_level2_per_level1: int = Field(default=3, ge=2, le=10)
+    # Video ids are f"{id_prefix}{i:05d}"; a second corpus with another prefix can be generated into the same
+    # folder (annotations.json and corpus.json are merged), e.g. the "new videos" of an incremental labelling run.
+    id_prefix: str = Field(default="vid", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")
+    # Upper bound for the videos that are not "long" (long ones are > 32 s); None = min(max_duration_s, 32).
+    # Lets tests keep every clip short but one.
+    short_max_duration_s: float | None = Field(default=None, gt=0.2)
+    # Processes that encode videos in parallel (output is identical for any value).
+    workers: int = Field(default=1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _durations(self) -> CorpusConfig:
         if self.min_duration_s > self.max_duration_s:
             raise ValueError(
                 f"min_duration_s ({self.min_duration_s}) must not exceed max_duration_s ({self.max_duration_s})"
+            )
+        if self.short_max_duration_s is not None and not (
+            self.min_duration_s <= self.short_max_duration_s <= self.max_duration_s
+        ):
+            raise ValueError(
+                f"short_max_duration_s ({self.short_max_duration_s}) must lie between min_duration_s "
+                f"({self.min_duration_s}) and max_duration_s ({self.max_duration_s})"
             )
         return self
 
@@ -65,3 +80,5 @@ class TrackingConfig(StrictModel):
     registered_model_name: str = "raypipe-classifier"
     alias: str = "candidate"
     enabled: bool = True
+    # Set by a sweep: every trial logs a nested child run under this parent run.
+    parent_run_id: str | None = None
