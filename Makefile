@@ -1,4 +1,5 @@
 # The two set-up commands of the README. Each creates .venv and installs raypipe when that is missing.
+# constraints.txt pins the versions the suite was verified with (pip's resolver backtracks badly without it).
 #   make demo   run the main job on embedded defaults (generated corpus, local Ray, SQLite MLflow)
 #   make test   run the test suite (what .ci/run calls)
 PYTHON ?= python3
@@ -9,10 +10,9 @@ PYTEST_ARGS ?=
 .PHONY: demo test lint install
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
