@@ -30,11 +30,13 @@ class LabelConfig(StrictModel):
     min_actors: int = Field(default=1, ge=1)
     max_actors: int = Field(default=1, ge=1)
     use_gpu: bool = False
-    # Prediction rows per committed Parquet shard: an interrupted run loses at most one shard of work.
-    rows_per_shard: int = Field(default=256, ge=1)
+    # Prediction shards per model version (rows hashed by video_id, as for feature shards).
+    num_shards: int = Field(default=4, ge=1)
+    # Rows per part file written while the stream runs (the unit of resume: a crash loses at most this many).
+    write_batch_size: int = Field(default=64, ge=1)
     # Videos that failed under the same model version are retried only when asked (corrupt files stay corrupt).
     retry_failed: bool = False
-    # Ignore earlier predictions of this model version and label everything again.
+    # Drop earlier predictions of this model version and label everything again.
     force: bool = False
     max_failure_rate: float = Field(default=0.2, ge=0, le=1)
     # Exit code when the failure rate is above max_failure_rate (0 and 2 are taken: success, config error).
