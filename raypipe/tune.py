@@ -1,0 +1,758 @@
+"""Hyperparameter sweeps: Ray Tune over the exact training code path of ``raypipe train``.
+
+Why this shape (Ray 2.60, Train V2):
+
+- Tune runs a small *function* trainable per trial (the "trial driver"). It turns the trial's sampled values
+  into dotted-key overrides of the base config, then builds and fits a TorchTrainer through
+  :func:`raypipe.train.build_trainer` with a :class:`~ray.tune.integration.ray_train.TuneReportCallback`. Each
+  trial is therefore a complete DDP training run, identical to ``raypipe train`` with those overrides; passing a
+  trainer object to the Tuner is deprecated in Train V2 and is not used.
+- The driver reserves (by default) no CPU: the Train V2 controller takes 0 CPUs and the worker group asks for
+  its own resources, so a reserved driver CPU would only starve the trial's own workers.
+- MLflow: one parent run per sweep (search space, best result, summary table, plot, best config) and one child
+  run per trial, created by :mod:`raypipe.tracking` on rank 0 because the trial config carries
+  ``tracking.parent_run_id``. The parent run is found again by the sweep's path on resume, so a resumed sweep
+  keeps one parent with all its children.
+- Resume: the sweep lives in ``<storage_path>/<name>``; running the same sweep again restores it with
+  ``Tuner.restore`` (finished trials are kept, not re-run). A failing trial is recorded in the result grid
+  and the summary; it never stops the sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raypipe import tracking
+from raypipe.config import ConfigError, RaypipeConfig, validate_config
+from raypipe.config.base import apply_override
+from raypipe.config.tune import SEARCH_KINDS
+from raypipe.io import fs as rfs
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "raypipe.trial_id"
+SWEEP_PATH_TAG = "raypipe.sweep_path"
+SWEEP_FINGERPRINT_TAG = "raypipe.sweep_fingerprint"
+BEST_CONFIG_NAME = "best_config.yaml"
+PLOT_NAME = "trials_metric.png"
+TABLE_NAME = "trials.csv"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# search space
+
+
+def sample_values(spec: dict[str, Any]) -> list[Any]:
+    """Values that stand in for a dimension when checking it against the config: every listed value, or both
+    ends of a range (the ends are where a type or bound error shows)."""
+    kind, arg = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        return list(arg)
+    low, high = arg
+    if kind == "randint":
+        return [int(low), int(high) - 1]
+    return [float(low), float(high)]
+
+
+def to_param_space(search_space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Dotted keys -> a nested Tune param space (``{"train": {"optim": {"lr": tune.loguniform(..)}}}``).
+
+    Nested rather than flat dotted keys so trial configs read like the YAML they override.
+    """
+    from ray import tune as rt
+
+    makers = {
+        "choice": lambda a: rt.choice(list(a)),
+        "grid": lambda a: rt.grid_search(list(a)),
+        "uniform": lambda a: rt.uniform(float(a[0]), float(a[1])),
+        "loguniform": lambda a: rt.loguniform(float(a[0]), float(a[1])),
+        "randint": lambda a: rt.randint(int(a[0]), int(a[1])),
+    }
+    space: dict[str, Any] = {}
+    for key, spec in search_space.items():
+        kind, arg = next(iter(spec.items()))
+        node = space
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = makers[kind](arg)
+    return space
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"optim": {"lr": 1e-3}}}`` -> ``{"train.optim.lr": 1e-3}``."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _base_dict(cfg: RaypipeConfig) -> dict[str, Any]:
+    """What the user set (not every default): re-validating this gives back the same config, and an exported
+    YAML stays short and keeps following the defaults of keys it never named."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> RaypipeConfig:
+    """The base config with dotted-key ``params`` applied, validated in full (the same rules as ``--set``)."""
+    data = json.loads(json.dumps(base))  # deep copy; base is plain JSON
+    for key, value in params.items():
+        apply_override(data, key.split("."), _plain(value))
+    return validate_config(data)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from Tune's samplers -> Python scalars, so pydantic and YAML see ordinary numbers."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) and not isinstance(value, list | dict | str) else value
+
+
+def validate_search_space(cfg: RaypipeConfig) -> None:
+    """Fail before Ray starts if a search-space key is not a real config key or a sampled value is invalid.
+
+    Each key is checked by applying representative values through the full config validation, so the error
+    is the same one-line message ``--set`` would give, prefixed with the search-space key.
+    """
+    space = cfg.tune.search_space
+    if not space:
+        raise ConfigError("config error: tune.search_space: is empty; name at least one dotted config key to sweep")
+    base = _base_dict(cfg)
+    errors: list[str] = []
+    for key, spec in space.items():
+        for value in sample_values(spec):
+            try:
+                trial = apply_params(base, {key: value})
+            except ConfigError as err:
+                first = str(err).splitlines()[0].removeprefix("config error: ")
+                errors.append(f"config error: tune.search_space.{key}: value {value!r} is rejected: {first}")
+                break
+            if key.startswith("model.params."):
+                problem = _model_param_problem(trial, key.split(".", 2)[2])
+                if problem:
+                    errors.append(f"config error: tune.search_space.{key}: {problem}")
+                    break
+    max_epochs = max_epochs_of(cfg)
+    if cfg.tune.scheduler == "asha" and cfg.tune.asha.grace_period > (cfg.tune.asha.max_t or max_epochs):
+        errors.append(
+            f"config error: tune.asha.grace_period: {cfg.tune.asha.grace_period} exceeds the trials' epochs "
+            f"({cfg.tune.asha.max_t or max_epochs}); ASHA could never stop a trial"
+        )
+    if cfg.tune.resources.gpus_per_worker > 0 and not cfg.train.use_gpu:
+        errors.append("config error: tune.resources.gpus_per_worker: > 0 needs train.use_gpu=true")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def _model_param_problem(cfg: RaypipeConfig, name: str) -> str | None:
+    """model.params are free-form in the config; the model builder's keyword arguments are the real keys."""
+    from raypipe.models import registry
+
+    try:
+        allowed = registry.builder_params(cfg.model.name)
+    except KeyError:
+        return None  # unknown model name: the trainer reports it with the registry's own message
+    if name.split(".")[0] not in allowed:
+        return f"{name!r} is not an option of model {cfg.model.name!r} (allowed: {', '.join(allowed)})"
+    return None
+
+
+def max_epochs_of(cfg: RaypipeConfig) -> int:
+    """The most epochs any trial can run (train.epochs, or the largest value it is swept over)."""
+    spec = cfg.tune.search_space.get("train.epochs")
+    if not spec:
+        return cfg.train.epochs
+    return max(int(v) for v in sample_values(spec))
+
+
+def describe_dimension(spec: dict[str, Any]) -> str:
+    kind, arg = next(iter(spec.items()))
+    return f"{kind}{list(arg)}" if kind in SEARCH_KINDS else str(spec)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# paths
+
+
+def _absolute(uri: str | None) -> str | None:
+    """Trial drivers run in their own folders on any node: relative local paths must be made absolute here."""
+    if uri is None or rfs.is_remote(uri):
+        return uri
+    return rfs.resolve(uri)[1]
+
+
+def sweep_path(cfg: RaypipeConfig) -> str:
+    root = _absolute(cfg.tune.storage_path or cfg.train.storage_path)
+    assert root is not None
+    return rfs.join(root, cfg.tune.name)
+
+
+def _portable_base(cfg: RaypipeConfig) -> dict[str, Any]:
+    """The base config every trial starts from: absolute paths, trial resources applied, tune section dropped
+    from what trials see as "their" settings (it is kept only as defaults)."""
+    data = _base_dict(cfg)
+    train = data.setdefault("train", {})
+    train["data"] = _absolute(cfg.train.data)
+    train["storage_path"] = rfs.join(sweep_path(cfg), "train_runs")
+    data.setdefault("tracking", {})["tracking_uri"] = tracking.absolute_tracking_uri(cfg.tracking.tracking_uri)
+    res = cfg.tune.resources
+    train["num_workers"] = res.num_workers or cfg.train.num_workers
+    if res.gpus_per_worker > 0:
+        train["use_gpu"] = True
+    data.pop("tune", None)
+    return data
+
+
+def fingerprint(cfg: RaypipeConfig) -> str:
+    """Identifies what a sweep searches; a resumed sweep must search the same thing."""
+    t = cfg.tune
+    payload = {
+        "space": t.search_space,
+        "metric": t.metric,
+        "mode": t.mode,
+        "num_samples": t.num_samples,
+        "scheduler": t.scheduler,
+        "asha": t.asha.model_dump(),
+        "base": {k: v for k, v in _portable_base(cfg).items() if k not in ("tracking", "tune")},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the trial driver (runs inside a Tune trial actor)
+
+
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    return f"{sweep}_{trial_id}"
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str | None) -> None:
+    """One Tune trial: the base config with this trial's values, trained by the same code as ``raypipe train``.
+
+    Metrics reach Tune through TuneReportCallback (rank 0's report per epoch); an exception here marks only
+    this trial as errored.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raypipe.train import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = trial_run_name(sweep, trial_id)
+    params = flatten(config)
+    data = json.loads(json.dumps(base))
+    data.setdefault("train", {})["run_name"] = run_name
+    if parent_run_id is not None:
+        data.setdefault("tracking", {})["parent_run_id"] = parent_run_id
+    cfg = apply_params(data, params)
+    log.info("trial %s: %s", trial_id, ", ".join(f"{k}={v}" for k, v in params.items()))
+    trainer = build_trainer(cfg, run_name=run_name, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    params: dict[str, Any]
+    status: str  # TERMINATED | ERROR | PENDING | RUNNING | PAUSED
+    best_metric: float | None
+    last_metric: float | None
+    epochs_run: int
+    stopped_early: bool
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric)
+    error: str | None = None
+    mlflow_run_id: str | None = None
+    checkpoint_path: str | None = None
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: str
+    metric: str
+    mode: str
+    trials: list[TrialSummary]
+    best: TrialSummary | None
+    parent_run_id: str | None
+    best_config_path: str | None
+    plot_path: str | None
+    table: str
+    resumed: bool
+    registered_version: str | None = None
+
+    @property
+    def num_errors(self) -> int:
+        return sum(t.status == "ERROR" for t in self.trials)
+
+
+def _is_better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def summarize_trials(analysis: Any, *, metric: str, mode: str, max_epochs: int) -> list[TrialSummary]:
+    """One row per trial from a Tune ``ExperimentAnalysis`` (finished, stopped, errored and restored alike)."""
+    frames = analysis.trial_dataframes
+    rows: list[TrialSummary] = []
+    for trial in sorted(analysis.trials, key=lambda tr: tr.trial_id):
+        df = frames.get(trial.trial_id)
+        history: list[tuple[int, float]] = []
+        if df is not None and metric in df.columns:
+            epoch_col = "epoch" if "epoch" in df.columns else "training_iteration"
+            for epoch, value in zip(df[epoch_col].tolist(), df[metric].tolist(), strict=True):
+                v = _finite(value)
+                history.append((int(epoch), v if v is not None else float("nan")))
+        finite = [v for _, v in history if math.isfinite(v)]
+        best = (max(finite) if mode == "max" else min(finite)) if finite else None
+        epochs_run = len(history) if history else int(trial.last_result.get("training_iteration", 0) or 0)
+        error = None
+        if trial.status == "ERROR":
+            error = _trial_error(trial)
+        ckpt = trial.last_result.get("checkpoint_path")
+        rows.append(
+            TrialSummary(
+                trial_id=trial.trial_id,
+                params=flatten(trial.config),
+                status=trial.status,
+                best_metric=best,
+                last_metric=history[-1][1] if history else None,
+                epochs_run=epochs_run,
+                stopped_early=trial.status == "TERMINATED" and epochs_run < max_epochs_for(trial.config, max_epochs),
+                history=history,
+                error=error,
+                checkpoint_path=str(ckpt) if ckpt else None,
+            )
+        )
+    return rows
+
+
+def max_epochs_for(config: dict[str, Any], default: int) -> int:
+    epochs = flatten(config).get("train.epochs")
+    return int(epochs) if epochs is not None else default
+
+
+def _trial_error(trial: Any) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    text = ""
+    try:
+        fs, p = rfs.resolve(str(path))
+        if path and fs.exists(p):
+            with fs.open(p, "r") as f:
+                text = f.read()
+    except (OSError, ValueError):
+        text = ""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "trial failed (no error file)"
+
+
+def pick_best(trials: Sequence[TrialSummary], mode: str) -> TrialSummary | None:
+    best: TrialSummary | None = None
+    for t in trials:
+        if t.best_metric is None:
+            continue
+        if best is None or _is_better(t.best_metric, best.best_metric, mode):  # type: ignore[arg-type]
+            best = t
+    return best
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def format_table(trials: Sequence[TrialSummary], *, metric: str, best_id: str | None) -> str:
+    """A plain-text table a person reads at the end of a sweep (also logged to MLflow)."""
+    keys = sorted({k for t in trials for k in t.params})
+    header = ["trial", *keys, f"best {metric}", "epochs", "early stop", "status"]
+    body = []
+    for t in trials:
+        mark = " *" if t.trial_id == best_id else ""
+        body.append(
+            [
+                t.trial_id + mark,
+                *(_fmt(t.params.get(k, "")) for k in keys),
+                _fmt(t.best_metric) if t.best_metric is not None else "-",
+                str(t.epochs_run),
+                "yes" if t.stopped_early else "no",
+                t.status if not t.error else f"{t.status}: {t.error[:60]}",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def table_csv(trials: Sequence[TrialSummary], *, metric: str) -> str:
+    keys = sorted({k for t in trials for k in t.params})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial_id", *keys, f"best_{metric}", "epochs_run", "stopped_early", "status", "error", "mlflow_run_id"])
+    for t in trials:
+        w.writerow(
+            [t.trial_id, *(t.params.get(k, "") for k in keys), t.best_metric, t.epochs_run, t.stopped_early,
+             t.status, t.error or "", t.mlflow_run_id or ""]
+        )
+    return buf.getvalue()
+
+
+def plot_trials(trials: Sequence[TrialSummary], *, metric: str, path: str | Path, best_id: str | None) -> None:
+    """Metric vs epoch, one line per trial; early-stopped trials end in an x, errored ones are dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for t in trials:
+        if not t.history:
+            continue
+        xs = [e for e, _ in t.history]
+        ys = [v for _, v in t.history]
+        style = "--" if t.status == "ERROR" else "-"
+        width = 2.5 if t.trial_id == best_id else 1.2
+        (line,) = ax.plot(xs, ys, style, marker="o", linewidth=width, markersize=3, label=t.trial_id)
+        if t.stopped_early:
+            ax.plot(xs[-1:], ys[-1:], "x", color=line.get_color(), markersize=10)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per epoch (x: stopped early, bold: best)")
+    ax.grid(True, alpha=0.3)
+    if any(t.history for t in trials):
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def best_training_config(base: dict[str, Any], best: TrialSummary, *, sweep: str) -> dict[str, Any]:
+    """The best trial's full config as a plain training YAML: no tune section, no parent run, its own run name."""
+    data = json.loads(json.dumps(base))
+    data.setdefault("train", {})["run_name"] = f"{sweep}-best"
+    data.get("tracking", {}).pop("parent_run_id", None)
+    data.pop("tune", None)
+    for key, value in best.params.items():
+        apply_override(data, key.split("."), _plain(value))
+    validate_config(data)  # the exported file must load as it is
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MLflow parent run
+
+
+class SweepTracker:
+    """The sweep's parent MLflow run: created once, found again by the sweep's path when the sweep resumes."""
+
+    def __init__(self, cfg: RaypipeConfig, path: str) -> None:
+        self.cfg = cfg
+        self.path = path
+        self.client = tracking.make_client(cfg.tracking)
+        self.experiment_id = tracking.experiment_id(self.client, cfg.tracking)
+        self.run_id, self.resumed_run = self._find_or_create()
+
+    def _find_or_create(self) -> tuple[str, bool]:
+        quoted = self.path.replace("'", "\\'")
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{SWEEP_PATH_TAG}` = '{quoted}'", max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if found:
+            run = found[0]
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id, True
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=self.cfg.tune.name,
+            tags={SWEEP_PATH_TAG: self.path, "raypipe.stage": "tune"},
+        )
+        return run.info.run_id, False
+
+    def fingerprint(self) -> str | None:
+        return self.client.get_run(self.run_id).data.tags.get(SWEEP_FINGERPRINT_TAG)
+
+    def log_spec(self, cfg: RaypipeConfig, fp: str) -> None:
+        from mlflow.entities import Param, RunTag
+
+        t = cfg.tune
+        params = {f"space.{k}": describe_dimension(v) for k, v in t.search_space.items()}
+        params |= {
+            "metric": t.metric, "mode": t.mode, "num_samples": t.num_samples,
+            "max_concurrent_trials": t.max_concurrent_trials, "scheduler": t.scheduler,
+            "model.name": cfg.model.name, "train.epochs": cfg.train.epochs,
+        }
+        if t.scheduler == "asha":
+            params |= {f"asha.{k}": v for k, v in t.asha.model_dump().items()}
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        self.client.log_batch(self.run_id, params=new, tags=[RunTag(SWEEP_FINGERPRINT_TAG, fp)])
+        self.log_text(yaml.safe_dump({"tune": t.model_dump(mode="json")}, sort_keys=False), "search_space.yaml")
+
+    def log_text(self, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(text)
+            self.client.log_artifact(self.run_id, str(p))
+
+    def log_file(self, path: str) -> None:
+        self.client.log_artifact(self.run_id, path)
+
+    def child_runs(self) -> dict[str, list[Any]]:
+        """trial run name -> child runs (newest first)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'", max_results=5000,
+            order_by=["attributes.start_time DESC"],
+        )
+        out: dict[str, list[Any]] = {}
+        for r in runs:
+            out.setdefault(r.info.run_name, []).append(r)
+        return out
+
+    def finish(self, result: SweepResult) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric("trials_total", len(result.trials), now, 0),
+            Metric("trials_errored", result.num_errors, now, 0),
+            Metric("trials_stopped_early", sum(t.stopped_early for t in result.trials), now, 0),
+        ]
+        tags = []
+        if result.best is not None and result.best.best_metric is not None:
+            metrics.append(Metric(f"best/{result.metric}", result.best.best_metric, now, 0))
+            metrics.append(Metric("best/epochs_run", result.best.epochs_run, now, 0))
+            tags.append(RunTag("raypipe.best_trial_id", result.best.trial_id))
+            if result.best.mlflow_run_id:
+                tags.append(RunTag("raypipe.best_run_id", result.best.mlflow_run_id))
+            for k, v in result.best.params.items():
+                tags.append(RunTag(f"best.{k}", str(v)))
+        self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+        self.log_text(result.table + "\n", "trials.txt")
+        self.log_text(table_csv(result.trials, metric=result.metric), TABLE_NAME)
+        for p in (result.plot_path, result.best_config_path):
+            if p and not rfs.is_remote(p) and Path(p).exists():
+                self.log_file(p)
+        status = "FINISHED" if result.best is not None else "FAILED"
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _tag_children(tracker: SweepTracker, trials: list[TrialSummary], sweep: str) -> None:
+    """Link each trial to its child run (by the run name the trial driver gave it) and close runs of trials
+    that Tune stopped early: rank 0 was killed mid-run, so nobody else would end them."""
+    children = tracker.child_runs()
+    for t in trials:
+        runs = children.get(trial_run_name(sweep, t.trial_id), [])
+        if not runs:
+            continue
+        run = runs[0]
+        t.mlflow_run_id = run.info.run_id
+        tags = {TRIAL_TAG: t.trial_id, "raypipe.stopped_early": str(t.stopped_early).lower()}
+        for k, v in tags.items():
+            if run.data.tags.get(k) != v:
+                tracker.client.set_tag(run.info.run_id, k, v)
+        if run.info.status == "RUNNING" and t.status in ("TERMINATED", "ERROR"):
+            tracker.client.set_terminated(run.info.run_id, status="KILLED" if t.status == "TERMINATED" else "FAILED")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the sweep
+
+
+def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResult:
+    """Run (or resume) the sweep described by ``cfg.tune`` over the training config ``cfg``.
+
+    ``callbacks`` are extra ``ray.tune.Callback`` objects for the Tune loop (progress hooks, notifications).
+    Tune saves them with the sweep, so a resumed sweep runs with the callbacks it was started with.
+    """
+    import ray
+    from ray import tune as rt
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    validate_search_space(cfg)
+    t = cfg.tune
+    path = sweep_path(cfg)
+    storage_root, name = path.rsplit("/", 1)
+    base = _portable_base(cfg)
+    fp = fingerprint(cfg)
+    max_epochs = max_epochs_of(cfg)
+
+    tracker = SweepTracker(cfg, path) if cfg.tracking.enabled else None
+    restorable = _can_restore(path)
+    if restorable and not t.resume:
+        raise ConfigError(
+            f"config error: tune.name: a sweep {name!r} already exists at {path}; set tune.resume=true to continue "
+            "it or choose another tune.name"
+        )
+    if tracker is not None:
+        old = tracker.fingerprint()
+        if restorable and old is not None and old != fp:
+            raise ConfigError(
+                f"config error: tune.search_space: sweep {name!r} at {path} was started with a different search "
+                "space or base config; resuming would mix two sweeps. Choose another tune.name"
+            )
+        tracker.log_spec(cfg, fp)
+    parent_run_id = tracker.run_id if tracker is not None else None
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, runtime_env=cfg.ray.runtime_env or None)
+
+    trainable = rt.with_resources(
+        functools.partial(run_trial, base=base, sweep=name, parent_run_id=parent_run_id),
+        {"cpu": t.resources.driver_cpus},
+    )
+    if restorable:
+        log.info("resuming sweep %s from %s (finished trials are kept)", name, path)
+        tuner = rt.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=t.restart_errored)
+    else:
+        if t.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=t.asha.max_t or max_epochs,
+                grace_period=t.asha.grace_period,
+                reduction_factor=t.asha.reduction_factor,
+            )
+        else:
+            scheduler = FIFOScheduler()
+        # BasicVariantGenerator limits concurrency itself (Tune's max_concurrent_trials only wraps Searchers)
+        # and, seeded, samples the same trials when a sweep is re-created.
+        search_alg = BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
+        tuner = rt.Tuner(
+            trainable,
+            param_space=to_param_space(t.search_space),
+            tune_config=rt.TuneConfig(
+                metric=t.metric,
+                mode=t.mode,
+                num_samples=t.num_samples,
+                scheduler=scheduler,
+                search_alg=search_alg,
+            ),
+            run_config=rt.RunConfig(
+                name=name,
+                storage_path=storage_root,
+                failure_config=rt.FailureConfig(max_failures=t.max_failures, fail_fast=False),
+                callbacks=list(callbacks or []),
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    return _finish(cfg, grid.experiment_path, base=base, tracker=tracker, max_epochs=max_epochs, resumed=restorable)
+
+
+def _can_restore(path: str) -> bool:
+    from ray import tune as rt
+
+    try:
+        return bool(rt.Tuner.can_restore(path))
+    except (OSError, ValueError):
+        return False
+
+
+def _finish(
+    cfg: RaypipeConfig, path: str, *, base: dict[str, Any], tracker: SweepTracker | None, max_epochs: int,
+    resumed: bool,
+) -> SweepResult:
+    from ray.tune import ExperimentAnalysis
+
+    t = cfg.tune
+    analysis = ExperimentAnalysis(path, default_metric=t.metric, default_mode=t.mode)
+    trials = summarize_trials(analysis, metric=t.metric, mode=t.mode, max_epochs=max_epochs)
+    best = pick_best(trials, t.mode)
+    if tracker is not None:
+        _tag_children(tracker, trials, t.name)
+    table = format_table(trials, metric=t.metric, best_id=best.trial_id if best else None)
+
+    out_dir = _local_out_dir(path)
+    plot_path = str(Path(out_dir) / PLOT_NAME)
+    plot_trials(trials, metric=t.metric, path=plot_path, best_id=best.trial_id if best else None)
+    best_config_path = None
+    if best is not None:
+        best_config_path = str(Path(out_dir) / BEST_CONFIG_NAME)
+        Path(best_config_path).write_text(
+            f"# Best trial {best.trial_id} of sweep {t.name} ({t.metric}={best.best_metric:.4g}).\n"
+            f"# Train it with: raypipe train -c {best_config_path}\n"
+            + yaml.safe_dump(best_training_config(base, best, sweep=t.name), sort_keys=False)
+        )
+    result = SweepResult(
+        name=t.name, path=path, metric=t.metric, mode=t.mode, trials=trials, best=best,
+        parent_run_id=tracker.run_id if tracker else None, best_config_path=best_config_path, plot_path=plot_path,
+        table=table, resumed=resumed,
+    )
+    if tracker is not None and best is not None and t.register_best:
+        result.registered_version = _register_best(cfg, best)
+    if tracker is not None:
+        tracker.finish(result)
+    return result
+
+
+def _local_out_dir(path: str) -> str:
+    """Summary files go beside the sweep when it is local, else into a local folder of the same name."""
+    if not rfs.is_remote(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return path
+    out = Path(tempfile.gettempdir()) / "raypipe-sweeps" / path.rsplit("/", 1)[1]
+    out.mkdir(parents=True, exist_ok=True)
+    return str(out)
+
+
+def _register_best(cfg: RaypipeConfig, best: TrialSummary) -> str | None:
+    """Register the best trial's model under ``tracking.registered_model_name`` with ``tracking.alias``."""
+    if not best.mlflow_run_id:
+        log.warning("best trial %s has no MLflow run; nothing to register", best.trial_id)
+        return None
+    return tracking.register_run_model(cfg, run_id=best.mlflow_run_id)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI stage
+
+
+def run(cfg: RaypipeConfig) -> int:
+    """``raypipe tune -c sweep_demo``: run or resume the sweep, print the trial table, 0 when a best trial exists."""
+    try:
+        result = tune(cfg)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    log.info("sweep %s (%s%s):\n%s", result.name, result.path, ", resumed" if result.resumed else "", result.table)
+    if result.best is None:
+        log.error("no trial of sweep %s reported %s; see the table above", result.name, result.metric)
+        return 1
+    log.info(
+        "best trial %s: %s=%.4g; train it with: raypipe train -c %s",
+        result.best.trial_id, result.metric, result.best.best_metric, result.best_config_path,
+    )
+    if result.parent_run_id:
+        log.info("MLflow parent run %s (%d trial runs); plot %s", result.parent_run_id, len(result.trials),
+                 result.plot_path)
+    return 0
