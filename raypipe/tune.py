@@ -155,8 +155,11 @@ def validate_search_space(cfg: RaypipeConfig) -> None:
             f"config error: tune.asha.grace_period: {cfg.tune.asha.grace_period} exceeds the trials' epochs "
             f"({cfg.tune.asha.max_t or max_epochs}); ASHA could never stop a trial"
         )
-    if cfg.tune.resources.gpus_per_worker > 0 and not cfg.train.use_gpu:
-        errors.append("config error: tune.resources.gpus_per_worker: > 0 needs train.use_gpu=true")
+    try:
+        validate_config(_portable_base(cfg))
+    except ConfigError as err:  # e.g. tune.metric not produced for the task, amp without GPUs
+        errors += [line.replace("config error: train.", "config error: tune (applied as train.)", 1)
+                   for line in str(err).splitlines()]
     if errors:
         raise ConfigError("\n".join(errors))
 
@@ -213,11 +216,22 @@ def _portable_base(cfg: RaypipeConfig) -> dict[str, Any]:
     train["storage_path"] = rfs.join(sweep_path(cfg), "train_runs")
     data.setdefault("tracking", {})["tracking_uri"] = tracking.absolute_tracking_uri(cfg.tracking.tracking_uri)
     res = cfg.tune.resources
-    train["num_workers"] = res.num_workers or cfg.train.num_workers
-    if res.gpus_per_worker > 0:
-        train["use_gpu"] = True
+    if res.num_workers is not None:
+        train["num_workers"] = res.num_workers
+    if res.cpus_per_worker is not None:
+        train["cpus_per_worker"] = res.cpus_per_worker
+    if res.gpus_per_worker is not None:
+        train["use_gpu"] = res.gpus_per_worker == 1
+    # Every trial keeps (and the sweep registers) the checkpoint that is best by the sweep's own metric; the
+    # sweep registers only its best trial's model.
+    train["metric"], train["mode"] = sweep_metric(cfg)
+    train["register_model"] = False
     data.pop("tune", None)
     return data
+
+
+def sweep_metric(cfg: RaypipeConfig) -> tuple[str, str]:
+    return cfg.tune.metric or cfg.train.metric, cfg.tune.mode or cfg.train.mode
 
 
 def fingerprint(cfg: RaypipeConfig) -> str:
@@ -225,8 +239,7 @@ def fingerprint(cfg: RaypipeConfig) -> str:
     t = cfg.tune
     payload = {
         "space": t.search_space,
-        "metric": t.metric,
-        "mode": t.mode,
+        "metric": sweep_metric(cfg),
         "num_samples": t.num_samples,
         "scheduler": t.scheduler,
         "asha": t.asha.model_dump(),
@@ -507,7 +520,7 @@ class SweepTracker:
         t = cfg.tune
         params = {f"space.{k}": describe_dimension(v) for k, v in t.search_space.items()}
         params |= {
-            "metric": t.metric, "mode": t.mode, "num_samples": t.num_samples,
+            "metric": sweep_metric(cfg)[0], "mode": sweep_metric(cfg)[1], "num_samples": t.num_samples,
             "max_concurrent_trials": t.max_concurrent_trials, "scheduler": t.scheduler,
             "model.name": cfg.model.name, "train.epochs": cfg.train.epochs,
         }
@@ -549,7 +562,7 @@ class SweepTracker:
         ]
         tags = []
         if result.best is not None and result.best.best_metric is not None:
-            metrics.append(Metric(f"best/{result.metric}", result.best.best_metric, now, 0))
+            metrics.append(Metric(tracking.mlflow_metric_name(f"best/{result.metric}"), result.best.best_metric, now, 0))
             metrics.append(Metric("best/epochs_run", result.best.epochs_run, now, 0))
             tags.append(RunTag("raypipe.best_trial_id", result.best.trial_id))
             if result.best.mlflow_run_id:
@@ -606,6 +619,7 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     base = _portable_base(cfg)
     fp = fingerprint(cfg)
     max_epochs = max_epochs_of(cfg)
+    metric, mode = sweep_metric(cfg)
 
     tracker = SweepTracker(cfg, path) if cfg.tracking.enabled else None
     restorable = _can_restore(path)
@@ -651,8 +665,8 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
             trainable,
             param_space=to_param_space(t.search_space),
             tune_config=rt.TuneConfig(
-                metric=t.metric,
-                mode=t.mode,
+                metric=metric,
+                mode=mode,
                 num_samples=t.num_samples,
                 scheduler=scheduler,
                 search_alg=search_alg,
@@ -685,26 +699,27 @@ def _finish(
     from ray.tune import ExperimentAnalysis
 
     t = cfg.tune
-    analysis = ExperimentAnalysis(path, default_metric=t.metric, default_mode=t.mode)
-    trials = summarize_trials(analysis, metric=t.metric, mode=t.mode, max_epochs=max_epochs)
-    best = pick_best(trials, t.mode)
+    metric, mode = sweep_metric(cfg)
+    analysis = ExperimentAnalysis(path, default_metric=metric, default_mode=mode)
+    trials = summarize_trials(analysis, metric=metric, mode=mode, max_epochs=max_epochs)
+    best = pick_best(trials, mode)
     if tracker is not None:
         _tag_children(tracker, trials, t.name)
-    table = format_table(trials, metric=t.metric, best_id=best.trial_id if best else None)
+    table = format_table(trials, metric=metric, best_id=best.trial_id if best else None)
 
     out_dir = _local_out_dir(path)
     plot_path = str(Path(out_dir) / PLOT_NAME)
-    plot_trials(trials, metric=t.metric, path=plot_path, best_id=best.trial_id if best else None)
+    plot_trials(trials, metric=metric, path=plot_path, best_id=best.trial_id if best else None)
     best_config_path = None
     if best is not None:
         best_config_path = str(Path(out_dir) / BEST_CONFIG_NAME)
         Path(best_config_path).write_text(
-            f"# Best trial {best.trial_id} of sweep {t.name} ({t.metric}={best.best_metric:.4g}).\n"
+            f"# Best trial {best.trial_id} of sweep {t.name} ({metric}={best.best_metric:.4g}).\n"
             f"# Train it with: raypipe train -c {best_config_path}\n"
             + yaml.safe_dump(best_training_config(base, best, sweep=t.name), sort_keys=False)
         )
     result = SweepResult(
-        name=t.name, path=path, metric=t.metric, mode=t.mode, trials=trials, best=best,
+        name=t.name, path=path, metric=metric, mode=mode, trials=trials, best=best,
         parent_run_id=tracker.run_id if tracker else None, best_config_path=best_config_path, plot_path=plot_path,
         table=table, resumed=resumed,
     )

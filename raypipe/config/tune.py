@@ -59,8 +59,8 @@ class TrialResources(StrictModel):
     """
 
     num_workers: int | None = Field(default=None, ge=1)  # None: train.num_workers
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
+    cpus_per_worker: float | None = Field(default=None, gt=0)  # None: train.cpus_per_worker
+    gpus_per_worker: Literal[0, 1] | None = None  # None: 1 if train.use_gpu else 0 (Train gives a worker a GPU)
     driver_cpus: float = Field(default=0.01, gt=0)
 
 
@@ -77,8 +77,10 @@ class TuneConfig(StrictModel):
     # None: <train.storage_path>; the sweep lives in <storage_path>/<name> and is resumed from there.
     storage_path: str | None = None
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    metric: str = "val/f_sco"
-    mode: Literal["max", "min"] = "max"
+    # What trials are ranked and early-stopped by; None: train.metric / train.mode. Trials also keep their best
+    # checkpoint by it (the sweep sets train.metric/mode of every trial to these).
+    metric: str | None = None
+    mode: Literal["max", "min"] | None = None
     num_samples: int = Field(default=4, ge=1)
     max_concurrent_trials: int = Field(default=2, ge=1)
     scheduler: Literal["asha", "none"] = "asha"
