@@ -21,6 +21,8 @@ the inputs of the auxiliary losses in :mod:`raypipe.losses`:
     vtm_logits (3B, 2), vtm_labels (3B,)                   video-text matching with hard negatives
 """
 
+# Importing the model modules runs their @register_model decorators.
+from raypipe.models import baselines, bilstm_attn, cavnet, dmafnet, mfb  # noqa: F401
 from raypipe.models.registry import builder_params, create_model, list_models, register_model
 
 __all__ = ["builder_params", "create_model", "list_models", "register_model"]

@@ -1,0 +1,325 @@
+"""DMAFNet: dual-stream multimodal alignment and fusion network (Zhou & Wang, J. Donghua Univ. 2025).
+
+::
+
+    frame_feats (B,T,Dv) -> proj + pos -> [VCLS] + frames -> 12 x pre-LN SA layer -> LN -> F_v (B,1+T,H)
+    (audio_feats (B,T,Da) -> proj + pos -> appended to the frame tokens, only if "audio" is switched on)
+    input_ids (B,L)      -> BERT ------------------------------------------------> F_t (B,L,H)
+
+    F_v[:,0], F_t[:,0] -> proj -> con_video, con_text           (MIL-NCE, learnable tau)   [contrastive]
+
+    text_as_query=True (paper prose, Fig. 2):   x = F_t;  N x { x += CA(LN x, LN F_v); x += FFN(LN x) }
+    text_as_query=False (Eq. 4, F_vt^0 = F_v):  x = F_v;  N x { x += CA(LN x, LN F_t); x += FFN(LN x) }
+    x -> LN -> F_vt;  F_vt[:,0] -> MLP -> logits (B,C)
+
+    masked ids -> BERT -> fusion -> MLM head (tied to the word embeddings) -> mlm_logits (B,L,V)  [mlm]
+    (F_t, F_v) positives + ALBEF hard negatives -> fusion -> F_vt[:,0] -> Linear -> vtm_logits (3B,2)  [vtm]
+
+Choices where the paper is open, and why:
+
+* Query side of the multimodal encoder. The prose and Fig. 2 say "F_t as query, F_v as key and value", while
+  Eq. 4 starts from F_vt^0 = F_v and (as printed) takes values from the query stream, which is not well formed.
+  The default follows the prose (``text_as_query=True``): the fused sequence then lives on the text positions,
+  which is also what MLM needs ("predict masked words from the multimodal encoder output"). ``False`` runs the
+  Eq. 4 reading (frames query, text keys/values); MLM is then impossible and rejected up front.
+* Eq. 5 adds the FFN to the layer input F_vt^[i] (dropping the cross-attention residual); we keep both
+  residuals (standard pre-LN), which the paper's Fig. 2 also draws.
+* The frame stream gets a learned [VCLS] token: it is "the classification head of the last unimodal layer"
+  the paper feeds to MIL-NCE, the fused first token in Eq. 4 mode, and it keeps a video with no real frames
+  finite. Frames get learned position embeddings (the paper's frame encoder would be order-blind otherwise).
+* MLM runs a second text pass on the masked ids, as ALBEF does, so classification, contrastive and VTM see the
+  clean text. MLM and VTM are training-time objectives: in eval mode the model returns logits (and the
+  contrastive outputs), never random masks or random negatives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raypipe.losses import mask_tokens, sample_hard_negatives, vtm_targets
+from raypipe.models.layers import (
+    CrossAttentionLayer,
+    MLPHead,
+    ModalityEmbedding,
+    TransformerLayer,
+    build_text_encoder,
+    check_modalities,
+    contrastive_logit_scale,
+    text_hidden_states,
+)
+from raypipe.models.registry import register_model
+
+logger = logging.getLogger(__name__)
+
+MODALITIES = ("frames", "audio", "text")
+
+
+class DMAFNet(nn.Module):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        frame_dim: int,
+        audio_dim: int,
+        vocab_size: int,
+        modalities: Sequence[str],
+        frame_layers: int,
+        frame_heads: int,
+        fusion_layers: int,
+        fusion_heads: int,
+        text_encoder_path: str | None,
+        text_hidden: int,
+        text_layers: int,
+        text_heads: int,
+        text_as_query: bool,
+        dropout: float,
+        proj_dim: int,
+        max_frames: int,
+        contrastive: bool,
+        mlm: bool,
+        vtm: bool,
+        mask_token_id: int | None,
+        special_token_ids: Sequence[int] | None,
+        mlm_probability: float,
+    ) -> None:
+        super().__init__()
+        self.modalities = check_modalities(modalities, MODALITIES)
+        self.video_streams = tuple(m for m in self.modalities if m in ("frames", "audio"))
+        self.use_text = "text" in self.modalities
+        both = bool(self.video_streams) and self.use_text
+        for name, on in (("contrastive", contrastive), ("mlm", mlm), ("vtm", vtm)):
+            if on and not both:
+                raise ValueError(
+                    f"{name}=True aligns video and text but modalities={self.modalities}; "
+                    f"add 'text' and 'frames' to model.params.modalities or set train.loss.{name}=0"
+                )
+        if mlm and not text_as_query:
+            raise ValueError(
+                "mlm=True predicts words from the fused text positions, which text_as_query=False does not have; "
+                "set model.params.text_as_query=true or train.loss.mlm=0"
+            )
+        if mlm and (mask_token_id is None or special_token_ids is None):
+            raise ValueError("mlm=True needs mask_token_id and special_token_ids (from the shards' tokenizer metadata)")
+        self.text_as_query = text_as_query
+        self.contrastive, self.mlm, self.vtm = contrastive, mlm, vtm
+        self.mask_token_id = mask_token_id
+        self.special_token_ids = tuple(special_token_ids or ())
+        self.mlm_probability = mlm_probability
+        self.vocab_size = vocab_size
+
+        hidden = text_hidden
+        if self.use_text:
+            self.text_encoder = build_text_encoder(
+                path=text_encoder_path,
+                vocab_size=vocab_size,
+                hidden=text_hidden,
+                layers=text_layers,
+                heads=text_heads,
+                dropout=dropout,
+            )
+            hidden = int(self.text_encoder.config.hidden_size)
+        self.hidden = hidden
+
+        if self.video_streams:
+            dims = {"frames": frame_dim, "audio": audio_dim}
+            for m in self.video_streams:
+                if dims[m] <= 0:
+                    raise ValueError(f"modality {m!r} is on but {m[:5]}_dim={dims[m]}")
+            self.embed = nn.ModuleDict(
+                {m: ModalityEmbedding(dims[m], hidden, max_len=max_frames) for m in self.video_streams}
+            )
+            self.video_cls = nn.Parameter(torch.zeros(1, 1, hidden))
+            nn.init.trunc_normal_(self.video_cls, std=0.02)
+            self.video_encoder = nn.ModuleList(
+                TransformerLayer(hidden, frame_heads, dropout=dropout) for _ in range(frame_layers)
+            )
+            self.video_norm = nn.LayerNorm(hidden)
+
+        if both:
+            self.fusion = nn.ModuleList(
+                CrossAttentionLayer(hidden, fusion_heads, dropout=dropout) for _ in range(fusion_layers)
+            )
+            self.fusion_norm = nn.LayerNorm(hidden)
+
+        self.head = MLPHead(hidden, hidden, num_classes, dropout=dropout)
+
+        if contrastive:
+            self.con_video_proj = nn.Linear(hidden, proj_dim)
+            self.con_text_proj = nn.Linear(hidden, proj_dim)
+            self.logit_scale = contrastive_logit_scale()
+        if mlm:
+            # BERT's prediction head; the decoder shares the word-embedding matrix (weight tying) plus a bias.
+            self.mlm_transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden))
+            self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        if vtm:
+            self.vtm_head = nn.Linear(hidden, 2)
+
+    # ------------------------------------------------------------------------------------------- encoders
+
+    def encode_video(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """[VCLS] + frame (+ audio) tokens through the frame transformer -> F_v ``(B, 1+S, H)`` and its mask."""
+        tokens, masks = [], []
+        for m in self.video_streams:
+            feats = batch[f"{m[:5]}_feats"]  # (B, T, D_m)
+            tokens.append(self.embed[m](feats.float()))  # (B, T, H)
+            masks.append(batch[f"{m[:5]}_mask"].bool())  # (B, T)
+        b = tokens[0].shape[0]
+        x = torch.cat([self.video_cls.expand(b, -1, -1), *tokens], dim=1)  # (B, 1+S, H)
+        cls_mask = torch.ones(b, 1, dtype=torch.bool, device=x.device)
+        mask = torch.cat([cls_mask, *masks], dim=1)  # (B, 1+S); [VCLS] always valid
+        for layer in self.video_encoder:
+            x = layer(x, mask)  # (B, 1+S, H)
+        return self.video_norm(x), mask
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return text_hidden_states(self.text_encoder, input_ids.long(), attention_mask.long())  # (B, L, H)
+
+    def fuse(self, text: Tensor, text_mask: Tensor, video: Tensor, video_mask: Tensor) -> Tensor:
+        """The N stacked multimodal layers -> F_vt on the query positions (text or video, see module doc)."""
+        if self.text_as_query:
+            x, ctx, ctx_mask = text, video, video_mask  # (B, L, H) queries over (B, 1+S, H)
+        else:
+            x, ctx, ctx_mask = video, text, text_mask  # (B, 1+S, H) queries over (B, L, H)
+        for layer in self.fusion:
+            x = layer(x, ctx, ctx_mask)
+        return self.fusion_norm(x)  # (B, Lq, H)
+
+    # --------------------------------------------------------------------------------------------- forward
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        video = video_mask = text = text_mask = None
+        if self.video_streams:
+            video, video_mask = self.encode_video(batch)  # (B, 1+S, H), (B, 1+S)
+        if self.use_text:
+            text_mask = batch["attention_mask"].bool()  # (B, L)
+            text = self.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
+
+        if video is not None and text is not None:
+            first = self.fuse(text, text_mask, video, video_mask)[:, 0]  # (B, H) fused first token
+        elif video is not None:
+            first = video[:, 0]  # (B, H) [VCLS]
+        else:
+            first = text[:, 0]  # (B, H) [CLS]
+        out["logits"] = self.head(first)  # (B, C)
+
+        if self.contrastive:
+            out["con_video"] = self.con_video_proj(video[:, 0])  # (B, P)
+            out["con_text"] = self.con_text_proj(text[:, 0])  # (B, P), K = 1 positive per clip
+            out["logit_scale"] = self.logit_scale.exp()  # ()
+        if self.training and self.mlm:
+            out.update(self._mlm(batch, video, video_mask))
+        if self.training and self.vtm:
+            out.update(self._vtm(out, first, text, text_mask, video, video_mask))
+        return out
+
+    def _mlm(self, batch: Mapping[str, Tensor], video: Tensor, video_mask: Tensor) -> dict[str, Tensor]:
+        masked_ids, labels = mask_tokens(
+            batch["input_ids"].long(),
+            batch["attention_mask"],
+            mask_token_id=self.mask_token_id,
+            vocab_size=self.vocab_size,
+            special_token_ids=self.special_token_ids,
+            mlm_probability=self.mlm_probability,
+        )  # (B, L), (B, L)
+        text_mask = batch["attention_mask"].bool()
+        text = self.encode_text(masked_ids, batch["attention_mask"])  # (B, L, H)
+        fused = self.mlm_transform(self.fuse(text, text_mask, video, video_mask))  # (B, L, H)
+        words = self.text_encoder.get_input_embeddings().weight  # (V, H), tied decoder
+        return {"mlm_logits": F.linear(fused, words, self.mlm_bias), "mlm_labels": labels}  # (B, L, V), (B, L)
+
+    def _vtm(
+        self,
+        out: Mapping[str, Tensor],
+        pos_first: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        video: Tensor,
+        video_mask: Tensor,
+    ) -> dict[str, Tensor]:
+        """ALBEF matching: B positives, one hard negative video per text, one hard negative text per video."""
+        b = text.shape[0]
+        with torch.no_grad():
+            if self.contrastive:
+                v, t = F.normalize(out["con_video"], dim=-1), F.normalize(out["con_text"], dim=-1)
+                scale = out["logit_scale"]
+            else:
+                v, t = F.normalize(video[:, 0], dim=-1), F.normalize(text[:, 0], dim=-1)
+                scale = torch.tensor(1.0, device=v.device)
+            sim_v2t = scale * v @ t.T  # (B, B)
+        neg_video = sample_hard_negatives(sim_v2t.T)  # (B,) for text i: a video that is not i
+        neg_text = sample_hard_negatives(sim_v2t)  # (B,) for video i: a text that is not i
+        text_all = torch.cat([text, text[neg_text]])  # (2B, L, H): text_i | negative text of video i
+        tmask_all = torch.cat([text_mask, text_mask[neg_text]])
+        video_all = torch.cat([video[neg_video], video])  # (2B, 1+S, H): negative video of text i | video_i
+        vmask_all = torch.cat([video_mask[neg_video], video_mask])
+        neg_first = self.fuse(text_all, tmask_all, video_all, vmask_all)[:, 0]  # (2B, H)
+        logits = self.vtm_head(torch.cat([pos_first, neg_first]))  # (3B, 2)
+        return {"vtm_logits": logits, "vtm_labels": vtm_targets(b, device=logits.device)}
+
+
+@register_model("dmafnet")
+def dmafnet(
+    *,
+    num_classes: int,
+    frame_dim: int = 768,
+    audio_dim: int = 0,
+    text_dim: int = 0,
+    vocab_size: int = 30522,
+    modalities: Sequence[str] = ("frames", "text"),
+    frame_layers: int = 12,
+    frame_heads: int = 12,
+    fusion_layers: int = 6,
+    fusion_heads: int = 12,
+    text_encoder_path: str | None = None,
+    text_hidden: int = 768,
+    text_layers: int = 12,
+    text_heads: int = 12,
+    text_as_query: bool = True,
+    dropout: float = 0.1,
+    proj_dim: int = 256,
+    max_frames: int = 32,
+    contrastive: bool = False,
+    mlm: bool = False,
+    vtm: bool = False,
+    mask_token_id: int | None = None,
+    special_token_ids: Sequence[int] | None = None,
+    mlm_probability: float = 0.15,
+) -> DMAFNet:
+    """Paper defaults: 12 frame layers, N = 6 multimodal layers, BERT-base text, frames + text (audio off).
+
+    ``text_dim`` (the sentence embedding) is accepted for the trainer's uniform call and unused: DMAFNet reads
+    token ids. The auxiliary switches are normally set by the trainer from the loss weights.
+    """
+    del text_dim
+    return DMAFNet(
+        num_classes=num_classes,
+        frame_dim=frame_dim,
+        audio_dim=audio_dim,
+        vocab_size=vocab_size,
+        modalities=modalities,
+        frame_layers=frame_layers,
+        frame_heads=frame_heads,
+        fusion_layers=fusion_layers,
+        fusion_heads=fusion_heads,
+        text_encoder_path=text_encoder_path,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        text_heads=text_heads,
+        text_as_query=text_as_query,
+        dropout=dropout,
+        proj_dim=proj_dim,
+        max_frames=max_frames,
+        contrastive=contrastive,
+        mlm=mlm,
+        vtm=vtm,
+        mask_token_id=mask_token_id,
+        special_token_ids=special_token_ids,
+        mlm_probability=mlm_probability,
+    )

@@ -1,0 +1,422 @@
+"""Fusion models: shapes, finiteness, a gradient for every parameter under each loss configuration, eval
+determinism, silent videos and single frames, the papers' structural claims, and a short overfit per model.
+
+Every model is built the way the trainer builds it: ``create_model(name, num_classes=, frame_dim=, audio_dim=,
+text_dim=, vocab_size=, **params)`` plus the loss switches only for builders that declare them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from raypipe.losses import IGNORE_INDEX, FusionObjective
+from raypipe.models import builder_params, create_model, list_models
+from raypipe.models.layers import MFB, FCConcat, MoE
+
+C = 4
+DIMS = {"frame_dim": 16, "audio_dim": 8, "text_dim": 12, "vocab_size": 60}
+PAD, CLS, SEP, MASK = 0, 1, 2, 3
+SPECIAL = [PAD, CLS, SEP, MASK]
+
+# Tiny sizes per model so the whole file runs in well under two minutes on two cores.
+TINY: dict[str, dict[str, Any]] = {
+    "dmafnet": dict(
+        frame_layers=1,
+        frame_heads=2,
+        fusion_layers=1,
+        fusion_heads=2,
+        text_hidden=16,
+        text_layers=1,
+        text_heads=2,
+        proj_dim=8,
+    ),
+    "mfb": dict(k=2, o=8, clusters=2, dbof_size=8, nextvlad_out=8),
+    "bilstm_attn": dict(lstm_hidden=8, text_categories=3),
+    "cavnet": dict(dim=16, heads=2, gate_hidden=8, proj_dim=8),
+    "wbdc_baseline": dict(clusters=4, groups=2, nextvlad_out=8, text_hidden=16, text_layers=1, text_heads=2),
+    "frames_only": dict(clusters=4, nextvlad_out=8, hidden=16),
+    "audio_only": dict(clusters=4, nextvlad_out=8, hidden=16),
+    "text_only": dict(text_hidden=16, text_layers=1, text_heads=2, hidden=16),
+}
+ALL_AUX = {"classification": 1.0, "contrastive": 1.0, "mlm": 0.25, "vtm": 0.25}
+CLS_ONLY = {"classification": 1.0, "contrastive": 0.0, "mlm": 0.0, "vtm": 0.0}
+
+
+def build(name: str, weights: dict[str, float], *, multi_label: bool = False, **params: Any) -> nn.Module:
+    """What the trainer does: the loss switches only for builders whose signature has them."""
+    accepted = builder_params(name)
+    kwargs: dict[str, Any] = {"num_classes": C, **DIMS, **TINY[name], **params}
+    for switch in ("contrastive", "mlm", "vtm"):
+        if switch in accepted:
+            kwargs[switch] = weights.get(switch, 0.0) > 0
+    if "multi_label" in accepted:
+        kwargs["multi_label"] = multi_label
+    if "special_token_ids" in accepted:
+        kwargs["special_token_ids"] = SPECIAL
+    if "mask_token_id" in accepted:
+        kwargs["mask_token_id"] = MASK
+    return create_model(name, **kwargs)
+
+
+def active_weights(model: nn.Module, weights: dict[str, float]) -> dict[str, float]:
+    """Weights of the terms the model actually produces (a model without a switch gets that weight 0)."""
+    out = dict(weights)
+    for switch in ("contrastive", "mlm", "vtm"):
+        if not getattr(model, switch, False):
+            out[switch] = 0.0
+    return out
+
+
+def objective(name: str, model: nn.Module, weights: dict[str, float], *, multi_label: bool = False) -> FusionObjective:
+    return FusionObjective(
+        task="multi_label" if multi_label else "single_label",
+        contrastive_loss="infonce" if name == "cavnet" else "milnce",
+        **active_weights(model, weights),
+    )
+
+
+def make_batch(
+    b: int = 4,
+    t: int = 6,
+    seq: int = 10,
+    *,
+    seed: int = 0,
+    frame_lengths: list[int] | None = None,
+    silent: bool = False,
+    multi_label: bool = False,
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(frame_lengths if frame_lengths is not None else [t, t // 2, 1, t - 1][:b] + [t] * (b - 4))
+    frame_mask = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
+    audio_mask = torch.zeros_like(frame_mask) if silent else frame_mask.clone()
+    frame = torch.randn(b, t, DIMS["frame_dim"], generator=g) * frame_mask[..., None]
+    audio = torch.randn(b, t, DIMS["audio_dim"], generator=g) * audio_mask[..., None]
+    text_len = torch.randint(4, seq + 1, (b,), generator=g)
+    attention = (torch.arange(seq)[None, :] < text_len[:, None]).long()  # (B, L)
+    ids = torch.randint(4, DIMS["vocab_size"], (b, seq), generator=g)
+    ids[:, 0] = CLS
+    ids[torch.arange(b), text_len - 1] = SEP
+    ids = ids * attention  # PAD = 0 after the text
+    batch = {
+        "frame_feats": frame,
+        "frame_mask": frame_mask,
+        "audio_feats": audio,
+        "audio_mask": audio_mask,
+        "input_ids": ids,
+        "attention_mask": attention,
+        "text_emb": torch.randn(b, DIMS["text_dim"], generator=g),
+        "label": torch.arange(b) % C,
+    }
+    if multi_label:
+        batch["labels"] = (torch.rand(b, C, generator=g) < 0.4).float()
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ the cases
+
+MFB_GRID = [
+    ("mfb", {"aggregation": a, "fusion": f, "classifier": c}, CLS_ONLY, False)
+    for a, f, c in itertools.product(
+        ("avgpool", "dbof", "netvlad", "nextvlad"), ("mfb", "concat", "fc_concat"), ("moe", "linear")
+    )
+]
+CASES: list[tuple[str, dict[str, Any], dict[str, float], bool]] = [
+    *[(name, {}, ALL_AUX, False) for name in list_models()],
+    *MFB_GRID,
+    ("mfb", {"mfb_norm": "power"}, CLS_ONLY, False),
+    ("mfb", {"aggregation": "netvlad"}, CLS_ONLY, True),
+    ("mfb", {"modalities": ("frames", "audio", "text")}, CLS_ONLY, True),
+    ("mfb", {"modalities": ("frames",), "fusion": "concat"}, CLS_ONLY, False),
+    ("mfb", {"modalities": ("audio",), "fusion": "fc_concat"}, CLS_ONLY, False),
+    ("dmafnet", {"text_as_query": False}, {**ALL_AUX, "mlm": 0.0}, False),
+    ("dmafnet", {"text_as_query": True}, CLS_ONLY, False),
+    ("dmafnet", {}, {**ALL_AUX, "mlm": 0.0, "vtm": 0.0}, False),
+    ("dmafnet", {}, {**ALL_AUX, "vtm": 0.0}, False),
+    ("dmafnet", {}, {**ALL_AUX, "contrastive": 0.0, "mlm": 0.0}, False),
+    ("dmafnet", {"modalities": ("frames",)}, CLS_ONLY, False),
+    ("dmafnet", {"modalities": ("text",)}, CLS_ONLY, False),
+    ("dmafnet", {"modalities": ("frames", "audio", "text")}, ALL_AUX, False),
+    ("dmafnet", {"modalities": ("audio", "text"), "text_as_query": False}, {**ALL_AUX, "mlm": 0.0}, False),
+    ("bilstm_attn", {"modalities": ("frames", "audio")}, CLS_ONLY, False),
+    ("bilstm_attn", {"modalities": ("frames",)}, CLS_ONLY, False),
+    ("bilstm_attn", {"modalities": ("audio", "text")}, CLS_ONLY, False),
+    ("cavnet", {"modalities": ("frames",)}, ALL_AUX, False),
+    ("cavnet", {}, CLS_ONLY, False),
+    ("cavnet", {"gate_per_channel": True, "self_layers": 2, "cross_layers": 2}, ALL_AUX, False),
+    ("text_only", {"text_source": "tokens"}, CLS_ONLY, False),
+    *[("frames_only", {"aggregation": a}, CLS_ONLY, False) for a in ("avgpool", "dbof", "netvlad")],
+    ("audio_only", {"aggregation": "dbof"}, CLS_ONLY, False),
+]
+
+
+def case_id(case: tuple[str, dict[str, Any], dict[str, float], bool]) -> str:
+    name, params, weights, multi = case
+    aux = "+".join(k[:3] for k, w in weights.items() if w > 0 and k != "classification") or "cls"
+    opts = ",".join(f"{k}={'|'.join(v) if isinstance(v, tuple) else v}" for k, v in params.items())
+    return f"{name}[{opts}][{aux}]{'[ml]' if multi else ''}"
+
+
+def test_registry_has_every_paper_model_and_baseline() -> None:
+    expected = {"dmafnet", "mfb", "bilstm_attn", "cavnet", "wbdc_baseline", "frames_only", "audio_only", "text_only"}
+    assert expected <= set(list_models())
+    for name in list_models():
+        params = builder_params(name)
+        for key in ("num_classes", "frame_dim", "audio_dim", "text_dim", "vocab_size"):
+            assert key in params, f"{name} must accept {key}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward_every_parameter_gets_a_gradient(case) -> None:
+    name, params, weights, multi = case
+    torch.manual_seed(0)
+    model = build(name, weights, multi_label=multi, **params).train()
+    batch = make_batch(multi_label=multi)
+    out = model(batch)
+    assert out["logits"].shape == (4, C)
+    for key, value in out.items():
+        assert torch.isfinite(value.float()).all(), f"{key} has non-finite values"
+    obj = objective(name, model, weights, multi_label=multi)
+    for term in obj.active_terms():
+        if term == "contrastive":
+            assert (
+                out["con_video"].shape[0] == 4 and out["con_text"].shape[0] % 4 == 0 and out["logit_scale"].dim() == 0
+            )
+        if term == "mlm":
+            assert out["mlm_logits"].shape == (4, 10, DIMS["vocab_size"]) and out["mlm_labels"].shape == (4, 10)
+        if term == "vtm":
+            assert out["vtm_logits"].shape == (12, 2)
+            assert out["vtm_labels"].tolist() == [1] * 4 + [0] * 8
+    loss, _ = obj(out, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not missing, f"parameters without a gradient: {missing}"
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients: {bad}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c[1]] + MFB_GRID[:2], ids=case_id)
+def test_eval_is_deterministic_and_has_no_random_aux_outputs(case) -> None:
+    name, params, weights, multi = case
+    torch.manual_seed(0)
+    model = build(name, weights, multi_label=multi, **params).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        a, b = model(batch), model(batch)
+    torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=0)
+    assert "mlm_logits" not in a and "vtm_logits" not in a  # random masks / negatives are training-only
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "text_only"])
+@pytest.mark.parametrize("kind", ["silent_audio", "single_frame", "no_frames"])
+def test_silent_videos_single_frames_and_empty_videos_stay_finite(name: str, kind: str) -> None:
+    torch.manual_seed(0)
+    params: dict[str, Any] = {"modalities": ("frames", "audio", "text")} if name == "dmafnet" else {}
+    model = build(name, ALL_AUX, **params).train()
+    if kind == "silent_audio":
+        batch = make_batch(silent=True)
+    elif kind == "single_frame":
+        batch = make_batch(t=1, frame_lengths=[1, 1, 1, 1])
+    else:  # the frame stream of one video is all padding (decode kept no frame)
+        batch = make_batch(frame_lengths=[6, 0, 3, 1])
+    out = model(batch)
+    loss, _ = objective(name, model, ALL_AUX)(out, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------ paper-specific claims
+
+
+def test_fc_concat_has_exactly_the_parameter_count_of_mfb() -> None:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    for dims in ([1024, 128], [16, 8], [32, 8, 12]):
+        assert count(FCConcat(dims, k=5, o=1000 if dims[0] == 1024 else 7)) == count(
+            MFB(dims, k=5, o=1000 if dims[0] == 1024 else 7)
+        )
+    a = build("mfb", CLS_ONLY, fusion="mfb", aggregation="netvlad")
+    b = build("mfb", CLS_ONLY, fusion="fc_concat", aggregation="netvlad")
+    assert count(a.fusion) == count(b.fusion)
+
+
+def test_mfb_power_and_relu_norms_give_unit_vectors() -> None:
+    for norm in ("power", "relu"):
+        fusion = MFB([6, 5], k=3, o=4, norm=norm).eval()
+        z = fusion([torch.randn(7, 6), torch.randn(7, 5)])
+        assert z.shape == (7, 4)
+        torch.testing.assert_close(z.norm(dim=-1), torch.ones(7))
+        if norm == "relu":
+            assert (z >= 0).all()
+    with pytest.raises(ValueError, match="two modalities"):
+        MFB([6], k=3, o=4)
+
+
+def test_moe_outputs_match_the_mixture_definitions() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    multi = MoE(6, 3, num_mixtures=2, multi_label=True)
+    gates = torch.softmax(multi.gates(x).view(5, 3, 3), dim=-1)  # M + 1 = 3 slots
+    expected = (gates[..., :2] * torch.sigmoid(multi.experts(x).view(5, 3, 2))).sum(-1)
+    torch.testing.assert_close(torch.sigmoid(multi(x)), expected, rtol=1e-4, atol=1e-5)
+    assert (torch.sigmoid(multi(x)) < 1).all()  # the dummy slot keeps mass away from 1
+    single = MoE(6, 3, num_mixtures=2, multi_label=False)
+    torch.testing.assert_close(torch.logsumexp(single(x), dim=-1), torch.zeros(5), rtol=0, atol=1e-5)
+    assert single.gates.out_features == 3
+
+
+def test_dmafnet_rejects_incompatible_options_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="text_as_query"):
+        build("dmafnet", ALL_AUX, text_as_query=False)
+    with pytest.raises(ValueError, match="modalities"):
+        build("dmafnet", {"contrastive": 1.0}, modalities=("frames",))
+    with pytest.raises(ValueError, match="mask_token_id"):
+        create_model("dmafnet", num_classes=C, **DIMS, **TINY["dmafnet"], mlm=True)
+    with pytest.raises(TypeError, match="unknown option"):
+        create_model("dmafnet", num_classes=C, **DIMS, fusion_layer=3)
+    with pytest.raises(ValueError, match="modalities"):
+        build("dmafnet", CLS_ONLY, modalities=("frames", "video"))
+
+
+def test_dmafnet_has_no_parameters_for_switched_off_branches() -> None:
+    names = lambda m: {n.split(".")[0] for n, _ in m.named_parameters()}  # noqa: E731
+    plain = names(build("dmafnet", CLS_ONLY))
+    assert not plain & {"con_video_proj", "con_text_proj", "logit_scale", "mlm_transform", "mlm_bias", "vtm_head"}
+    assert "embed" in plain and "fusion" in plain and "text_encoder" in plain
+    video_only = build("dmafnet", CLS_ONLY, modalities=("frames",))
+    assert "text_encoder" not in names(video_only) and "fusion" not in names(video_only)
+    assert set(video_only.embed) == {"frames"}
+    text_only = names(build("dmafnet", CLS_ONLY, modalities=("text",)))
+    assert "embed" not in text_only and "video_encoder" not in text_only
+    full = build("dmafnet", ALL_AUX, modalities=("frames", "audio", "text"))
+    assert set(full.embed) == {"frames", "audio"}
+    assert len(full.fusion) == TINY["dmafnet"]["fusion_layers"]
+
+
+def test_dmafnet_mlm_masks_only_real_non_special_tokens_and_ties_the_decoder() -> None:
+    torch.manual_seed(0)
+    model = build("dmafnet", ALL_AUX, mlm_probability=0.5).train()
+    batch = make_batch(b=6, seq=16)
+    out = model(batch)
+    labels = out["mlm_labels"]
+    selected = labels != IGNORE_INDEX
+    assert selected.any()
+    assert not (selected & (batch["attention_mask"] == 0)).any()
+    assert not torch.isin(batch["input_ids"][selected], torch.tensor(SPECIAL)).any()
+    torch.testing.assert_close(labels[selected], batch["input_ids"][selected])
+    assert model.text_encoder.get_input_embeddings().weight.shape == (DIMS["vocab_size"], 16)
+
+
+def test_dmafnet_query_side_decides_the_fused_sequence() -> None:
+    """Text-as-query fuses on the text positions; Eq. 4 mode on [VCLS] + frames."""
+    torch.manual_seed(0)
+    batch = make_batch()
+    for text_as_query, length in ((True, 10), (False, 1 + 6)):
+        model = build("dmafnet", CLS_ONLY, text_as_query=text_as_query).eval()
+        video, vmask = model.encode_video(batch)
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        fused = model.fuse(text, batch["attention_mask"].bool(), video, vmask)
+        assert fused.shape == (4, length, 16)
+
+
+def test_bilstm_attention_uses_the_text() -> None:
+    torch.manual_seed(0)
+    model = build("bilstm_attn", CLS_ONLY).eval()
+    with torch.no_grad():
+        model.attention.beta.mul_(50.0)  # make the text modulation large enough to see
+    batch = make_batch()
+    other = dict(batch, text_emb=torch.randn_like(batch["text_emb"]))
+    assert not torch.allclose(model(batch)["logits"], model(other)["logits"])
+    blind = build("bilstm_attn", CLS_ONLY, modalities=("frames", "audio")).eval()
+    torch.testing.assert_close(blind(batch)["logits"], blind(other)["logits"])
+    with pytest.raises(ValueError, match="prefix"):
+        model(dict(batch, frame_mask=batch["frame_mask"].flip(1)))
+
+
+def test_cavnet_zero_shot_logits_are_cosine_similarities() -> None:
+    torch.manual_seed(0)
+    model = build("cavnet", ALL_AUX).eval()
+    batch = make_batch()
+    class_emb = torch.randn(7, DIMS["text_dim"])
+    sims = model.zero_shot_logits(batch, class_emb)
+    assert sims.shape == (4, 7) and (sims.abs() <= 1 + 1e-5).all()
+    out = model(batch)
+    ref = torch.nn.functional.cosine_similarity(out["con_video"][:, None], model.text_proj(class_emb)[None], dim=-1)
+    torch.testing.assert_close(sims, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="contrastive=True"):
+        build("cavnet", CLS_ONLY).zero_shot_logits(batch, class_emb)
+
+
+def test_dmafnet_paper_size_forward_backward_on_cpu() -> None:
+    """12 frame layers, N = 6, BERT-base sized text (768/12/12), frame_dim 768, all auxiliary losses, batch 4."""
+    torch.manual_seed(0)
+    model = create_model(
+        "dmafnet",
+        num_classes=200,
+        frame_dim=768,
+        audio_dim=0,
+        text_dim=0,
+        vocab_size=30522,
+        contrastive=True,
+        mlm=True,
+        vtm=True,
+        mask_token_id=103,
+        special_token_ids=[0, 100, 101, 102, 103],
+    ).train()
+    assert len(model.video_encoder) == 12 and len(model.fusion) == 6
+    assert model.text_encoder.config.num_hidden_layers == 12 and model.hidden == 768
+    b, t, seq = 4, 32, 16
+    batch = {
+        "frame_feats": torch.randn(b, t, 768),
+        "frame_mask": torch.arange(t)[None] < torch.tensor([32, 20, 5, 1])[:, None],
+        "input_ids": torch.randint(1000, 30000, (b, seq)),
+        "attention_mask": torch.ones(b, seq, dtype=torch.long),
+        "label": torch.tensor([0, 5, 199, 42]),
+    }
+    batch["input_ids"][:, 0] = 101
+    out = model(batch)
+    loss, terms = FusionObjective()(out, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and set(terms) == {"classification", "contrastive", "mlm", "vtm"}
+    assert out["mlm_logits"].shape == (b, seq, 30522)
+    assert model.con_video_proj.weight.grad is not None and model.video_cls.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------- overfit
+
+# MFB's fused vector is L2-normalised, so the classifier needs large weights to reach confident logits; a few
+# more fused units than the other tiny configs let it fit 8 examples in the same step budget.
+MFB_FIT = {"o": 32, "k": 4, "dbof_size": 32}
+OVERFIT = [(name, MFB_FIT if name == "mfb" else {}) for name in list_models()] + [
+    ("dmafnet", {"text_as_query": False}),
+    ("mfb", {**MFB_FIT, "multi_label": True}),
+]
+
+
+@pytest.mark.parametrize(
+    "name,params", OVERFIT, ids=[f"{n}[{','.join(f'{k}={v}' for k, v in p.items())}]" for n, p in OVERFIT]
+)
+def test_overfits_a_tiny_fixed_batch(name: str, params: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    params = dict(params)
+    multi = params.pop("multi_label", False)
+    extra = {k: 0.0 for k in ("dropout", "mfb_dropout") if k in builder_params(name)}
+    model = build(name, CLS_ONLY, multi_label=multi, **extra, **params).train()
+    batch = make_batch(b=8, seed=1, multi_label=multi, frame_lengths=[6, 3, 1, 5, 6, 2, 4, 6])
+    obj = objective(name, model, CLS_ONLY, multi_label=multi)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss = torch.tensor(float("inf"))
+    for _ in range(300):
+        loss, _ = obj(model(batch), batch)
+        if loss.item() < 0.05:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"{name} did not fit 8 examples: loss {loss.item():.3f}"
