@@ -332,7 +332,7 @@ class MFB(nn.Module):
         z = self.proj[0](xs[0])  # (B, k*o)
         for p, x in zip(self.proj[1:], xs[1:], strict=True):
             z = z * p(x)  # (B, k*o)
-        z = self.drop(z).view(-1, self.o, self.k).sum(-1)  # (B, o)
+        z = self.drop(z).float().view(-1, self.o, self.k).sum(-1)  # (B, o), float32 for the norms
         if self.norm == "power":
             # sign(z) sqrt(|z|), shifted so the slope at 0 stays finite (plain sqrt has an infinite gradient there).
             eps = 1e-6
@@ -381,15 +381,16 @@ class MoE(nn.Module):
         self.experts = nn.Linear(in_dim, num_classes * num_mixtures)
 
     def forward(self, x: Tensor) -> Tensor:
+        # float32 throughout: under bf16 autocast 1 - 1e-6 rounds to 1 and logit(p) would be infinite.
         b = x.shape[0]
         eps = 1e-6
         if self.multi_label:
-            g = F.softmax(self.gates(x).view(b, self.c, self.m + 1), dim=-1)  # (B, C, M+1)
-            p = torch.sigmoid(self.experts(x).view(b, self.c, self.m))  # (B, C, M)
+            g = F.softmax(self.gates(x).float().view(b, self.c, self.m + 1), dim=-1)  # (B, C, M+1)
+            p = torch.sigmoid(self.experts(x).float().view(b, self.c, self.m))  # (B, C, M)
             prob = (g[..., : self.m] * p).sum(-1).clamp(eps, 1 - eps)  # (B, C); slot M = dummy expert (p = 0)
             return torch.log(prob) - torch.log1p(-prob)  # (B, C) logit(p)
-        g = F.softmax(self.gates(x), dim=-1)  # (B, M+1)
-        p = F.softmax(self.experts(x).view(b, self.m, self.c), dim=-1)  # (B, M, C)
+        g = F.softmax(self.gates(x).float(), dim=-1)  # (B, M+1)
+        p = F.softmax(self.experts(x).float().view(b, self.m, self.c), dim=-1)  # (B, M, C)
         prob = (g[:, : self.m, None] * p).sum(1) + g[:, self.m :] / self.c  # (B, C); dummy = uniform
         return torch.log(prob.clamp_min(eps))  # (B, C)
 

