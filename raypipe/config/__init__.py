@@ -27,15 +27,17 @@ from raypipe.config.base import (
 from raypipe.config.embed import DecodeConfig, EmbedConfig, SourceConfig
 from raypipe.config.label import LabelConfig
 from raypipe.config.model import ModelConfig
-from raypipe.config.sections import CorpusConfig, RayConfig, StorageConfig, TrackingConfig
-from raypipe.config.train import LossConfig, OptimConfig, TrainConfig
+from raypipe.config.sections import CorpusConfig, DemoConfig, RayConfig, StorageConfig, TrackingConfig
+from raypipe.config.train import EvalConfig, LossConfig, OptimConfig, TrainConfig
 from raypipe.config.tune import TuneConfig
 
 __all__ = [
     "ConfigError",
     "CorpusConfig",
     "DecodeConfig",
+    "DemoConfig",
     "EmbedConfig",
+    "EvalConfig",
     "LabelConfig",
     "LossConfig",
     "ModelConfig",
@@ -60,11 +62,13 @@ class RaypipeConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

@@ -82,3 +82,13 @@ class TrackingConfig(StrictModel):
     enabled: bool = True
     # Set by a sweep: every trial logs a nested child run under this parent run.
     parent_run_id: str | None = None
+
+
+class DemoConfig(StrictModel):
+    """``raypipe demo``: a second, unseen corpus to label with the model trained on ``corpus``."""
+
+    label_corpus_out: str = "demo_out/corpus_new"
+    label_videos: int = Field(default=30, ge=1)
+    label_seed: int = 1
+    label_id_prefix: str = Field(default="new", pattern=r"^[A-Za-z0-9_-]+$")
+    report: str = "demo_out/demo_report.json"
