@@ -41,6 +41,8 @@ MODALITIES = ("frames", "audio")
 
 
 class CAVNet(nn.Module):
+    contrastive_loss = "infonce"  # the trainer picks FusionObjective(contrastive_loss=...) from this (paper Eq. 9)
+
     def __init__(
         self,
         *,

@@ -61,6 +61,8 @@ MODALITIES = ("frames", "audio", "text")
 
 
 class DMAFNet(nn.Module):
+    contrastive_loss = "milnce"  # the trainer picks FusionObjective(contrastive_loss=...) from this (paper Eq. 9)
+
     def __init__(
         self,
         *,

