@@ -1,16 +1,29 @@
-"""Config of training (owned by raypipe.train) and evaluation."""
+"""Config of training and evaluation (owned by raypipe.train / raypipe.evaluate)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raypipe.config.base import StrictModel
+from raypipe.config.corruption import CorruptionConfig
+
+# Metric names (without the ``val/`` prefix) that :func:`raypipe.metrics.compute_metrics` produces per task,
+# plus the losses the trainer reports itself. ``f_sco`` additionally needs WBDC 4-digit codes as classes; that
+# is checked against the data before training starts (:func:`raypipe.train.check_metric_for_classes`).
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "single_label": ("f_sco", "hit@1", "hit@2", "top1", "top5", "f1_micro", "f1_macro", "loss"),
+    "multi_label": ("gap@20", "map", "loss"),
+}
 
 
 class LossConfig(StrictModel):
-    """Weights of the combined objective; paper default L = cls + con + 0.25 mlm + 0.25 vtm."""
+    """Weights of the combined objective; paper default L = cls + con + 0.25 mlm + 0.25 vtm.
+
+    A weight of 0 also switches the matching auxiliary branch off when the model is built (its builder gets
+    ``contrastive=False`` etc. where it has such a switch), so no compute is spent on an unused head.
+    """
 
     classification: float = Field(default=1.0, ge=0)
     contrastive: float = Field(default=1.0, ge=0)
@@ -19,6 +32,9 @@ class LossConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
+    """AdamW with its own learning rate for the text encoder (fine-tuned BERT wants ~5e-5, fresh heads ~1e-3);
+    linear warm-up over ``warmup_steps`` optimizer steps, then cosine decay to 0 at the last step."""
+
     lr: float = Field(default=1e-3, gt=0)
     text_lr: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -28,20 +44,60 @@ class OptimConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
+    # Feature shards (a folder of Parquet files or one file, local or s3://) written by ``raypipe embed``.
     data: str = "demo_out/features"
+    # Class vocabulary: a taxonomy JSON ({"level2": {code: name}} as the corpus writes it, or a list of codes),
+    # or a text file with one code per line (tab-separated names allowed). None: the sorted labels of the data.
+    taxonomy: str | None = None
     task: Literal["single_label", "multi_label"] = "single_label"
     epochs: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # per worker
     num_workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
     use_gpu: bool = False
     amp: Literal["none", "bf16", "fp16"] = "none"
     seed: int = 0
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # Rows held in the per-worker shuffle buffer (seeded per epoch); 0 streams in shard order.
+    shuffle_buffer: int = Field(default=256, ge=0)
     metric: str = "val/f_sco"
     mode: Literal["max", "min"] = "max"
     keep_best: int = Field(default=2, ge=1)
     max_failures: int = Field(default=1, ge=0)
     run_name: str = "raypipe-train"
     storage_path: str = "demo_out/ray_results"
+    # Register the best checkpoint in MLflow (tracking.registered_model_name @ tracking.alias) after training.
+    register_model: bool = True
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @model_validator(mode="after")
+    def _metric(self) -> TrainConfig:
+        prefix, _, name = self.metric.partition("/")
+        allowed = TASK_METRICS[self.task]
+        if prefix not in ("val", "train") or name not in allowed or (prefix == "train" and name != "loss"):
+            choices = ", ".join([f"val/{m}" for m in allowed] + ["train/loss"])
+            raise ValueError(f"metric {self.metric!r} is not produced for task={self.task!r}; choose one of {choices}")
+        if name == "loss" and self.mode != "min":
+            raise ValueError(f"metric {self.metric!r} is a loss: set train.mode=min")
+        if name != "loss" and self.mode != "max":
+            raise ValueError(f"metric {self.metric!r} is a score (higher is better): set train.mode=max")
+        if self.loss.classification == 0:
+            raise ValueError("loss.classification=0 trains no classifier head; keep it > 0")
+        return self
+
+
+class EvalConfig(StrictModel):
+    """``raypipe eval``: score a trained model on feature shards, optionally under a corruption."""
+
+    # models:/<name>@<alias>, models:/<name>/<version>, or a checkpoint folder (local or s3://).
+    model_uri: str = "models:/raypipe-classifier@candidate"
+    data: str | None = None  # None: train.data
+    # "val": the hash split the model was trained with (its val_fraction); "all": every labelled row.
+    split: Literal["all", "train", "val"] = "val"
+    batch_size: int = Field(default=64, ge=1)
+    corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
+    # JSON report with the metrics (optional); the metrics are also logged and returned.
+    output: str | None = None
+    # Log an MLflow run (metrics + report) into tracking.experiment when tracking.enabled.
+    log_mlflow: bool = True

@@ -1,0 +1,461 @@
+"""Reading feature shards for training, evaluation and labelling.
+
+Three jobs, each done once here so train, eval and label agree on them:
+
+* **What is in the data** (:func:`prepare_data`, driver side, no Ray): the shard files, their
+  :class:`~raypipe.schema.ShardInfo` (checked identical across files: a model only fits one set of embedder
+  dims), the class vocabulary (sorted level-2 codes, or the taxonomy file's codes when given) and the size of
+  the train / val split.
+* **Which rows are validation** (:func:`is_val_id`): a hash of ``video_id``, not a random draw, so the split is
+  the same on every worker, after a restart, in every Tune trial and in ``raypipe eval`` without storing it,
+  and a video never moves between splits when more videos are embedded.
+* **Turning flat Parquet list columns into the model batch** (:func:`shape_columns` then :func:`to_torch`):
+  the shard stores ``[T, D]`` tensors flat (any Parquet reader can load them); the model contract in
+  :mod:`raypipe.models` wants ``(B, T, D)`` float tensors, boolean masks and int64 ids/targets.
+
+The Ray Data pipeline (:func:`ray_datasets`) reads only the columns a model needs and does the reshaping and
+label encoding inside its read tasks, so train workers receive ready fixed-shape numpy arrays (Ray's tensor
+columns) and only convert them to torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raypipe.config import StorageConfig
+from raypipe.io import fs as rfs
+from raypipe.schema import METADATA_KEY, ShardInfo
+
+if TYPE_CHECKING:
+    import fsspec
+    import ray.data
+    import torch
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["single_label", "multi_label"]
+Split = Literal["all", "train", "val"]
+
+# Shard columns a model batch is made from (plus the targets).
+FEATURE_COLUMNS = (
+    "video_id",
+    "frame_emb",
+    "frame_mask",
+    "audio_emb",
+    "audio_mask",
+    "input_ids",
+    "attention_mask",
+    "text_emb",
+)
+TARGET_COLUMNS = {"single_label": "label", "multi_label": "labels"}
+# Keys of the model batch (see raypipe.models) that are tensors of features.
+BATCH_FEATURE_KEYS = (
+    "frame_feats",
+    "frame_mask",
+    "audio_feats",
+    "audio_mask",
+    "input_ids",
+    "attention_mask",
+    "text_emb",
+)
+
+
+class DataError(ValueError):
+    """The feature data cannot be used as asked (no shards, mixed embedders, unknown labels ...)."""
+
+
+# ------------------------------------------------------------------------------------------------ split
+
+
+def split_hash(video_id: str) -> float:
+    """A stable number in [0, 1) per video id (blake2b, so it does not depend on PYTHONHASHSEED)."""
+    digest = hashlib.blake2b(str(video_id).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def is_val_id(video_id: str, val_fraction: float) -> bool:
+    return split_hash(video_id) < val_fraction
+
+
+def split_mask(video_ids: Sequence[str] | np.ndarray, split: Split, val_fraction: float) -> np.ndarray:
+    """Boolean mask of the rows in ``split`` (``all`` keeps every row)."""
+    if split == "all":
+        return np.ones(len(video_ids), dtype=bool)
+    val = np.fromiter((is_val_id(v, val_fraction) for v in video_ids), dtype=bool, count=len(video_ids))
+    return val if split == "val" else ~val
+
+
+# -------------------------------------------------------------------------------------------- shard files
+
+
+def find_shard_files(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """All feature-shard Parquet files under ``uri`` (or ``uri`` itself), sorted.
+
+    Files in hidden or underscore folders/names (temporary files of an uncommitted write) and Parquet files
+    without raypipe metadata or without ``frame_emb`` (e.g. the errors table beside the shards) are skipped.
+    """
+    fs, path = rfs.resolve(uri, storage)
+    if not fs.exists(path):
+        raise DataError(f"feature data {uri!r} does not exist (run `raypipe embed` first or fix train.data)")
+    if fs.isfile(path):
+        candidates = [path]
+    else:
+        candidates = sorted(
+            p
+            for p in fs.find(path)
+            if p.endswith(".parquet")
+            and not any(part.startswith((".", "_")) for part in posixpath.relpath(p, path).split("/"))
+        )
+    files = []
+    for p in candidates:
+        schema = _read_schema(fs, p)
+        if schema.metadata and METADATA_KEY in schema.metadata and "frame_emb" in schema.names:
+            files.append(p)
+    if not files:
+        raise DataError(f"no raypipe feature shards (Parquet with raypipe metadata) under {uri!r}")
+    return fs, files
+
+
+def _read_schema(fs: fsspec.AbstractFileSystem, path: str) -> pa.Schema:
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
+
+
+_DIM_FIELDS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
+
+
+def read_shard_info(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> ShardInfo:
+    """The common :class:`ShardInfo` of ``files``; mixed embedder dims are an error naming both files."""
+    first: ShardInfo | None = None
+    for p in files:
+        info = ShardInfo.from_metadata(_read_schema(fs, p).metadata)
+        if first is None:
+            first, first_path = info, p
+            continue
+        for name in _DIM_FIELDS:
+            if getattr(info, name) != getattr(first, name):
+                raise DataError(
+                    f"feature shards disagree on {name}: {getattr(first, name)} in {first_path} vs "
+                    f"{getattr(info, name)} in {p} (embedded with different settings; re-embed into a fresh folder)"
+                )
+    assert first is not None
+    return first
+
+
+# ------------------------------------------------------------------------------------------- vocabulary
+
+
+def read_taxonomy(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    """Class codes of a taxonomy file, sorted: JSON ``{"level2": {code: name}}`` (the corpus's taxonomy.json),
+    a JSON list or ``{code: name}`` mapping, or text with one ``code[<TAB>name]`` per line."""
+    fs, path = rfs.resolve(uri, storage)
+    if not fs.exists(path):
+        raise DataError(f"taxonomy file {uri!r} does not exist (train.taxonomy)")
+    with fs.open(path, "rb") as f:
+        raw = f.read().decode("utf-8")
+    codes: list[str]
+    if path.endswith(".json"):
+        data = json.loads(raw)
+        if isinstance(data, dict) and "level2" in data:
+            data = data["level2"]
+        if isinstance(data, dict):
+            codes = [str(k) for k in data]
+        elif isinstance(data, list):
+            codes = [str(c) for c in data]
+        else:
+            raise DataError(f"taxonomy {uri!r}: expected a list of codes or a {{code: name}} mapping")
+    else:
+        codes = [line.split("\t", 1)[0].strip() for line in raw.splitlines() if line.strip()]
+    if not codes or len(set(codes)) != len(codes):
+        raise DataError(f"taxonomy {uri!r} must list each class code once (found {len(codes)} codes)")
+    return sorted(codes)
+
+
+def scan_labels(fs: fsspec.AbstractFileSystem, files: Sequence[str], task: Task) -> tuple[np.ndarray, list[Any]]:
+    """``(video_ids, targets)`` of every row; targets are label strings (None when unlabelled) or label lists.
+
+    Reads only two small columns, so the driver knows the vocabulary and split sizes before Ray starts.
+    """
+    column = TARGET_COLUMNS[task]
+    ids: list[str] = []
+    targets: list[Any] = []
+    for p in files:
+        with fs.open(p, "rb") as f:
+            table = pq.read_table(f, columns=["video_id", column])
+        ids.extend(table.column("video_id").to_pylist())
+        targets.extend(table.column(column).to_pylist())
+    return np.asarray(ids, dtype=object), targets
+
+
+def _has_target(target: Any, task: Task) -> bool:
+    return bool(target) if task == "multi_label" else target is not None
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+
+
+@dataclass
+class DataSpec:
+    """What training / evaluation needs to know about a feature dataset; JSON-able for the workers."""
+
+    uri: str
+    files: list[str]
+    info: dict[str, Any]
+    classes: list[str]
+    task: Task
+    val_fraction: float
+    num_train: int
+    num_val: int
+    num_unlabelled: int = 0
+    num_unknown: int = 0
+    storage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shard_info(self) -> ShardInfo:
+        return ShardInfo(**self.info)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataSpec:
+        return cls(**dict(data))
+
+
+def prepare_data(
+    uri: str,
+    *,
+    task: Task,
+    val_fraction: float,
+    taxonomy: str | None = None,
+    classes: Sequence[str] | None = None,
+    storage: StorageConfig | None = None,
+) -> DataSpec:
+    """Inspect the shards under ``uri`` on the driver: files, dims, vocabulary, split sizes.
+
+    ``classes`` (e.g. a trained model's) wins over ``taxonomy``, which wins over the labels found. Rows without
+    a label are skipped (counted); rows whose label is outside a given vocabulary are skipped too (counted and
+    logged), since a classifier cannot be scored on a class it has no output for.
+    """
+    fs, files = find_shard_files(uri, storage)
+    info = read_shard_info(fs, files)
+    ids, targets = scan_labels(fs, files, task)
+    labelled = np.fromiter((_has_target(t, task) for t in targets), dtype=bool, count=len(targets))
+    found = sorted({str(c) for t in targets if t for c in (t if task == "multi_label" else [t])})
+    if classes is not None:
+        vocab = [str(c) for c in classes]
+    elif taxonomy is not None:
+        vocab = read_taxonomy(taxonomy, storage)
+    else:
+        vocab = found
+    known = set(vocab)
+    in_vocab = np.fromiter(
+        (
+            _has_target(t, task) and all(str(c) in known for c in (t if task == "multi_label" else [t]))
+            for t in targets
+        ),
+        dtype=bool,
+        count=len(targets),
+    )
+    num_unknown = int((labelled & ~in_vocab).sum())
+    if num_unknown:
+        unknown = sorted(set(found) - known)
+        logger.warning("%d labelled rows have classes outside the vocabulary, skipped: %s", num_unknown, unknown[:10])
+    if len(vocab) < 2:
+        raise DataError(f"need at least 2 classes to train a classifier; the data at {uri!r} has {vocab}")
+    usable = labelled & in_vocab
+    val = split_mask(ids, "val", val_fraction)
+    spec = DataSpec(
+        uri=uri,
+        files=[rfs.to_uri(fs, p) for p in files],
+        info=asdict(info),
+        classes=vocab,
+        task=task,
+        val_fraction=val_fraction,
+        num_train=int((usable & ~val).sum()),
+        num_val=int((usable & val).sum()),
+        num_unlabelled=int((~labelled).sum()),
+        num_unknown=num_unknown,
+        storage=(storage or StorageConfig()).model_dump(),
+    )
+    logger.info(
+        "feature data %s: %d files, %d classes, %d train / %d val rows (%d unlabelled, %d unknown class)",
+        uri, len(files), len(vocab), spec.num_train, spec.num_val, spec.num_unlabelled, num_unknown,
+    )
+    return spec
+
+
+# ------------------------------------------------------------------------------------------ reshaping
+
+
+def _fixed_matrix(col: Any, width: int, name: str) -> np.ndarray:
+    """``(N, width)`` numpy array from an Arrow list column, an object array of arrays or a 2-d array."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if isinstance(col, pa.Array):
+        if col.null_count:
+            raise DataError(f"column {name!r} has {col.null_count} null rows; a feature shard must fill every row")
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != width).any():
+            bad = int(np.flatnonzero(lengths != width)[0])
+            raise DataError(f"column {name!r}: row {bad} has {lengths[bad]} values, expected {width} (ShardInfo)")
+        values = col.flatten().to_numpy(zero_copy_only=False)
+        return values.reshape(len(col), width)
+    arr = np.asarray(col)
+    if arr.dtype == object:
+        arr = np.stack([np.asarray(x) for x in arr]) if len(arr) else np.zeros((0, width))
+    arr = arr.reshape(arr.shape[0], -1)
+    if arr.shape[1] != width:
+        raise DataError(f"column {name!r} has rows of {arr.shape[1]} values, expected {width} (ShardInfo)")
+    return arr
+
+
+def shape_columns(cols: Mapping[str, Any], info: ShardInfo) -> dict[str, np.ndarray]:
+    """Flat shard columns -> the model's feature arrays (numpy, storage dtypes kept to save transfer).
+
+    Accepts a pyarrow Table/RecordBatch-like mapping or a numpy batch (``iter_batches(batch_format="numpy")``).
+    A batch that is already shaped (has ``frame_feats``) is passed through.
+    """
+    if "frame_feats" in cols:
+        return {k: np.asarray(cols[k]) for k in BATCH_FEATURE_KEYS if k in cols}
+    t, dv, da, dt, ln = info.max_frames, info.frame_dim, info.audio_dim, info.text_dim, info.text_len
+    missing = [c for c in FEATURE_COLUMNS[1:] if c not in cols]
+    if missing:
+        raise DataError(f"batch lacks feature columns {missing}; is this a raypipe feature shard?")
+    n = len(cols["frame_emb"])
+    return {
+        "frame_feats": _fixed_matrix(cols["frame_emb"], t * dv, "frame_emb").reshape(n, t, dv),  # (B, T, Dv)
+        "frame_mask": _fixed_matrix(cols["frame_mask"], t, "frame_mask").astype(bool),  # (B, T)
+        "audio_feats": _fixed_matrix(cols["audio_emb"], t * da, "audio_emb").reshape(n, t, da),  # (B, T, Da)
+        "audio_mask": _fixed_matrix(cols["audio_mask"], t, "audio_mask").astype(bool),  # (B, T)
+        "input_ids": _fixed_matrix(cols["input_ids"], ln, "input_ids").astype(np.int32),  # (B, L)
+        "attention_mask": _fixed_matrix(cols["attention_mask"], ln, "attention_mask").astype(np.int32),  # (B, L)
+        "text_emb": _fixed_matrix(cols["text_emb"], dt, "text_emb"),  # (B, Dt)
+    }
+
+
+def encode_targets(targets: Sequence[Any], classes: Sequence[str], task: Task) -> np.ndarray:
+    """Class indices ``(N,)`` int64 (single label) or multi-hot ``(N, C)`` uint8 (multi label)."""
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        if task == "single_label":
+            return np.asarray([index[str(t)] for t in targets], dtype=np.int64)
+        out = np.zeros((len(targets), len(classes)), dtype=np.uint8)
+        for row, labels in enumerate(targets):
+            for c in labels:
+                out[row, index[str(c)]] = 1
+        return out
+    except KeyError as exc:
+        raise DataError(f"label {exc.args[0]!r} is not one of the {len(classes)} model classes") from None
+
+
+def to_torch(batch: Mapping[str, np.ndarray], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Numpy model arrays -> the model batch contract (float32 features, bool masks, int64 ids/labels)."""
+    import torch
+
+    dtypes = {
+        "frame_feats": torch.float32,
+        "audio_feats": torch.float32,
+        "text_emb": torch.float32,
+        "frame_mask": torch.bool,
+        "audio_mask": torch.bool,
+        "input_ids": torch.int64,
+        "attention_mask": torch.int64,
+        "label": torch.int64,
+        "labels": torch.float32,
+    }
+    out = {}
+    for key, dtype in dtypes.items():
+        if key in batch:
+            out[key] = torch.as_tensor(np.ascontiguousarray(batch[key])).to(device=device, dtype=dtype)
+    return out
+
+
+def collate(
+    np_batch: Mapping[str, Any],
+    info: ShardInfo,
+    *,
+    classes: Sequence[str] | None = None,
+    task: Task = "single_label",
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Any batch of shard columns (flat or already shaped) -> the model batch; targets when ``classes`` given
+    and the batch has them (string labels are encoded, encoded ``label``/``labels`` arrays pass through)."""
+    arrays = shape_columns(np_batch, info)
+    target_key = TARGET_COLUMNS[task]
+    if classes is not None and target_key in np_batch:
+        raw = np_batch[target_key]
+        arr = np.asarray(raw) if not isinstance(raw, pa.ChunkedArray | pa.Array) else None
+        encoded = arr is not None and arr.dtype != object and arr.dtype.kind in "iub"
+        arrays[target_key] = arr if encoded else encode_targets(_pylist(raw), classes, task)
+    return to_torch(arrays, device)
+
+
+def _pylist(col: Any) -> list[Any]:
+    if isinstance(col, pa.ChunkedArray | pa.Array):
+        return col.to_pylist()
+    return [list(x) if isinstance(x, np.ndarray) else x for x in col]
+
+
+# ------------------------------------------------------------------------------------------- Ray Data
+
+
+def _prepare_batch(
+    table: pa.Table, *, info: dict[str, Any], classes: list[str], task: Task, split: Split, val_fraction: float
+) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: keep the rows of one split that carry a known label, shape the features
+    and encode the targets, so workers receive fixed-shape arrays."""
+    target_key = TARGET_COLUMNS[task]
+    known = set(classes)
+    ids = table.column("video_id").to_pylist()
+    targets = table.column(target_key).to_pylist()
+    keep = split_mask(ids, split, val_fraction) & np.fromiter(
+        (
+            _has_target(t, task) and all(str(c) in known for c in (t if task == "multi_label" else [t]))
+            for t in targets
+        ),
+        dtype=bool,
+        count=len(targets),
+    )
+    table = table.filter(pa.array(keep))
+    out: dict[str, np.ndarray] = {"video_id": np.asarray(table.column("video_id").to_pylist(), dtype=object)}
+    out.update(shape_columns({c: table.column(c) for c in FEATURE_COLUMNS[1:]}, ShardInfo(**info)))
+    out[target_key] = encode_targets(table.column(target_key).to_pylist(), classes, task)
+    return out
+
+
+def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
+    """A Ray Dataset of one split, already shaped and label-encoded (see :class:`_PrepareBatch`)."""
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = rfs.resolve(spec.files[0], StorageConfig(**spec.storage))
+    paths = [rfs.resolve(u, StorageConfig(**spec.storage))[1] for u in spec.files]
+    columns = list(FEATURE_COLUMNS) + [TARGET_COLUMNS[spec.task]]
+    ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns)
+    return ds.map_batches(
+        _prepare_batch,
+        fn_kwargs={
+            "info": spec.info,
+            "classes": spec.classes,
+            "task": spec.task,
+            "split": split,
+            "val_fraction": spec.val_fraction,
+        },
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+    )
+
+
+def ray_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:
+    return {"train": read_split(spec, "train"), "val": read_split(spec, "val")}

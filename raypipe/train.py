@@ -1,0 +1,745 @@
+"""Distributed training of a fusion model with Ray Train (V2) on feature shards, tracked in MLflow.
+
+One training loop (:func:`train_loop_per_worker`) serves ``raypipe train`` (:func:`fit`) and every Tune trial
+(the sweep calls :func:`build_trainer` with a ``TuneReportCallback`` inside its trial function and fits it).
+
+Why it is built this way:
+
+* **Validated before Ray starts.** :func:`build_trainer` inspects the shards on the driver (dims, classes,
+  split sizes), resolves the model's builder kwargs and builds the model once on the ``meta`` device, so an
+  unknown model, a misspelt model option, a metric the task does not produce or an empty split fails with a
+  one-line ``ConfigError`` naming the key, not a worker traceback minutes later.
+* **Data streamed with Ray Data.** ``train`` is split across workers (``streaming_split``, equal row counts so
+  every rank runs the same number of steps); ``preserve_order`` makes the split and the order deterministic,
+  and a per-epoch seeded local shuffle gives each epoch its own order. That is what makes a resumed run
+  reproduce the uninterrupted one. Validation runs on rank 0 over the whole val split (macro-F1 and F_sco are
+  not averageable over shards), with the classification loss only, and its metrics are broadcast so every
+  rank reports the same numbers.
+* **Every rank reports, rank 0 writes the checkpoint** (model, optimizer, scheduler, scaler, epoch, classes,
+  model config, ShardInfo, the history so far and the epoch's val predictions); ``CheckpointConfig`` keeps the
+  best ``keep_best`` by ``train.metric`` (and Ray always keeps the latest, for resuming).
+* **Fault tolerance.** ``FailureConfig(max_failures)`` restarts the worker group from
+  ``ray.train.get_checkpoint()``; the RNGs are re-seeded from (seed, epoch, rank) at every epoch start, so the
+  epochs after a restart are the epochs an uninterrupted run would have had. Re-running with the same
+  ``run_name`` + ``storage_path`` continues an interrupted run (Ray finds the run's state; MLflow the run linked
+  in its folder). ``RAYPIPE_FAULT_CRASH_AT_EPOCH=N`` injects one worker crash after epoch N (a marker file in
+  the run folder keeps the restarted attempt from crashing again).
+* **MLflow from rank 0** (Train V2 has no MLflow callback): params once, metrics every epoch (``step=epoch``),
+  and after the last epoch the artifacts and the best checkpoint as a pyfunc model; ``fit`` then registers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import yaml
+
+from raypipe.config import ConfigError, LossConfig, RaypipeConfig
+from raypipe.config.train import TASK_METRICS
+from raypipe.data import DataError, DataSpec, prepare_data
+from raypipe.io import fs as rfs
+from raypipe.tracking import (
+    META_FILE,
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    VAL_PREDICTIONS_FILE,
+    absolute_tracking_uri,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from ray.train.torch import TorchTrainer
+
+logger = logging.getLogger(__name__)
+
+FAULT_ENV = "RAYPIPE_FAULT_CRASH_AT_EPOCH"
+FAULT_MARKER = ".raypipe_fault_injected"
+AUX_TERMS = ("contrastive", "mlm", "vtm")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fault-injection hook; a real worker failure as far as Ray Train is concerned."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    run_name: str
+    run_dir: str
+    metric: str
+    best_metrics: dict[str, float]
+    best_checkpoint: str | None
+    latest_checkpoint: str | None
+    mlflow_run_id: str | None = None
+    registered_model_name: str | None = None
+    registered_model_version: str | None = None
+    model_uri: str | None = None  # the logged MLflow model (models:/m-...)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def best_value(self) -> float | None:
+        return self.best_metrics.get(self.metric)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _abs(path: str | None) -> str | None:
+    if path is None or rfs.is_remote(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(cfg: RaypipeConfig) -> RaypipeConfig:
+    """Absolute local paths and tracking URI: Ray workers run with another cwd."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.data = _abs(cfg.train.data)
+    cfg.train.storage_path = _abs(cfg.train.storage_path)
+    cfg.train.taxonomy = _abs(cfg.train.taxonomy)
+    cfg.tracking.tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
+    if cfg.tracking.artifact_location and "://" not in cfg.tracking.artifact_location:
+        cfg.tracking.artifact_location = _abs(cfg.tracking.artifact_location)
+    return cfg
+
+
+def config_to_dict(cfg: RaypipeConfig) -> dict[str, Any]:
+    """JSON-able dump that validates back to the same config (only explicitly set fields: some sections reject
+    options that their mode does not read, so a full dump with every default would not round-trip)."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
+def _builder_params(name: str) -> list[str]:
+    from raypipe.models import builder_params, list_models
+
+    try:
+        return builder_params(name)
+    except KeyError:
+        raise ConfigError(
+            f"config error: model.name: unknown model {name!r} (registered: {', '.join(list_models())})"
+        ) from None
+
+
+def effective_loss(cfg: RaypipeConfig) -> LossConfig:
+    """The loss weights this model can honour: an auxiliary term whose switch the builder lacks is off."""
+    accepted = set(_builder_params(cfg.model.name))
+    weights = cfg.train.loss.model_dump()
+    for term in AUX_TERMS:
+        if weights[term] > 0 and term not in accepted:
+            logger.info("model %r has no %s branch: train.loss.%s=%s ignored", cfg.model.name, term, term, weights[term])
+            weights[term] = 0.0
+    return LossConfig(**weights)
+
+
+def model_kwargs(cfg: RaypipeConfig, spec: DataSpec) -> dict[str, Any]:
+    """Builder kwargs: data-derived dims and vocabulary + the loss switches + ``model.params``.
+
+    The data-derived ones (``num_classes``, ``frame_dim`` ...) and the loss switches are passed only to builders
+    whose signature has them; setting them in ``model.params`` is an error (they follow from the shards and from
+    ``train.loss``), as is any key the builder does not accept.
+    """
+    name = cfg.model.name
+    accepted = _builder_params(name)
+    info = spec.shard_info
+    tok = info.tokenizer or {}
+    derived: dict[str, Any] = {
+        "num_classes": len(spec.classes),
+        "frame_dim": info.frame_dim,
+        "audio_dim": info.audio_dim,
+        "text_dim": info.text_dim,
+        "vocab_size": int(tok.get("vocab_size") or 0),
+        "max_frames": info.max_frames,
+        "multi_label": spec.task == "multi_label",
+    }
+    if tok.get("mask_token_id") is not None:
+        derived["mask_token_id"] = int(tok["mask_token_id"])
+    if tok.get("special_ids") is not None:
+        derived["special_token_ids"] = [int(i) for i in tok["special_ids"]]
+    loss = effective_loss(cfg)
+    switches = {term: getattr(loss, term) > 0 for term in AUX_TERMS if term in accepted}
+    params = dict(cfg.model.params)
+    for key in params:
+        if key not in accepted:
+            allowed = [p for p in accepted if p not in derived and p not in switches]
+            raise ConfigError(f"config error: model.params.{key}: not an option of model {name!r} (allowed: {', '.join(allowed)})")
+        if key in derived:
+            raise ConfigError(f"config error: model.params.{key}: set from the feature shards / task, do not set it")
+        if key in switches:
+            raise ConfigError(f"config error: model.params.{key}: set by train.loss.{key} (0 turns the branch off)")
+    kwargs = {k: v for k, v in derived.items() if k in accepted}
+    kwargs.update(switches)
+    kwargs.update(params)
+    return kwargs
+
+
+def contrastive_loss_kind(model: Any, name: str) -> str:
+    """MIL-NCE (DMAFNet) or InfoNCE (CAV-Net): a model may declare ``contrastive_loss``; CAV-Net's paper uses InfoNCE."""
+    return getattr(model, "contrastive_loss", None) or ("infonce" if name == "cavnet" else "milnce")
+
+
+def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:
+    """Build the model on the meta device (no memory, no weights) so a bad option fails before Ray starts."""
+    import torch
+
+    from raypipe.models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(name, **kwargs)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"config error: model.params: model {name!r} rejects its options: {exc}") from None
+    except (NotImplementedError, RuntimeError) as exc:  # e.g. pretrained weights cannot load on meta
+        logger.debug("meta-device build of %r skipped: %s", name, exc)
+
+
+def check_metric_for_classes(cfg: RaypipeConfig, classes: list[str]) -> None:
+    from raypipe.metrics import is_wbdc_code
+
+    name = cfg.train.metric.partition("/")[2]
+    if name == "f_sco" and not all(is_wbdc_code(c) for c in classes):
+        example = next(c for c in classes if not is_wbdc_code(c))
+        others = ", ".join(f"val/{m}" for m in TASK_METRICS[cfg.train.task] if m != "f_sco")
+        raise ConfigError(
+            f"config error: train.metric: val/f_sco needs 4-digit WBDC level-2 codes as classes (found {example!r}); "
+            f"use one of {others}"
+        )
+
+
+def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]]:
+    """Everything checked before Ray starts -> ``(cfg with absolute paths, data spec, model kwargs)``."""
+    cfg = resolve_paths(cfg)
+    _builder_params(cfg.model.name)
+    if cfg.train.use_gpu is False and cfg.train.amp != "none":  # also enforced by the config model
+        raise ConfigError("config error: train.amp needs train.use_gpu=true")
+    try:
+        spec = prepare_data(
+            cfg.train.data,
+            task=cfg.train.task,
+            val_fraction=cfg.train.val_fraction,
+            taxonomy=cfg.train.taxonomy,
+            storage=cfg.storage,
+        )
+    except DataError as exc:
+        raise ConfigError(f"config error: train.data: {exc}") from None
+    check_metric_for_classes(cfg, spec.classes)
+    if spec.num_train < cfg.train.num_workers:
+        raise ConfigError(
+            f"config error: train.num_workers: {spec.num_train} training rows cannot feed "
+            f"{cfg.train.num_workers} workers (more data or fewer workers)"
+        )
+    if spec.num_val == 0:
+        raise ConfigError(
+            f"config error: train.val_fraction: no validation rows among {spec.num_train} labelled rows; raise it"
+        )
+    kwargs = model_kwargs(cfg, spec)
+    check_model_builds(cfg.model.name, kwargs)
+    return cfg, spec, kwargs
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+
+
+def _run_dir(cfg: RaypipeConfig, run_name: str) -> str:
+    return rfs.join(cfg.train.storage_path, run_name)
+
+
+def build_trainer(
+    cfg: RaypipeConfig, *, run_name: str | None = None, callbacks: list[Any] | None = None
+) -> TorchTrainer:
+    """A ready-to-fit ``TorchTrainer`` for ``cfg`` (validated up front; see the module docstring).
+
+    ``run_name`` defaults to ``train.run_name``; with the same ``train.storage_path`` it names the Ray run folder,
+    so building the same run again continues it. ``callbacks`` are Ray Train ``UserCallback`` objects (the
+    sweep passes ``TuneReportCallback()``).
+    """
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg, spec, kwargs = prepare(cfg)
+    run_name = run_name or cfg.train.run_name
+    run_dir = _run_dir(cfg, run_name)
+    if not ray.is_initialized():
+        from raypipe.embed.pipeline import ensure_ray
+
+        ensure_ray(cfg)
+    from raypipe.data import ray_datasets
+
+    mlflow_run_id = None
+    if cfg.tracking.enabled:
+        from raypipe.tracking import open_train_run
+
+        mlflow_run_id = open_train_run(cfg.tracking, run_name=run_name, run_dir=run_dir, storage=cfg.storage)
+
+    fault = None
+    if os.environ.get(FAULT_ENV):
+        fault = {"crash_at_epoch": int(os.environ[FAULT_ENV]), "marker": rfs.join(run_dir, FAULT_MARKER)}
+        logger.warning("fault injection: one worker crashes after epoch %d", fault["crash_at_epoch"])
+
+    loop_config = {
+        "cfg": config_to_dict(cfg),
+        "spec": spec.to_dict(),
+        "model_kwargs": kwargs,
+        "run_name": run_name,
+        "mlflow_run_id": mlflow_run_id,
+        "fault": fault,
+    }
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        datasets=ray_datasets(spec),
+        # Only train is split; rank 0 validates on the whole val set. preserve_order: deterministic split/order.
+        dataset_config=DataConfig(
+            datasets_to_split=["train"],
+            execution_options=ExecutionOptions(preserve_order=True),
+            enable_shard_locality=False,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=t.storage_path,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_best, checkpoint_score_attribute=t.metric, checkpoint_score_order=t.mode
+            ),
+            callbacks=list(callbacks or []),
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def param_groups(model: torch.nn.Module, cfg: RaypipeConfig) -> list[dict[str, Any]]:
+    """AdamW groups: text encoder at ``text_lr``, the rest at ``lr``; no weight decay on biases, norms and the
+    temperature (decaying them only fights the normalisation)."""
+    o = cfg.train.optim
+    groups: dict[tuple[bool, bool], list[Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_text = "text_encoder." in f"{name}."
+        no_decay = p.ndim < 2 or name.endswith("logit_scale")
+        groups.setdefault((is_text, no_decay), []).append(p)
+    out = []
+    for (is_text, no_decay), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "lr": o.text_lr if is_text else o.lr,
+                "weight_decay": 0.0 if no_decay else o.weight_decay,
+                "name": f"{'text' if is_text else 'main'}{'_no_decay' if no_decay else ''}",
+            }
+        )
+    return out
+
+
+def _steps_per_epoch(spec: DataSpec, cfg: RaypipeConfig, world: int) -> int:
+    rows = spec.num_train // world  # the equal streaming split truncates the remainder
+    batches = math.ceil(rows / cfg.train.batch_size)
+    return max(1, math.ceil(batches / cfg.train.optim.grad_accum))
+
+
+def _write_checkpoint(
+    directory: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    meta: dict[str, Any],
+    val_scores: np.ndarray,
+    val_targets: np.ndarray,
+) -> None:
+    import torch
+
+    d = Path(directory)
+    torch.save(model.state_dict(), d / MODEL_FILE)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+        d / TRAIN_STATE_FILE,
+    )
+    (d / META_FILE).write_text(json.dumps(meta, indent=1, default=float))
+    np.savez_compressed(d / VAL_PREDICTIONS_FILE, scores=val_scores.astype(np.float32), targets=val_targets)
+
+
+def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int, world: int, storage: Any) -> None:
+    if not fault or epoch != fault["crash_at_epoch"] or rank != world - 1:
+        return
+    fs, marker = rfs.resolve(fault["marker"], storage)
+    if fs.exists(marker):
+        return
+    rfs.atomic_write_bytes(fs, marker, f"crashed after epoch {epoch}\n".encode())
+    raise InjectedFault(f"injected worker crash after epoch {epoch} (rank {rank}; {FAULT_ENV})")
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The one training loop (every worker). ``loop_config``: ``cfg`` (RaypipeConfig dump), ``spec`` (DataSpec),
+    ``model_kwargs``, ``run_name``, ``mlflow_run_id`` and ``fault`` (see :func:`build_trainer`)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from raypipe.data import to_torch
+    from raypipe.losses import FusionObjective
+    from raypipe.metrics import compute_metrics
+    from raypipe.models import create_model
+
+    cfg = RaypipeConfig.model_validate(loop_config["cfg"])
+    spec = DataSpec.from_dict(loop_config["spec"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    distributed = dist.is_available() and dist.is_initialized() and world > 1
+
+    # ---- model, objective, optimizer (identical init on every rank; DDP broadcasts rank 0's anyway)
+    seed_everything(t.seed)
+    model = create_model(cfg.model.name, **loop_config["model_kwargs"])
+    loss_cfg = effective_loss(cfg)
+    objective = FusionObjective.from_config(loss_cfg, t.task, contrastive_loss=contrastive_loss_kind(model, cfg.model.name))
+    val_objective = FusionObjective(task=t.task, classification=1.0, contrastive=0.0, mlm=0.0, vtm=0.0)
+
+    checkpoint = ray.train.get_checkpoint()
+    start_epoch, history, train_state = 1, [], None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
+            train_state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+            meta = json.loads((Path(d) / META_FILE).read_text())
+        start_epoch, history = int(meta["epoch"]) + 1, list(meta["history"])
+        logger.info("rank %d: resuming from epoch %d checkpoint", rank, start_epoch - 1)
+
+    # Aux branches (e.g. MLM on a batch without maskable tokens) may leave parameters without gradient.
+    ddp_model = ray.train.torch.prepare_model(
+        model, parallel_strategy="ddp" if world > 1 else None,
+        parallel_strategy_kwargs={"find_unused_parameters": True} if world > 1 else None,
+    )
+    core = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+    optimizer = torch.optim.AdamW(param_groups(core, cfg), lr=t.optim.lr)
+    steps_per_epoch = _steps_per_epoch(spec, cfg, world)
+    total_steps = steps_per_epoch * t.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup=t.optim.warmup_steps, total=total_steps)
+    )
+    use_amp = t.amp != "none" and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if t.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and t.amp == "fp16")
+    if train_state is not None:
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        scaler.load_state_dict(train_state["scaler"])
+
+    run_logger = None
+    if rank == 0 and loop_config.get("mlflow_run_id"):
+        from raypipe.tracking import RunLogger, flatten_config
+
+        run_logger = RunLogger(cfg.tracking, loop_config["mlflow_run_id"])
+        params = flatten_config({k: v for k, v in loop_config["cfg"].items() if k in ("model", "train", "embed")})
+        params.update(
+            {
+                "data.num_classes": str(len(spec.classes)),
+                "data.num_train": str(spec.num_train),
+                "data.num_val": str(spec.num_val),
+                "data.shard_info": json.dumps({k: spec.info[k] for k in ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")}),
+                "run.world_size": str(world),
+                "run.name": loop_config["run_name"],
+            }
+        )
+        run_logger.log_params(params)
+
+    train_it = ray.train.get_dataset_shard("train")
+    val_it = ray.train.get_dataset_shard("val")
+    aux_active = any(getattr(loss_cfg, term) > 0 for term in AUX_TERMS)
+    target_key = "label" if t.task == "single_label" else "labels"
+    example_rows: dict[str, np.ndarray] | None = None
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+
+    for epoch in range(start_epoch, t.epochs + 1):
+        # Re-seeded per (epoch, rank): dropout, MLM masks and hard negatives of an epoch do not depend on
+        # whether the run was restarted before it.
+        seed_everything(t.seed * 100_003 + epoch * 1_009 + rank)
+        ddp_model.train()
+        sums: dict[str, float] = {}
+        n_batches = n_samples = 0
+        t0 = time.perf_counter()
+        micro = 0
+        batches = train_it.iter_batches(
+            batch_size=t.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=t.shuffle_buffer or None,
+            local_shuffle_seed=(t.seed * 7_919 + epoch) if t.shuffle_buffer else None,
+        )
+        for np_batch in batches:
+            if aux_active and len(np_batch["video_id"]) < 2:
+                continue  # in-batch negatives need 2 rows; equal splits make this the same on every rank
+            batch = to_torch(np_batch, device)
+            micro += 1
+            boundary = micro % t.optim.grad_accum == 0
+            sync = contextlib.nullcontext() if boundary or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()
+            with sync:
+                with autocast():
+                    outputs = ddp_model(batch)
+                    total, terms = objective(outputs, batch)
+                scaler.scale(total / t.optim.grad_accum).backward()
+            if boundary:
+                _optimizer_step(ddp_model, optimizer, scheduler, scaler, t.optim.grad_clip)
+            sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
+            for name, value in terms.items():
+                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
+            n_batches += 1
+            n_samples += len(np_batch["video_id"])
+        if micro % t.optim.grad_accum:
+            _optimizer_step(ddp_model, optimizer, scheduler, scaler, t.optim.grad_clip)
+        train_time = time.perf_counter() - t0
+
+        # ---- reduce train statistics over ranks
+        keys = sorted(sums)
+        stats = torch.tensor([sums[k] for k in keys] + [n_batches, n_samples], dtype=torch.float64)
+        if distributed:
+            stats = stats.to(device)
+            dist.all_reduce(stats)
+            stats = stats.cpu()
+        total_batches, total_samples = float(stats[-2]), float(stats[-1])
+        metrics: dict[str, float] = {"epoch": float(epoch)}
+        for i, k in enumerate(keys):
+            metrics[f"train/{k}"] = float(stats[i]) / max(total_batches, 1.0)
+        metrics["train/samples_per_s"] = total_samples / max(train_time, 1e-9)
+        metrics["train/epoch_s"] = train_time
+        metrics["lr"] = float(scheduler.get_last_lr()[-1])
+
+        # ---- validation on rank 0 over the whole val split
+        val_scores = np.zeros((0, len(spec.classes)), np.float32)
+        val_targets = np.zeros((0,) if t.task == "single_label" else (0, len(spec.classes)))
+        val_metrics: dict[str, float] = {}
+        if rank == 0:
+            core.eval()
+            scores, targets, val_loss, val_n = [], [], 0.0, 0
+            with torch.no_grad():
+                for np_batch in val_it.iter_batches(batch_size=t.batch_size, batch_format="numpy"):
+                    if example_rows is None:
+                        example_rows = {k: np.asarray(v[:2]) for k, v in np_batch.items() if k != "video_id"}
+                    batch = to_torch(np_batch, device)
+                    with autocast():
+                        logits = core(batch)["logits"].float()
+                    loss, _ = val_objective({"logits": logits}, batch)
+                    val_loss += float(loss) * len(logits)
+                    val_n += len(logits)
+                    probs = torch.softmax(logits, -1) if t.task == "single_label" else torch.sigmoid(logits)
+                    scores.append(probs.cpu().numpy())
+                    targets.append(np.asarray(np_batch[target_key]))
+            val_scores = np.concatenate(scores) if scores else val_scores
+            val_targets = np.concatenate(targets) if targets else val_targets
+            val_metrics = compute_metrics(val_scores, val_targets, task=t.task, classes=spec.classes, prefix="val/")
+            val_metrics["val/loss"] = val_loss / max(val_n, 1)
+        if distributed:
+            box = [val_metrics]
+            dist.broadcast_object_list(box, src=0)
+            val_metrics = box[0]
+        metrics.update(val_metrics)
+        history.append(dict(metrics))
+
+        if run_logger is not None:
+            run_logger.log_metrics(metrics, step=epoch)
+        logger.info(
+            "epoch %d/%d rank %d: train/loss %.4f %s %.4f (%.1f samples/s)",
+            epoch, t.epochs, rank, metrics.get("train/loss", float("nan")), t.metric,
+            metrics.get(t.metric, float("nan")), metrics["train/samples_per_s"],
+        )
+
+        # ---- report: every rank, rank 0 with the checkpoint
+        if rank == 0:
+            meta = {
+                "model_name": cfg.model.name,
+                "model_kwargs": loop_config["model_kwargs"],
+                "classes": spec.classes,
+                "task": t.task,
+                "shard_info": spec.info,
+                "val_fraction": spec.val_fraction,
+                "epoch": epoch,
+                "metrics": metrics,
+                "history": history,
+                "run_name": loop_config["run_name"],
+                "mlflow_run_id": loop_config.get("mlflow_run_id"),
+                "config": loop_config["cfg"],
+            }
+            with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
+                _write_checkpoint(
+                    tmp, model=core, optimizer=optimizer, scheduler=scheduler, scaler=scaler, meta=meta,
+                    val_scores=val_scores, val_targets=val_targets,
+                )
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+                )
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        _maybe_inject_fault(loop_config.get("fault"), epoch, rank, world, cfg.storage)
+
+    if rank != 0:
+        return None
+    summary: dict[str, Any] = {"history": history}
+    if run_logger is not None:
+        summary.update(_log_final(run_logger, cfg, spec, history, example_rows))
+    return summary
+
+
+def _optimizer_step(model: Any, optimizer: Any, scheduler: Any, scaler: Any, grad_clip: float | None) -> None:
+    import torch
+
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+def _best_reported(metric: str, mode: str) -> tuple[Any, dict[str, Any]] | None:
+    import ray.train
+
+    reported = [r for r in ray.train.get_all_reported_checkpoints() if metric in r.metrics]
+    if not reported:
+        return None
+    pick = max if mode == "max" else min
+    best = pick(reported, key=lambda r: (float(r.metrics[metric]), -float(r.metrics.get("epoch", 0))))
+    return best.checkpoint, dict(best.metrics)
+
+
+def _log_final(
+    run_logger: Any,
+    cfg: RaypipeConfig,
+    spec: DataSpec,
+    history: list[dict[str, float]],
+    example_rows: dict[str, np.ndarray] | None,
+) -> dict[str, Any]:
+    """Rank 0 after the last epoch: artifacts of the best epoch and the best checkpoint as the MLflow model."""
+    from raypipe.data import shape_columns
+    from raypipe.tracking import evaluation_artifacts, example_from_shaped, plot_training_curves
+
+    t = cfg.train
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="raypipe-artifacts-") as tmp:
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        run_logger.log_file(Path(tmp) / "config.yaml")
+        plot_training_curves(history, Path(tmp) / "training_curves.png", metric=t.metric)
+        run_logger.log_file(Path(tmp) / "training_curves.png")
+        run_logger.log_text(json.dumps(history, indent=1), "history.json")
+    best = _best_reported(t.metric, t.mode)
+    if best is None:
+        run_logger.finish("FINISHED")
+        return out
+    checkpoint, best_metrics = best
+    out["best_metrics"] = {k: float(v) for k, v in best_metrics.items() if isinstance(v, int | float)}
+    out["best_checkpoint"] = checkpoint.path
+    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="raypipe-artifacts-") as tmp:
+        preds = np.load(Path(d) / VAL_PREDICTIONS_FILE)
+        title = f"{cfg.model.name} epoch {int(best_metrics.get('epoch', 0))} ({t.metric}={best_metrics.get(t.metric, float('nan')):.3f})"
+        for p in evaluation_artifacts(tmp, scores=preds["scores"], targets=preds["targets"], classes=spec.classes,
+                                      task=t.task, title=title):
+            run_logger.log_file(p, "best")
+        if example_rows is not None:
+            example = example_from_shaped(shape_columns(example_rows, spec.shard_info))
+            out["model_uri"] = run_logger.log_model(d, example)
+    run_logger.finish("FINISHED")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def fit(
+    cfg: RaypipeConfig, *, run_name: str | None = None, callbacks: list[Any] | None = None
+) -> TrainResult:
+    """Train (or continue) the run, then register the best model when ``train.register_model`` and tracking."""
+    from raypipe.tracking import end_run, register_run_model
+
+    trainer = build_trainer(cfg, run_name=run_name, callbacks=callbacks)
+    loop_config = trainer.train_loop_config
+    run_cfg = RaypipeConfig.model_validate(loop_config["cfg"])
+    run_name = loop_config["run_name"]
+    mlflow_run_id = loop_config["mlflow_run_id"]
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if mlflow_run_id:
+            end_run(run_cfg.tracking, mlflow_run_id, "FAILED")
+        raise
+    summary = result.return_value or {}
+    best_ckpt = None
+    best_metrics: dict[str, float] = summary.get("best_metrics", {})
+    if result.best_checkpoints:
+        pick = max if run_cfg.train.mode == "max" else min
+        ckpt, metrics = pick(result.best_checkpoints, key=lambda cm: float(cm[1].get(run_cfg.train.metric, float("nan"))))
+        best_ckpt = ckpt.path
+        best_metrics = best_metrics or {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    out = TrainResult(
+        run_name=run_name,
+        run_dir=_run_dir(run_cfg, run_name),
+        metric=run_cfg.train.metric,
+        best_metrics=best_metrics,
+        best_checkpoint=summary.get("best_checkpoint", best_ckpt),
+        latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
+        mlflow_run_id=mlflow_run_id,
+        model_uri=summary.get("model_uri"),
+        history=list(summary.get("history", [])),
+    )
+    if mlflow_run_id and run_cfg.train.register_model and out.model_uri:
+        out.registered_model_version = register_run_model(run_cfg, run_id=mlflow_run_id)
+        out.registered_model_name = run_cfg.tracking.registered_model_name
+    return out
+
+
+def run(cfg: RaypipeConfig) -> int:
+    """``raypipe train``: 0 on success, 2 on a config error (printed as one line per problem)."""
+    try:
+        result = fit(cfg)
+    except ConfigError as err:
+        logger.error("%s", err)
+        return 2
+    value = result.best_value
+    logger.info(
+        "trained %s: best %s=%s, checkpoint %s%s",
+        result.run_name, result.metric, f"{value:.4f}" if value is not None else "n/a", result.best_checkpoint,
+        f", registered {result.registered_model_name} v{result.registered_model_version}"
+        if result.registered_model_version else "",
+    )
+    return 0

@@ -1,0 +1,181 @@
+"""raypipe.data without Ray: shard discovery, ShardInfo checks, vocabulary, hash split, reshaping, collate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raypipe.data import (
+    DataError,
+    collate,
+    encode_targets,
+    find_shard_files,
+    prepare_data,
+    read_taxonomy,
+    shape_columns,
+    split_hash,
+    split_mask,
+)
+from raypipe.schema import ShardInfo, error_schema, feature_schema
+
+INFO = ShardInfo(frame_dim=6, audio_dim=4, text_dim=5, text_len=7, max_frames=8, tokenizer={"vocab_size": 50})
+
+
+def synthetic_rows(n: int, *, seed: int = 0, info: ShardInfo = INFO, prefix: str = "vid") -> dict[str, list]:
+    """Rows of a feature shard with a known layout: frame t of video i holds ``i + t / 100`` in every dim."""
+    rng = np.random.default_rng(seed)
+    t, dv, da, dt, ln = info.max_frames, info.frame_dim, info.audio_dim, info.text_dim, info.text_len
+    rows: dict[str, list] = {name: [] for name in feature_schema(info).names}
+    for i in range(n):
+        nf = int(rng.integers(1, t + 1))
+        frames = np.zeros((t, dv), dtype=np.float16)
+        frames[:nf] = (i + np.arange(nf) / 100.0)[:, None]
+        audio = rng.normal(size=(t, da)).astype(np.float16)
+        audio[nf:] = 0
+        has_audio = i % 5 != 0
+        code = f"{1 + i % 2:02d}{1 + i % 3:02d}"
+        rows["video_id"].append(f"{prefix}{i:05d}")
+        rows["source_uri"].append(f"/videos/{prefix}{i:05d}.mp4")
+        rows["duration_s"].append(float(nf))
+        rows["num_frames"].append(nf)
+        rows["frame_times"].append([float(k) for k in range(nf)])
+        rows["frame_emb"].append(frames.reshape(-1).tolist())
+        rows["frame_mask"].append([k < nf for k in range(t)])
+        rows["audio_emb"].append((audio if has_audio else np.zeros_like(audio)).reshape(-1).tolist())
+        rows["audio_mask"].append([has_audio and k < nf for k in range(t)])
+        rows["title"].append(f"title {i}")
+        rows["asr"].append("")
+        rows["ocr"].append("")
+        rows["text"].append(f"title {i}")
+        ids = [101] + [int(x) for x in rng.integers(1000, 2000, size=ln - 2)] + [102]
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * ln)
+        rows["text_emb"].append(rng.normal(size=dt).astype(np.float16).tolist())
+        rows["label"].append(None if i % 11 == 10 else code)
+        rows["label_l1"].append(None if i % 11 == 10 else code[:2])
+        rows["labels"].append([] if i % 11 == 10 else [code, f"{code[:2]}99"])
+    return rows
+
+
+def write_shards(root: Path, n: int, *, num_files: int = 2, info: ShardInfo = INFO, prefix: str = "vid") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = synthetic_rows(n, info=info, prefix=prefix)
+    schema = feature_schema(info)
+    bounds = np.linspace(0, n, num_files + 1).astype(int)
+    for k in range(num_files):
+        part = {c: v[bounds[k] : bounds[k + 1]] for c, v in rows.items()}
+        pq.write_table(pa.Table.from_pydict(part, schema=schema), root / f"part-{k:05d}.parquet")
+    return root
+
+
+def test_find_shard_files_skips_errors_table_and_temporary_files(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "features", 12)
+    pq.write_table(pa.Table.from_pylist([], schema=error_schema()), root / "errors.parquet")
+    write_shards(root / "_tmp", 3)
+    (root / ".part-x.parquet").write_bytes(b"partial")
+    _, files = find_shard_files(str(root))
+    assert [Path(f).name for f in files] == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_missing_or_empty_data_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        find_shard_files(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no raypipe feature shards"):
+        find_shard_files(str(tmp_path / "empty"))
+
+
+def test_mixed_embedder_dims_are_rejected(tmp_path: Path) -> None:
+    write_shards(tmp_path / "f" / "a", 4, num_files=1)
+    other = ShardInfo(frame_dim=9, audio_dim=4, text_dim=5, text_len=7, max_frames=8)
+    write_shards(tmp_path / "f" / "b", 4, num_files=1, info=other, prefix="w")
+    with pytest.raises(DataError, match="disagree on frame_dim: 6 .* vs 9"):
+        prepare_data(str(tmp_path / "f"), task="single_label", val_fraction=0.2)
+
+
+def test_prepare_data_vocabulary_and_split_counts(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "features", 44)
+    spec = prepare_data(str(root), task="single_label", val_fraction=0.25)
+    assert spec.classes == ["0101", "0102", "0103", "0201", "0202", "0203"]
+    assert spec.num_unlabelled == 4
+    assert spec.num_train + spec.num_val == 40
+    assert spec.shard_info == INFO
+    rows = synthetic_rows(44)
+    labelled = [v for v, lab in zip(rows["video_id"], rows["label"], strict=True) if lab is not None]
+    assert spec.num_val == int(split_mask(labelled, "val", 0.25).sum())
+
+
+def test_taxonomy_fixes_the_vocabulary_and_skips_unknown_labels(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "features", 30)
+    tax = tmp_path / "taxonomy.json"
+    tax.write_text(json.dumps({"level1": {"01": "a"}, "level2": {"0103": "x", "0101": "y", "0102": "z", "0104": "w"}}))
+    spec = prepare_data(str(root), task="single_label", val_fraction=0.2, taxonomy=str(tax))
+    assert spec.classes == ["0101", "0102", "0103", "0104"]
+    assert spec.num_unknown > 0  # the 02xx rows
+    txt = tmp_path / "names.txt"
+    txt.write_text("0102\tb\n0101\ta\n")
+    assert read_taxonomy(str(txt)) == ["0101", "0102"]
+    txt.write_text("0101\n0101\n")
+    with pytest.raises(DataError, match="each class code once"):
+        read_taxonomy(str(txt))
+
+
+def test_multi_label_vocabulary(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "features", 12)
+    spec = prepare_data(str(root), task="multi_label", val_fraction=0.2)
+    assert "0199" in spec.classes and "0299" in spec.classes
+    y = encode_targets([["0101", "0199"], []], spec.classes, "multi_label")
+    assert y.shape == (2, len(spec.classes)) and y.sum() == 2
+
+
+def test_split_is_a_stable_hash_of_the_id() -> None:
+    ids = [f"v{i}" for i in range(2000)]
+    val = split_mask(ids, "val", 0.2)
+    assert 0.17 < val.mean() < 0.23
+    assert (split_mask(ids, "train", 0.2) == ~val).all()
+    # Known value: must never change, or trained models would be scored on their training rows.
+    assert split_hash("vid00000") == pytest.approx(split_hash("vid00000"))
+    assert split_mask(ids[:100], "val", 0.2).tolist() == split_mask(list(reversed(ids[:100])), "val", 0.2)[::-1].tolist()
+
+
+def test_shape_and_collate_from_arrow_and_numpy_agree(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "features", 6, num_files=1)
+    table = pq.read_table(root / "part-00000.parquet")
+    from_arrow = shape_columns({c: table.column(c) for c in table.column_names}, INFO)
+    # What Ray Data's numpy batches hold for list columns: an object array of per-row arrays.
+    numpy_batch = {}
+    for c in table.column_names:
+        values = table.column(c).to_pylist()
+        col = np.empty(len(values), dtype=object)
+        col[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
+        numpy_batch[c] = col
+    from_numpy = shape_columns(numpy_batch, INFO)
+    for key, arr in from_arrow.items():
+        np.testing.assert_array_equal(arr, from_numpy[key], err_msg=key)
+    frames = from_arrow["frame_feats"]
+    assert frames.shape == (6, 8, 6)
+    n2 = table.column("num_frames")[2].as_py()
+    assert frames[2, n2 - 1, 0] == np.float16(2 + (n2 - 1) / 100.0)
+    assert (frames[2, n2:] == 0).all() and from_arrow["frame_mask"][2].sum() == n2
+
+    batch = collate(numpy_batch, INFO, classes=["0101", "0102", "0103", "0201", "0202", "0203"])
+    assert batch["frame_feats"].dtype == torch.float32 and batch["frame_feats"].shape == (6, 8, 6)
+    assert batch["frame_mask"].dtype == torch.bool and batch["audio_mask"][0].sum() == 0  # video 0 has no audio
+    assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (6, 7)
+    assert batch["text_emb"].shape == (6, 5)
+    assert batch["label"].tolist() == [0, 4, 2, 3, 1, 5]
+    # Without classes there are no targets (prediction path).
+    assert "label" not in collate(numpy_batch, INFO)
+
+
+def test_wrong_width_names_the_column() -> None:
+    bad = {"frame_emb": pa.array([[0.0] * 5], type=pa.list_(pa.float16()))}
+    with pytest.raises(DataError, match="'frame_emb'.* expected 48"):
+        shape_columns({**{c: None for c in ("frame_mask", "audio_emb", "audio_mask", "input_ids",
+                                              "attention_mask", "text_emb")}, **bad}, INFO)
