@@ -551,7 +551,9 @@ def _encode_video(plan: _Plan, path: Path) -> None:
             vstream = out.add_stream(
                 "libvpx",
                 rate=30 if spec.vfr else int(spec.fps or 30),
-                options={"deadline": "realtime", "cpu-used": "8", "threads": "1", "flags": "+bitexact"},
+                # Not deadline=realtime: its positive cpu-used adapts speed to wall-clock time, so files
+                # would differ run to run under load. "good" at cpu-used 5 is deterministic and as fast.
+                options={"deadline": "good", "cpu-used": "5", "threads": "1", "flags": "+bitexact"},
             )
             vstream.bit_rate = 400_000
         else:
@@ -766,6 +768,8 @@ def generate_corpus(cfg: CorpusConfig) -> CorpusInfo:
     taxonomy = build_taxonomy(cfg.num_level1, cfg.num_level2_per_level1)
 
     existing: CorpusInfo | None = None
+    if info.annotations_path.is_file() and not info.corpus_path.is_file():
+        log.warning("%s has no corpus.json: its annotations.json will be replaced, not merged", info.root)
     if info.corpus_path.is_file():
         existing = CorpusInfo.load(info.root)
         if info.taxonomy_path.is_file() and json.loads(info.taxonomy_path.read_text()) != taxonomy:
