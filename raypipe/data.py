@@ -377,7 +377,11 @@ def to_torch(batch: Mapping[str, np.ndarray], device: torch.device | str | None 
     out = {}
     for key, dtype in dtypes.items():
         if key in batch:
-            out[key] = torch.as_tensor(np.ascontiguousarray(batch[key])).to(device=device, dtype=dtype)
+            arr = np.asarray(batch[key])
+            if arr.dtype == np.float16 or arr.dtype == bool or not arr.flags.writeable:
+                out[key] = torch.tensor(arr, dtype=dtype, device=device)  # converts (copies) in one step
+            else:
+                out[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype)
     return out
 
 
@@ -443,7 +447,7 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
     paths = [rfs.resolve(u, StorageConfig(**spec.storage))[1] for u in spec.files]
     columns = list(FEATURE_COLUMNS) + [TARGET_COLUMNS[spec.task]]
     ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns)
-    return ds.map_batches(
+    ds = ds.map_batches(
         _prepare_batch,
         fn_kwargs={
             "info": spec.info,
@@ -455,6 +459,9 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
         batch_format="pyarrow",
         zero_copy_batch=True,
     )
+    # Re-executed every epoch on the workers: progress bars there would only flood the worker logs.
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def ray_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:

@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 FAULT_ENV = "RAYPIPE_FAULT_CRASH_AT_EPOCH"
 FAULT_MARKER = ".raypipe_fault_injected"
 AUX_TERMS = ("contrastive", "mlm", "vtm")
+VAL_CACHE_BYTES = 256 * 2**20  # rank 0 keeps a val split up to this size in memory after the first epoch
 
 
 class InjectedFault(RuntimeError):
@@ -487,6 +488,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     aux_active = any(getattr(loss_cfg, term) > 0 for term in AUX_TERMS)
     target_key = "label" if t.task == "single_label" else "labels"
     example_rows: dict[str, np.ndarray] | None = None
+    val_cache: list[dict[str, np.ndarray]] | None = None
 
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
@@ -551,8 +553,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0:
             core.eval()
             scores, targets, val_loss, val_n = [], [], 0.0, 0
+            if val_cache is None:
+                val_source: Any = val_it.iter_batches(batch_size=t.batch_size, batch_format="numpy")
+                cache: list[dict[str, np.ndarray]] | None = []
+            else:
+                val_source, cache = val_cache, None
             with torch.no_grad():
-                for np_batch in val_it.iter_batches(batch_size=t.batch_size, batch_format="numpy"):
+                for np_batch in val_source:
+                    if cache is not None:
+                        cache.append(np_batch)
                     if example_rows is None:
                         example_rows = {k: np.asarray(v[:2]) for k, v in np_batch.items() if k != "video_id"}
                     batch = to_torch(np_batch, device)
@@ -564,6 +573,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                     probs = torch.softmax(logits, -1) if t.task == "single_label" else torch.sigmoid(logits)
                     scores.append(probs.cpu().numpy())
                     targets.append(np.asarray(np_batch[target_key]))
+            if cache is not None and sum(v.nbytes for b in cache for v in b.values()) <= VAL_CACHE_BYTES:
+                val_cache = cache  # the val split never changes: later epochs skip re-reading it
             val_scores = np.concatenate(scores) if scores else val_scores
             val_targets = np.concatenate(targets) if targets else val_targets
             val_metrics = compute_metrics(val_scores, val_targets, task=t.task, classes=spec.classes, prefix="val/")

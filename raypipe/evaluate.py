@@ -1,0 +1,168 @@
+"""``raypipe eval``: metrics of a trained model on feature shards, clean and under a corruption.
+
+The model comes from the registry (``models:/name@alias``) or a checkpoint folder, through the same
+:func:`raypipe.tracking.load_classifier` the labelling job uses. Rows are selected with the same hash split the
+model was trained with (``eval.split=val`` uses the model's own ``val_fraction``), so "val" really is data the
+model never trained on.
+
+Robustness (DMAFNet's study): ``eval.corruption`` applies :func:`raypipe.corruptions.apply_corruption` to every
+batch after collation (drop 30 % of the frame/audio features, Gaussian noise on the frame features, or a whole
+modality missing), with one seeded generator for the whole pass so two evaluations corrupt identically. Every
+batch is scored clean and corrupted in the same pass, so the report shows the drop directly.
+
+Reading is a plain streaming pyarrow scan on the driver (one batch in memory at a time): evaluation sets are
+small next to training corpora, and this keeps ``raypipe eval`` usable without a Ray cluster. Bulk scoring of a
+large corpus is the labelling job's business (a Ray Data actor pool).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raypipe.config import ConfigError, RaypipeConfig
+from raypipe.data import FEATURE_COLUMNS, TARGET_COLUMNS, DataError, _prepare_batch, prepare_data, to_torch
+from raypipe.io import fs as rfs
+from raypipe.schema import ShardInfo
+
+logger = logging.getLogger(__name__)
+
+_DIMS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
+
+
+def check_compatible(model_info: ShardInfo, data_info: ShardInfo, data_uri: str) -> None:
+    """The model can only read features with the dims it was trained on."""
+    bad = [f"{d} {getattr(data_info, d)} (model expects {getattr(model_info, d)})" for d in _DIMS
+           if getattr(model_info, d) != getattr(data_info, d)]
+    if bad:
+        raise DataError(f"features at {data_uri!r} do not fit the model: {', '.join(bad)}; embed them with the "
+                        "model's embedders")
+    if model_info.embedders and data_info.embedders and model_info.embedders != data_info.embedders:
+        logger.warning("the features at %s were made by other embedders than the model's training features", data_uri)
+
+
+def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
+    """Score ``eval.model_uri`` on ``eval.data`` (default ``train.data``) -> report dict with ``metrics``
+    (clean, keyed ``eval/...``) and, under a corruption, ``corrupted_metrics`` and ``delta``."""
+    from raypipe.corruptions import apply_corruption, corruption_generator
+    from raypipe.metrics import compute_metrics
+    from raypipe.tracking import absolute_tracking_uri, load_classifier
+
+    ec = cfg.eval
+    tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
+    clf = load_classifier(ec.model_uri, cfg.storage, tracking_uri=tracking_uri)
+    data_uri = ec.data or cfg.train.data
+    val_fraction = float(clf.meta.get("val_fraction", cfg.train.val_fraction))
+    spec = prepare_data(data_uri, task=clf.task, val_fraction=val_fraction, classes=clf.classes, storage=cfg.storage)
+    check_compatible(clf.shard_info, spec.shard_info, data_uri)
+
+    corruption = ec.corruption
+    params = corruption.params()
+    if corruption.kind == "zero_modality" and corruption.modality == "text":
+        params["pad_token_id"] = int((clf.shard_info.tokenizer or {}).get("pad_token_id") or 0)
+    generator = corruption_generator(corruption)
+    corrupted = corruption.kind != "none"
+
+    target_key = TARGET_COLUMNS[clf.task]
+    columns = list(FEATURE_COLUMNS) + [target_key]
+    clean_scores, bad_scores, targets = [], [], []
+    t0 = time.perf_counter()
+    for uri in spec.files:
+        fs, path = rfs.resolve(uri, cfg.storage)
+        with fs.open(path, "rb") as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=ec.batch_size, columns=columns):
+                arrays = _prepare_batch(
+                    pa.Table.from_batches([record_batch]), info=spec.info, classes=clf.classes, task=clf.task,
+                    split=ec.split, val_fraction=val_fraction,
+                )
+                if not len(arrays["video_id"]):
+                    continue
+                batch = to_torch(arrays, clf.device)
+                clean_scores.append(clf.scores_from_logits(clf.logits(batch)))
+                if corrupted:
+                    noisy = apply_corruption(batch, corruption.kind, generator=generator, **params)
+                    bad_scores.append(clf.scores_from_logits(clf.logits(noisy)))
+                targets.append(arrays[target_key])
+    if not targets:
+        raise DataError(f"no labelled rows of split {ec.split!r} with the model's classes in {data_uri!r}")
+    y = np.concatenate(targets)
+    clean = np.concatenate(clean_scores)
+    report: dict[str, Any] = {
+        "model_uri": ec.model_uri,
+        "model_name": clf.model_name,
+        "model_version": clf.model_version,
+        "model_arch": clf.arch,
+        "data": data_uri,
+        "split": ec.split,
+        "num_rows": int(len(y)),
+        "corruption": {"kind": corruption.kind, **corruption.params(), "seed": corruption.seed},
+        "metrics": compute_metrics(clean, y, task=clf.task, classes=clf.classes, prefix="eval/"),
+        "seconds": time.perf_counter() - t0,
+    }
+    scores_for_artifacts = clean
+    if corrupted:
+        noisy_scores = np.concatenate(bad_scores)
+        report["corrupted_metrics"] = compute_metrics(
+            noisy_scores, y, task=clf.task, classes=clf.classes, prefix=f"eval_{corruption.kind}/"
+        )
+        report["delta"] = {
+            k.split("/", 1)[1]: report["corrupted_metrics"][f"eval_{corruption.kind}/{k.split('/', 1)[1]}"] - v
+            for k, v in report["metrics"].items()
+            if not k.endswith("/n")
+        }
+        scores_for_artifacts = noisy_scores
+    logger.info("eval %s on %s (%s, %d rows): %s", ec.model_uri, data_uri, ec.split, len(y), _summary(report))
+    if ec.output:
+        fs, path = rfs.resolve(ec.output, cfg.storage)
+        rfs.atomic_write_bytes(fs, path, json.dumps(report, indent=1).encode())
+    if ec.log_mlflow and cfg.tracking.enabled:
+        report["mlflow_run_id"] = _log_eval_run(cfg, report, scores_for_artifacts, y, clf)
+    return report
+
+
+def _summary(report: dict[str, Any]) -> str:
+    parts = [f"{k}={v:.4f}" for k, v in report["metrics"].items() if not k.endswith("/n")]
+    if "delta" in report:
+        parts.append(f"under {report['corruption']['kind']}: " + ", ".join(f"{k} {v:+.4f}" for k, v in report["delta"].items()))
+    return "; ".join(parts)
+
+
+def _log_eval_run(cfg: RaypipeConfig, report: dict[str, Any], scores: np.ndarray, y: np.ndarray, clf: Any) -> str:
+    """One MLflow run per evaluation: params (model, data, corruption), metrics, report JSON, tables."""
+    from raypipe.tracking import RunLogger, evaluation_artifacts, experiment_id, flatten_config, make_client
+
+    client = make_client(cfg.tracking)
+    tags = {"raypipe.stage": "eval", "raypipe.model_uri": report["model_uri"]}
+    name = f"eval-{clf.model_name}-v{clf.model_version}-{report['corruption']['kind']}"
+    run = client.create_run(experiment_id(client, cfg.tracking), run_name=name, tags=tags)
+    run_logger = RunLogger(cfg.tracking, run.info.run_id)
+    run_logger.log_params(
+        flatten_config({"model_uri": report["model_uri"], "model_version": report["model_version"],
+                        "data": report["data"], "split": report["split"], "corruption": report["corruption"]})
+    )
+    run_logger.log_metrics({**report["metrics"], **report.get("corrupted_metrics", {})}, step=0)
+    run_logger.log_text(json.dumps(report, indent=1), "eval_report.json")
+    with tempfile.TemporaryDirectory(prefix="raypipe-eval-") as tmp:
+        for p in evaluation_artifacts(tmp, scores=scores, targets=y, classes=clf.classes, task=clf.task,
+                                      title=f"{name} ({report['split']})"):
+            run_logger.log_file(Path(p))
+    run_logger.finish("FINISHED")
+    return run.info.run_id
+
+
+def run(cfg: RaypipeConfig) -> int:
+    """``raypipe eval``: 0 on success, 2 when the model or data cannot be used as configured."""
+    try:
+        evaluate(cfg)
+    except (ConfigError, DataError) as err:
+        logger.error("eval: %s", err)
+        return 2
+    return 0
