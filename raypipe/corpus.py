@@ -31,7 +31,8 @@ The generator records the evidence each video really shows (``frame_l1``, ``audi
 ``corpus.json``) so tests can check that the files carry it.
 
 Determinism: every video draws from its own ``numpy`` generator seeded by ``(seed, id_prefix, index)``;
-x264 and libvpx run single-threaded and the muxers in bitexact mode, so one seed gives byte-identical files.
+x264 and libvpx run single-threaded (libvpx in "good" mode: "realtime" adapts to wall-clock time) and the
+muxers in bitexact mode, so one seed gives byte-identical files, whatever ``workers`` is.
 
 Layout under ``cfg.out``: ``videos/`` (all files, good and bad), ``annotations.json`` (WBDC list),
 ``taxonomy.json``, ``class_names.txt`` and ``corpus.json`` (the :class:`CorpusInfo`, paths relative to the
