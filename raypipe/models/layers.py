@@ -66,8 +66,9 @@ class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention of a query sequence over a (possibly different-width) context.
 
     Why not ``nn.MultiheadAttention``: a query whose context is entirely padding (a silent video's audio as keys)
-    makes every softmax row ``-inf`` and the output NaN. Here such rows attend to nothing: the output is zero and
-    the residual around the block carries the query through unchanged.
+    makes every softmax row ``-inf``, which gives NaN in ``nn.MultiheadAttention`` and in the SDPA kernels of the
+    older PyTorch releases this package supports (recent CPU kernels return 0). Here such rows explicitly attend
+    to nothing on every version and backend: the output is zero and the residual carries the query through.
     """
 
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, dropout: float = 0.0) -> None:

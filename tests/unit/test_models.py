@@ -267,6 +267,25 @@ def test_bf16_autocast_gives_finite_outputs_and_loss(name: str) -> None:
 # ------------------------------------------------------------------------------------ paper-specific claims
 
 
+def test_attention_over_an_all_padding_context_is_zero_with_finite_gradients() -> None:
+    from raypipe.models.layers import CrossAttentionLayer, MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(8, 2, context_dim=4)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    ctx = torch.randn(3, 6, 4)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1] = False  # video 1 is silent
+    y = attn(x, ctx, mask)
+    assert torch.equal(y[1], torch.zeros_like(y[1])) and y[0].abs().sum() > 0
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    layer = CrossAttentionLayer(8, 2, context_dim=4, dropout=0.0).eval()
+    x1 = torch.randn(3, 5, 8)
+    out = layer(x1, ctx, mask)
+    torch.testing.assert_close(out[1], (x1 + layer.ffn(layer.norm2(x1)))[1])  # the residual carries the query
+
+
 def test_fc_concat_has_exactly_the_parameter_count_of_mfb() -> None:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     for dims in ([1024, 128], [16, 8], [32, 8, 12]):
@@ -343,6 +362,27 @@ def test_dmafnet_mlm_masks_only_real_non_special_tokens_and_ties_the_decoder() -
     assert not torch.isin(batch["input_ids"][selected], torch.tensor(SPECIAL)).any()
     torch.testing.assert_close(labels[selected], batch["input_ids"][selected])
     assert model.text_encoder.get_input_embeddings().weight.shape == (DIMS["vocab_size"], 16)
+
+
+def test_dmafnet_vtm_pairs_are_albef_ordered_hard_negatives() -> None:
+    """With B = 2 the only negative is the other clip: rows are (t_i, v_i) | (t_i, v_neg(i)) | (t_neg(i), v_i)."""
+    torch.manual_seed(0)
+    model = build("dmafnet", {"vtm": 0.25}, dropout=0.0).train()
+    batch = {k: v[:2] for k, v in make_batch().items()}
+    out = model(batch)
+    assert out["vtm_labels"].tolist() == [1, 1, 0, 0, 0, 0]
+    video, vmask = model.encode_video(batch)
+    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    tmask = batch["attention_mask"].bool()
+    swap = torch.tensor([1, 0])
+    expected = torch.cat(
+        [
+            model.fuse(text, tmask, video, vmask)[:, 0],
+            model.fuse(text, tmask, video[swap], vmask[swap])[:, 0],
+            model.fuse(text[swap], tmask[swap], video, vmask)[:, 0],
+        ]
+    )
+    torch.testing.assert_close(out["vtm_logits"], model.vtm_head(expected), rtol=1e-4, atol=1e-5)
 
 
 def test_dmafnet_query_side_decides_the_fused_sequence() -> None:
