@@ -15,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Dummy credentials for the local moto S3 server, set before Ray starts so that its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 _ORDER = {"unit": 0, "pipeline": 1, "e2e": 2}
 
@@ -46,7 +50,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
     from raypipe.corpus import generate_corpus
 
     out = tmp_path_factory.mktemp("corpus")
-    return generate_corpus(CorpusConfig(out=str(out), videos=40, seed=7, bad_inputs=True, max_duration_s=40.0))
+    return generate_corpus(CorpusConfig(out=str(out), videos=40, seed=7, bad_inputs=True, max_duration_s=40.0, short_max_duration_s=8.0))
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +83,65 @@ def feature_shards(ray_session, corpus, test_config_factory):
     )
     summary = embed_videos(cfg)
     return cfg, summary
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3 API (moto's threaded server) on a free localhost port with one empty bucket.
+
+    Returns ``SimpleNamespace(endpoint_url, bucket, storage)``; ``storage`` is the StorageConfig to put in
+    ``cfg.storage`` (``--set storage.endpoint_url=...``). Credentials are the dummy AWS_* variables set above.
+    """
+    import logging
+    import socket
+    from types import SimpleNamespace
+
+    from moto.server import ThreadedMotoServer
+
+    from raypipe.config import StorageConfig
+    from raypipe.io.fs import resolve
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    storage = StorageConfig(endpoint_url=endpoint, region="us-east-1")
+    bucket = "raypipe-test"
+    fs, _ = resolve(f"s3://{bucket}", storage)
+    fs.mkdir(bucket)
+    yield SimpleNamespace(endpoint_url=endpoint, bucket=bucket, storage=storage)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def registered_model(feature_shards, corpus, test_config_factory):
+    """A tiny CAV-Net trained on the session shards (2 epochs) and registered in MLflow under
+    ``tracking.registered_model_name@tracking.alias``; returns the config that labels the session corpus with it.
+
+    Shared by the labelling tests and the `ray job submit` test (both only read the registry entry it makes,
+    except where a test registers a further version on purpose).
+    """
+    from raypipe.train import run as train_run
+
+    feat_cfg, _ = feature_shards
+    cfg = test_config_factory(
+        f"embed.source.uri={corpus.videos_dir}",
+        f"embed.source.annotations={corpus.annotations_path}",
+        f"embed.output={feat_cfg.embed.output}",
+        f"train.data={feat_cfg.embed.output}",
+        "model.name=cavnet",
+        "model.params={dim: 32, heads: 2, proj_dim: 16}",
+        "train.epochs=2",
+        "train.loss.mlm=0",
+        "train.loss.vtm=0",
+        f"label.class_names={corpus.class_names_path}",
+        "label.model_uri=models:/raypipe-classifier-test@candidate",
+        "tracking.registered_model_name=raypipe-classifier-test",
+        "tracking.alias=candidate",
+        name="registered",
+    )
+    assert train_run(cfg) == 0, "training the shared test model failed"
+    return cfg
