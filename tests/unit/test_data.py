@@ -179,3 +179,87 @@ def test_wrong_width_names_the_column() -> None:
     with pytest.raises(DataError, match="'frame_emb'.* expected 48"):
         shape_columns({**{c: None for c in ("frame_mask", "audio_emb", "audio_mask", "input_ids",
                                               "attention_mask", "text_emb")}, **bad}, INFO)
+
+
+# ------------------------------------------------------------------ up-front checks of raypipe.train (no Ray)
+
+TOKENIZER = {"vocab_size": 2100, "mask_token_id": 103, "pad_token_id": 0, "special_ids": [0, 100, 101, 102, 103]}
+
+
+@pytest.fixture
+def train_overrides(tmp_path: Path) -> list[str]:
+    info = ShardInfo(frame_dim=6, audio_dim=4, text_dim=5, text_len=7, max_frames=8, tokenizer=TOKENIZER)
+    root = write_shards(tmp_path / "features", 40, info=info)
+    return [f"train.data={root}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+
+
+def _prepare(overrides: list[str]):
+    from raypipe.config import load_config
+    from raypipe.train import prepare
+
+    return prepare(load_config("test", overrides))
+
+
+def test_prepare_passes_data_dims_and_loss_switches(train_overrides: list[str]) -> None:
+    cfg, spec, kwargs = _prepare(train_overrides + ["model.name=dmafnet", "train.loss.mlm=0"])
+    assert Path(cfg.train.data).is_absolute() and cfg.tracking.tracking_uri.startswith("sqlite:////")
+    assert kwargs["num_classes"] == 6 and kwargs["frame_dim"] == 6 and kwargs["vocab_size"] == 2100
+    assert kwargs["contrastive"] is True and kwargs["mlm"] is False and kwargs["vtm"] is True
+    assert kwargs["mask_token_id"] == 103 and "text_dim" in kwargs
+    # A builder without aux switches gets none, and its aux weights are ignored.
+    _, _, kw = _prepare(train_overrides + ["model.name=frames_only", "model.params={aggregation: avgpool}"])
+    assert not {"contrastive", "mlm", "vtm"} & set(kw)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=nope"], "config error: model.name: unknown model 'nope' (registered: "),
+        (["model.name=frames_only", "model.params={layers: 3}"], "config error: model.params.layers: not an option of model 'frames_only'"),
+        (["model.name=frames_only", "model.params={frame_dim: 3}"], "config error: model.params.frame_dim: set from the feature shards"),
+        (["model.name=dmafnet", "model.params={mlm: false}"], "config error: model.params.mlm: set by train.loss.mlm"),
+        (["model.name=frames_only", "model.params={aggregation: bogus}"], "config error: model.params: model 'frames_only' rejects"),
+        (["train.num_workers=64"], "config error: train.num_workers: "),
+        (["train.val_fraction=0.0001"], "config error: train.val_fraction: no validation rows"),
+    ],
+)
+def test_impossible_combinations_fail_before_ray(train_overrides: list[str], overrides: list[str], message: str) -> None:
+    from raypipe.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _prepare(train_overrides + overrides)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_f_sco_needs_wbdc_codes(tmp_path: Path) -> None:
+    from raypipe.config import ConfigError
+
+    root = write_shards(tmp_path / "f", 20)
+    tax = tmp_path / "tax.json"
+    tax.write_text(json.dumps(["cat", "dog"]))
+    with pytest.raises(ConfigError, match="val/f_sco needs 4-digit WBDC level-2 codes"):
+        _prepare([f"train.data={root}", f"train.taxonomy={tax}"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    from raypipe.train import lr_factor
+
+    f = [lr_factor(s, warmup=4, total=20) for s in range(21)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
+    assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False)) and f[20] == pytest.approx(0.0)
+
+
+def test_text_encoder_gets_its_own_lr_and_no_decay_on_norms() -> None:
+    from raypipe.config import load_config
+    from raypipe.models import create_model
+    from raypipe.train import param_groups
+
+    cfg = load_config("test", ["train.optim.lr=1e-3", "train.optim.text_lr=5e-5"])
+    model = create_model("dmafnet", num_classes=3, frame_dim=6, vocab_size=50, frame_layers=1, frame_heads=2,
+                         fusion_layers=1, fusion_heads=2, text_hidden=8, text_layers=1, text_heads=2)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["text"]["lr"] == 5e-5 and groups["main"]["lr"] == 1e-3
+    assert groups["main_no_decay"]["weight_decay"] == 0.0 and groups["main"]["weight_decay"] == 0.01
+    n_text = sum(p.numel() for g in groups.values() if g["name"].startswith("text") for p in g["params"])
+    assert n_text == sum(p.numel() for p in model.text_encoder.parameters())
