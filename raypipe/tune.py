@@ -265,7 +265,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raypipe.train import build_trainer
+    from raypipe.train import fit
 
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = trial_run_name(sweep, trial_id)
@@ -276,8 +276,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
         data.setdefault("tracking", {})["parent_run_id"] = parent_run_id
     cfg = apply_params(data, params)
     log.info("trial %s: %s", trial_id, ", ".join(f"{k}={v}" for k, v in params.items()))
-    trainer = build_trainer(cfg, run_name=run_name, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    # fit() is `raypipe train` itself: build_trainer(cfg, run_name=, callbacks=) then TorchTrainer.fit(), and
+    # it marks the MLflow run FAILED if training raises. A restarted trial continues its Train run's checkpoint.
+    fit(cfg, run_name=run_name, callbacks=[TuneReportCallback()])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def summarize_trials(analysis: Any, *, metric: str, mode: str, max_epochs: int) 
                 history.append((int(epoch), v if v is not None else float("nan")))
         finite = [v for _, v in history if math.isfinite(v)]
         best = (max(finite) if mode == "max" else min(finite)) if finite else None
-        epochs_run = len(history) if history else int(trial.last_result.get("training_iteration", 0) or 0)
+        epochs_run = max((e for e, _ in history), default=0)
         error = None
         if trial.status == "ERROR":
             error = _trial_error(trial)
@@ -651,7 +652,9 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     else:
         if t.scheduler == "asha":
             scheduler = ASHAScheduler(
-                time_attr="training_iteration",
+                # The trainer reports its epoch: unlike Tune's iteration count, it stays right when a restarted
+                # trial continues its Train run from a checkpoint.
+                time_attr="epoch",
                 max_t=t.asha.max_t or max_epochs,
                 grace_period=t.asha.grace_period,
                 reduction_factor=t.asha.reduction_factor,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.tune import Callback
 
 from raypipe.config import ConfigError, load_config
 from raypipe.tune import (
@@ -120,3 +121,128 @@ def test_summary_table_lists_params_metric_epochs_and_early_stops() -> None:
     assert lines[2].split()[:6] == ["a_00000", "*", "0.001", "0.61", "4", "no"]
     assert lines[3].split()[:5] == ["a_00001", "1000", "0.05", "1", "yes"]
     assert "ERROR: boom" in lines[4]
+
+
+# ------------------------------------------------------------------------------------------ real sweeps
+
+TINY = [
+    "model.name=frames_only",
+    "model.params={aggregation: avgpool, hidden: 32}",
+    "train.batch_size=8",
+    "train.num_workers=1",
+    "tune.resources.num_workers=1",
+]
+
+
+@pytest.fixture(scope="module")
+def sweep_config(feature_shards, test_config_factory):
+    """A sweep over the session shards: tiny frames-only model, 1 gloo worker per trial."""
+    shards_cfg, _ = feature_shards
+
+    def make(name: str, *overrides: str):
+        return test_config_factory(f"train.data={shards_cfg.embed.output}", *TINY, f"tune.name={name}", *overrides,
+                                   name=name)
+
+    return make
+
+
+def _mlflow(cfg):
+    from raypipe.tracking import experiment_id, make_client
+
+    client = make_client(cfg.tracking)
+    return client, experiment_id(client, cfg.tracking)
+
+
+def _children(cfg, parent_run_id: str):
+    client, exp = _mlflow(cfg)
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_config(sweep_config, tmp_path) -> None:
+    from raypipe.cli import main
+    from raypipe.tune import tune
+
+    cfg = sweep_config(
+        "sweep4", "train.epochs=2", "tune.num_samples=4", "tune.max_concurrent_trials=2", "tune.scheduler=none",
+        "tune.search_space={train.optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
+    )
+    result = tune(cfg)
+
+    assert len(result.trials) == 4 and result.num_errors == 0
+    assert all(t.status == "TERMINATED" and t.epochs_run == 2 and not t.stopped_early for t in result.trials)
+    lrs = sorted(t.params["train.optim.lr"] for t in result.trials)
+    assert len(set(lrs)) == 4 and lrs[0] >= 1e-4 and lrs[-1] <= 3e-2
+    assert result.best is not None and result.best.best_metric == max(t.best_metric for t in result.trials)
+
+    # every trial is a child run of the sweep's run, with its sampled lr and both epochs of metrics
+    client, _ = _mlflow(cfg)
+    children = {r.info.run_id: r for r in _children(cfg, result.parent_run_id)}
+    assert len(children) == 4
+    for t in result.trials:
+        run = children[t.mlflow_run_id]
+        assert run.data.tags["raypipe.trial_id"] == t.trial_id
+        assert float(run.data.params["train.optim.lr"]) == pytest.approx(t.params["train.optim.lr"])
+        history = client.get_metric_history(run.info.run_id, "val/f_sco")
+        assert sorted(m.step for m in history) == [1, 2]
+        assert run.info.status == "FINISHED"
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.params["space.train.optim.lr"] == "loguniform[0.0001, 0.03]"
+    assert parent.data.metrics["best/val/f_sco"] == pytest.approx(result.best.best_metric)
+    assert parent.data.tags["raypipe.best_trial_id"] == result.best.trial_id
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"best_config.yaml", "trials_metric.png", "trials.csv", "trials.txt", "search_space.yaml"} <= artifacts
+    assert Path(result.plot_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for t in result.trials:
+        assert t.trial_id in result.table
+
+    # the exported best config is a plain training YAML: `raypipe train -c best_config.yaml` runs as it is
+    best = yaml.safe_load(Path(result.best_config_path).read_text())
+    assert "tune" not in best and "parent_run_id" not in best.get("tracking", {})
+    assert best["train"]["optim"]["lr"] == pytest.approx(result.best.params["train.optim.lr"])
+    assert main(["train", "-c", result.best_config_path, "--epochs", "1"]) == 0
+    retrained = client.search_runs([_mlflow(cfg)[1]], filter_string="attributes.run_name = 'sweep4-best'")
+    assert len(retrained) == 1 and "mlflow.parentRunId" not in retrained[0].data.tags
+    assert float(retrained[0].data.params["train.optim.lr"]) == pytest.approx(result.best.params["train.optim.lr"])
+
+
+class InterruptAfterFirstTrial(Callback):
+    """Stops the whole sweep (SIGUSR1, which Tune handles like Ctrl+C) once the first trial has finished."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = str(flag)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if not os.path.exists(self.flag):  # Tune restores callbacks with the sweep: fire only once
+            Path(self.flag).touch()
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_asha_stops_a_diverging_trial_and_a_rerun_finishes_only_the_remaining_trials(sweep_config, tmp_path) -> None:
+    from raypipe.tune import tune
+
+    cfg = sweep_config(
+        "asha_resume", "train.epochs=4", "tune.max_concurrent_trials=1", "tune.num_samples=1",
+        "tune.scheduler=asha", "tune.asha.grace_period=1", "tune.asha.reduction_factor=2",
+        "tune.search_space={train.optim.lr: {grid: [0.003, 1000.0]}}",
+    )
+    first = tune(cfg, callbacks=[InterruptAfterFirstTrial(tmp_path / "interrupted")])
+    assert [t.status for t in first.trials] == ["TERMINATED"]
+    done = first.trials[0]
+    assert done.params["train.optim.lr"] == 0.003 and done.epochs_run == 4
+    assert len(_children(cfg, first.parent_run_id)) == 1
+
+    second = tune(cfg)  # same sweep again: restored, not restarted
+    assert second.resumed and second.parent_run_id == first.parent_run_id
+    by_lr = {t.params["train.optim.lr"]: t for t in second.trials}
+    assert set(by_lr) == {0.003, 1000.0}
+    assert by_lr[0.003].trial_id == done.trial_id and by_lr[0.003].history == done.history
+    children = _children(cfg, second.parent_run_id)
+    assert sorted(r.info.run_name for r in children) == sorted(f"asha_resume_{t.trial_id}" for t in second.trials)
+    assert by_lr[0.003].mlflow_run_id == done.mlflow_run_id  # the finished trial's run was not re-created
+
+    # ASHA: at the first rung the diverging trial is below the sane one's result and is stopped there
+    bad = by_lr[1000.0]
+    assert bad.status == "TERMINATED" and bad.stopped_early and bad.epochs_run == 1
+    assert bad.best_metric < by_lr[0.003].history[0][1]
+    assert second.best.trial_id == done.trial_id
+    assert "yes" in next(line for line in second.table.splitlines() if line.startswith(bad.trial_id))
