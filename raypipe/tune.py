@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune.schedulers import ASHAScheduler
 
 from raypipe import tracking
 from raypipe.config import ConfigError, RaypipeConfig, validate_config
@@ -50,6 +51,7 @@ SWEEP_FINGERPRINT_TAG = "raypipe.sweep_fingerprint"
 BEST_CONFIG_NAME = "best_config.yaml"
 PLOT_NAME = "trials_metric.png"
 TABLE_NAME = "trials.csv"
+ASHA_STATE_NAME = "asha_rungs.json"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -468,12 +470,19 @@ def plot_trials(trials: Sequence[TrialSummary], *, metric: str, path: str | Path
     fig.savefig(str(path))
 
 
-def best_training_config(base: dict[str, Any], best: TrialSummary, *, sweep: str) -> dict[str, Any]:
-    """The best trial's full config as a plain training YAML: no tune section, no parent run, its own run name."""
-    data = json.loads(json.dumps(base))
-    data.setdefault("train", {})["run_name"] = f"{sweep}-best"
-    data.get("tracking", {}).pop("parent_run_id", None)
+def best_training_config(cfg: RaypipeConfig, best: TrialSummary) -> dict[str, Any]:
+    """The best trial as a plain training YAML: what the user set, the trial's values, the sweep's metric, no
+    tune section or parent run, absolute paths (it may be run from anywhere) and its own run name."""
+    data = _base_dict(cfg)
     data.pop("tune", None)
+    train = data.setdefault("train", {})
+    train["data"] = _absolute(cfg.train.data)
+    train["storage_path"] = _absolute(cfg.train.storage_path)
+    train["run_name"] = f"{cfg.tune.name}-best"
+    train["metric"], train["mode"] = sweep_metric(cfg)
+    tracking_section = data.setdefault("tracking", {})
+    tracking_section["tracking_uri"] = tracking.absolute_tracking_uri(cfg.tracking.tracking_uri)
+    tracking_section.pop("parent_run_id", None)
     for key, value in best.params.items():
         apply_override(data, key.split("."), _plain(value))
     validate_config(data)  # the exported file must load as it is
@@ -599,6 +608,58 @@ def _tag_children(tracker: SweepTracker, trials: list[TrialSummary], sweep: str)
 
 
 # --------------------------------------------------------------------------------------------------------------
+# ASHA that survives a resume
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rung records survive ``Tuner.restore``.
+
+    Tune checkpoints the searcher and the callbacks but rebuilds the scheduler from the pickle made when the
+    sweep started, so after a resume ASHA would have no results at any rung and could not stop the remaining
+    trials. This subclass writes its rung records beside the sweep after every decision and reads them back
+    once, before its first decision in a resumed run (rungs are keyed by the stable trial ids).
+    """
+
+    def __init__(self, *, state_uri: str, storage: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._state_uri = state_uri
+        self._storage = storage
+        self._loaded = False
+
+    def _load_once(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        fs, p = rfs.resolve(self._state_uri, self._storage)
+        if not fs.exists(p):
+            return
+        saved = json.loads(fs.cat_file(p))
+        for bracket, rungs in zip(self._brackets, saved["brackets"], strict=False):
+            for (_, recorded), saved_recorded in zip(bracket._rungs, rungs, strict=False):
+                recorded.update({k: float(v) for k, v in saved_recorded.items()})
+        self._num_stopped = int(saved.get("num_stopped", 0))
+        log.info("ASHA rung records restored from %s", self._state_uri)
+
+    def _save(self) -> None:
+        state = {
+            "brackets": [[dict(recorded) for _, recorded in b._rungs] for b in self._brackets],
+            "num_stopped": self._num_stopped,
+        }
+        fs, p = rfs.resolve(self._state_uri, self._storage)
+        rfs.atomic_write_bytes(fs, p, json.dumps(state).encode())
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load_once()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._load_once()
+        decision = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return decision
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the sweep
 
 
@@ -610,7 +671,7 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     """
     import ray
     from ray import tune as rt
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     validate_search_space(cfg)
@@ -651,7 +712,9 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
         tuner = rt.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=t.restart_errored)
     else:
         if t.scheduler == "asha":
-            scheduler = ASHAScheduler(
+            scheduler = ResumableASHA(
+                state_uri=rfs.join(path, ASHA_STATE_NAME),
+                storage=cfg.storage,
                 # The trainer reports its epoch: unlike Tune's iteration count, it stays right when a restarted
                 # trial continues its Train run from a checkpoint.
                 time_attr="epoch",
@@ -683,7 +746,7 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
             ),
         )
     grid = tuner.fit()
-    return _finish(cfg, grid.experiment_path, base=base, tracker=tracker, max_epochs=max_epochs, resumed=restorable)
+    return _finish(cfg, grid.experiment_path, tracker=tracker, max_epochs=max_epochs, resumed=restorable)
 
 
 def _can_restore(path: str) -> bool:
@@ -696,7 +759,7 @@ def _can_restore(path: str) -> bool:
 
 
 def _finish(
-    cfg: RaypipeConfig, path: str, *, base: dict[str, Any], tracker: SweepTracker | None, max_epochs: int,
+    cfg: RaypipeConfig, path: str, *, tracker: SweepTracker | None, max_epochs: int,
     resumed: bool,
 ) -> SweepResult:
     from ray.tune import ExperimentAnalysis
@@ -719,7 +782,7 @@ def _finish(
         Path(best_config_path).write_text(
             f"# Best trial {best.trial_id} of sweep {t.name} ({metric}={best.best_metric:.4g}).\n"
             f"# Train it with: raypipe train -c {best_config_path}\n"
-            + yaml.safe_dump(best_training_config(base, best, sweep=t.name), sort_keys=False)
+            + yaml.safe_dump(best_training_config(cfg, best), sort_keys=False)
         )
     result = SweepResult(
         name=t.name, path=path, metric=metric, mode=mode, trials=trials, best=best,

@@ -123,6 +123,29 @@ def test_summary_table_lists_params_metric_epochs_and_early_stops() -> None:
     assert "ERROR: boom" in lines[4]
 
 
+def test_asha_rung_records_survive_a_restore(tmp_path) -> None:
+    """Tune rebuilds schedulers from their start-of-sweep pickle on restore; ours reloads its rungs."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from raypipe.tune import ResumableASHA
+
+    def make():
+        return ResumableASHA(state_uri=str(tmp_path / "rungs.json"), time_attr="epoch", metric="val/f_sco",
+                             mode="max", max_t=4, grace_period=1, reduction_factor=2)
+
+    before = make()
+    good = SimpleNamespace(trial_id="t_00000")
+    before.on_trial_add(None, good)
+    assert before.on_trial_result(None, good, {"epoch": 1.0, "val/f_sco": 0.5}) == TrialScheduler.CONTINUE
+
+    after = make()  # a resumed sweep: fresh object, same sweep folder
+    bad = SimpleNamespace(trial_id="t_00001")
+    after.on_trial_add(None, bad)
+    assert after.on_trial_result(None, bad, {"epoch": 1.0, "val/f_sco": 0.0}) == TrialScheduler.STOP
+
+
 # ------------------------------------------------------------------------------------------ real sweeps
 
 TINY = [
