@@ -223,7 +223,7 @@ def format_table(summary: dict[str, Any]) -> str:
     s = summary
     names = s.get("class_names") or {}
     lines = [
-        f"raypipe label run {s['run_id']}  model {s['model']['name']} v{s['model']['version']} ({s['mode']})",
+        f"raypipe label run {s['run_id']}: model {s['model']['name']} version {s['model']['version']} ({s['mode']})",
         f"{'videos seen':<24}{s['videos_seen']:>8}",
         f"{'skipped (already done)':<24}{s['skipped']:>8}",
         f"{'labelled':<24}{s['labelled']:>8}",
@@ -313,11 +313,10 @@ class _Classify:
         from raypipe.tracking import load_classifier
 
         torch.set_num_threads(1)
-        if tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking_uri)
-        self.clf = load_classifier(model_uri, storage=storage)
+        self.clf = load_classifier(model_uri, storage, tracking_uri=tracking_uri)
+        if torch.cuda.is_available() and ray_gpu_ids():
+            self.clf.model.to("cuda")
+            self.clf.device = "cuda"
         self.mode = mode
         self.codes = list(class_codes) if class_codes is not None else [str(c) for c in self.clf.classes]
         self.k = min(top_k, len(self.codes))
@@ -368,6 +367,13 @@ class _Classify:
         }
 
 
+def ray_gpu_ids() -> list[int]:
+    """GPUs Ray assigned to this actor (empty on CPU-only actors, even on a GPU machine)."""
+    import ray
+
+    return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+
+
 def _finish_row(row: dict[str, Any], common: dict[str, Any], labelled_at: datetime) -> dict[str, Any]:
     """Driver side: numpy-batch row -> prediction row (nulls instead of fill values, run provenance added)."""
     ok = row["status"] == "ok"
@@ -386,16 +392,6 @@ def _finish_row(row: dict[str, Any], common: dict[str, Any], labelled_at: dateti
 # ------------------------------------------------------------------------------------------------------ run
 
 
-def _absolute_tracking_uri(uri: str) -> str:
-    """``sqlite:///relative.db`` -> absolute, so Ray workers (other cwd) open the same database."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        import os
-
-        return prefix + os.path.abspath(uri[len(prefix):])
-    return uri
-
-
 def _embed_class_names(cfg: RaypipeConfig, names: dict[str, str]) -> np.ndarray:
     """Class names through the same text encoder as the features' ``text_emb`` -> (C, Dt) float32."""
     from raypipe.embed.text import TextEncoder
@@ -408,15 +404,24 @@ def _embed_class_names(cfg: RaypipeConfig, names: dict[str, str]) -> np.ndarray:
 
 
 def _check_embedders(model_embedders: dict[str, Any], live_embedders: dict[str, Any]) -> None:
-    """A model only understands features from the encoders it was trained on: refuse a mismatch up front."""
+    """A model only understands features from the encoders it was trained on: refuse a mismatch up front.
+
+    Everything that shapes the features counts (name, dim, weights, image size, ...); a library version bump
+    only warns, since it rarely changes the numbers and blocking the nightly run on it would hurt more.
+    """
     bad = []
     for key in ("frames", "audio", "text"):
         m, v = model_embedders.get(key, {}), live_embedders.get(key, {})
-        for attr in ("name", "dim"):
-            if m.get(attr) != v.get(attr):
-                bad.append(f"{key}.{attr}: model was trained on {m.get(attr)!r}, embed.* now gives {v.get(attr)!r}")
+        for attr in sorted(set(m) | set(v)):
+            if m.get(attr) == v.get(attr):
+                continue
+            msg = f"{key}.{attr}: model trained on {m.get(attr)!r}, embed.* gives {v.get(attr)!r}"
+            if attr == "version":
+                log.warning("label: %s", msg)
+            else:
+                bad.append(msg)
     if bad:
-        raise ValueError("label: the model's embedders differ from embed.*: " + "; ".join(bad))
+        raise ValueError("label: the model's embedders differ from embed.* (" + "; ".join(bad) + ")")
 
 
 def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
@@ -425,18 +430,13 @@ def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
 
     from raypipe.embed.pipeline import build_feature_dataset, ensure_ray, feature_info
     from raypipe.io.sources import list_videos
-    from raypipe.tracking import load_classifier
+    from raypipe.tracking import absolute_tracking_uri, load_classifier
 
     lc = cfg.label
     t0 = time.monotonic()
     run_id = _new_run_id()
-    tracking_uri = _absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
-    if tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
-
-    clf = load_classifier(lc.model_uri, storage=cfg.storage)
+    tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
+    clf = load_classifier(lc.model_uri, cfg.storage, tracking_uri=tracking_uri)
     model_name, model_version = str(clf.model_name), str(clf.model_version)
     resolved_uri = f"models:/{model_name}/{model_version}" if lc.model_uri.startswith("models:/") else lc.model_uri
     info = feature_info(cfg)
@@ -527,8 +527,8 @@ def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
         "duration_s": round(time.monotonic() - t0, 3),
     }
     summary["reports"] = _write_reports(cfg, summary)
-    if tracking_uri and lc.log_mlflow:
-        _log_to_mlflow(cfg, summary)
+    if cfg.tracking.enabled and lc.log_mlflow:
+        summary["mlflow_run_id"] = _log_to_mlflow(cfg, summary)
     log.info("label run %s done\n%s", run_id, format_table(summary))
     return summary
 
@@ -564,7 +564,7 @@ def _write_reports(cfg: RaypipeConfig, summary: dict[str, Any]) -> dict[str, str
         "summary.txt": (format_table(summary) + "\n").encode(),
         "label_distribution.png": plot_distribution(
             summary["label_distribution"], summary["class_names"],
-            f"top-1 labels, {summary['model']['name']} v{summary['model']['version']} ({summary['labelled']} videos)",
+            f"top-1 labels, {summary['model']['name']} version {summary['model']['version']} ({summary['labelled']} videos)",
         ),
     }
     paths = {}
@@ -577,30 +577,38 @@ def _write_reports(cfg: RaypipeConfig, summary: dict[str, Any]) -> dict[str, str
     return paths
 
 
-def _log_to_mlflow(cfg: RaypipeConfig, summary: dict[str, Any]) -> None:
+def _log_to_mlflow(cfg: RaypipeConfig, summary: dict[str, Any]) -> str | None:
     """One MLflow run per labelling run: counts as metrics, the reports as artifacts. Never fails the job."""
     import tempfile
     from pathlib import Path
 
-    import mlflow
+    from raypipe.tracking import RunLogger, experiment_id, make_client
 
     try:
-        mlflow.set_experiment(cfg.tracking.experiment)
-        with mlflow.start_run(run_name=f"label-{summary['run_id']}", tags={"raypipe.stage": "label"}):
-            mlflow.log_params({
-                "model_name": summary["model"]["name"], "model_version": summary["model"]["version"],
-                "model_uri": summary["model"]["uri"], "mode": summary["mode"], "source": summary["source"],
-            })
-            mlflow.log_metrics({k: float(summary[k]) for k in
-                                ("videos_seen", "skipped", "labelled", "failed", "failure_rate", "duration_s")})
-            with tempfile.TemporaryDirectory() as tmp:
-                for name in ("summary.json", "summary.txt", "label_distribution.png"):
-                    fs, _ = resolve(cfg.label.output, cfg.storage)
-                    with fs.open(summary["reports"][name], "rb") as src:
-                        (Path(tmp) / name).write_bytes(src.read())
-                mlflow.log_artifacts(tmp, artifact_path="label")
+        client = make_client(cfg.tracking)
+        run = client.create_run(
+            experiment_id(client, cfg.tracking), run_name=f"label-{summary['run_id']}",
+            tags={"raypipe.stage": "label", "raypipe.label_run": summary["run_id"]},
+        )
+        logger = RunLogger(cfg.tracking, run.info.run_id)
+        logger.log_params({
+            "model_name": summary["model"]["name"], "model_version": summary["model"]["version"],
+            "model_uri": summary["model"]["uri"], "mode": summary["mode"], "source": summary["source"],
+            "output": summary["output"],
+        })
+        logger.log_metrics({k: float(summary[k]) for k in
+                            ("videos_seen", "skipped", "labelled", "failed", "failure_rate", "duration_s")}, step=0)
+        fs, _ = resolve(cfg.label.output, cfg.storage)
+        with tempfile.TemporaryDirectory(prefix="raypipe-label-") as tmp:
+            for name, path in summary["reports"].items():
+                local = Path(tmp) / name
+                local.write_bytes(fs.cat_file(path))
+                logger.log_file(local, "label")
+        logger.finish("FINISHED" if summary["status"] == "ok" else "FAILED")
+        return run.info.run_id
     except Exception:  # tracking is a side channel: the predictions are already committed
         log.exception("label: MLflow logging failed (predictions are committed; continuing)")
+        return None
 
 
 def run(cfg: RaypipeConfig) -> int:

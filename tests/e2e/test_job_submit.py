@@ -183,3 +183,31 @@ def test_token_auth_and_working_dir(local_cluster: LocalCluster, tmp_path: Path)
     assert status == "SUCCEEDED", logs[-4000:]
     assert "RESULT 42" in logs
     assert f"EXE {VENV_BIN}" in logs
+
+
+def test_nightly_label_job_via_job_submit(local_cluster: LocalCluster, registered_model, corpus, tmp_path: Path) -> None:
+    """`ray job submit -- python jobs/label_nightly.py ...` labels videos on the cluster with the registered model."""
+    from raypipe.label import read_predictions
+
+    cfg = registered_model
+    out = tmp_path / "labels"
+    sets = {
+        "embed.source.uri": corpus.videos_dir,
+        "embed.source.annotations": corpus.annotations_path,
+        "embed.source.limit": 10,
+        "label.output": out,
+        "tracking.tracking_uri": cfg.tracking.tracking_uri,
+        "tracking.registered_model_name": cfg.tracking.registered_model_name,
+        "label.class_names": cfg.label.class_names,
+    }
+    entry = ["python", "jobs/label_nightly.py", "-c", "test", "--model-uri", cfg.label.model_uri]
+    for key, value in sets.items():
+        entry += ["--set", f"{key}={value}"]
+    status, logs = _submit(local_cluster, entry, working_dir=REPO, timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+    summary = json.loads((out / "reports" / "latest" / "summary.json").read_text())
+    assert summary["videos_seen"] == 10 and summary["labelled"] + summary["failed"] == 10
+    assert summary["model"]["name"] == cfg.tracking.registered_model_name
+    preds = read_predictions(str(out))
+    assert preds.num_rows == 10 and set(preds.column("model_version").to_pylist()) == {summary["model"]["version"]}
+    assert "videos seen" in logs  # the human table is in the job log
