@@ -179,6 +179,15 @@ def _model_param_problem(cfg: RaypipeConfig, name: str) -> str | None:
     return None
 
 
+def expected_trials(cfg: RaypipeConfig) -> int:
+    """num_samples x the size of every grid (Tune's count of trials for a basic-variant search)."""
+    n = cfg.tune.num_samples
+    for spec in cfg.tune.search_space.values():
+        if "grid" in spec:
+            n *= len(spec["grid"])
+    return n
+
+
 def max_epochs_of(cfg: RaypipeConfig) -> int:
     """The most epochs any trial can run (train.epochs, or the largest value it is swept over)."""
     spec = cfg.tune.search_space.get("train.epochs")
@@ -315,11 +324,18 @@ class SweepResult:
     plot_path: str | None
     table: str
     resumed: bool
+    expected_trials: int = 0
     registered_version: str | None = None
 
     @property
     def num_errors(self) -> int:
         return sum(t.status == "ERROR" for t in self.trials)
+
+    @property
+    def complete(self) -> bool:
+        """False after an interruption (Ctrl+C, SIGUSR1, driver stop): run the sweep again to finish it."""
+        finished = all(t.status in ("TERMINATED", "ERROR") for t in self.trials)
+        return finished and len(self.trials) >= self.expected_trials
 
 
 def _is_better(a: float, b: float, mode: str) -> bool:
@@ -585,7 +601,7 @@ class SweepTracker:
         for p in (result.plot_path, result.best_config_path):
             if p and not rfs.is_remote(p) and Path(p).exists():
                 self.log_file(p)
-        status = "FINISHED" if result.best is not None else "FAILED"
+        status = "KILLED" if not result.complete else "FINISHED" if result.best is not None else "FAILED"
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -787,7 +803,7 @@ def _finish(
     result = SweepResult(
         name=t.name, path=path, metric=metric, mode=mode, trials=trials, best=best,
         parent_run_id=tracker.run_id if tracker else None, best_config_path=best_config_path, plot_path=plot_path,
-        table=table, resumed=resumed,
+        table=table, resumed=resumed, expected_trials=expected_trials(cfg),
     )
     if tracker is not None and best is not None and t.register_best:
         result.registered_version = _register_best(cfg, best)
@@ -826,6 +842,10 @@ def run(cfg: RaypipeConfig) -> int:
         log.error("%s", err)
         return 2
     log.info("sweep %s (%s%s):\n%s", result.name, result.path, ", resumed" if result.resumed else "", result.table)
+    if not result.complete:
+        log.warning("sweep %s was interrupted after %d of %d trials; run the same command again to finish it",
+                    result.name, len(result.trials), result.expected_trials)
+        return 130
     if result.best is None:
         log.error("no trial of sweep %s reported %s; see the table above", result.name, result.metric)
         return 1

@@ -191,7 +191,7 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
     )
     result = tune(cfg)
 
-    assert len(result.trials) == 4 and result.num_errors == 0
+    assert len(result.trials) == 4 and result.num_errors == 0 and result.complete
     assert all(t.status == "TERMINATED" and t.epochs_run == 2 and not t.stopped_early for t in result.trials)
     lrs = sorted(t.params["train.optim.lr"] for t in result.trials)
     assert len(set(lrs)) == 4 and lrs[0] >= 1e-4 and lrs[-1] <= 3e-2
@@ -249,13 +249,13 @@ def test_asha_stops_a_diverging_trial_and_a_rerun_finishes_only_the_remaining_tr
         "tune.search_space={train.optim.lr: {grid: [0.003, 1000.0]}}",
     )
     first = tune(cfg, callbacks=[InterruptAfterFirstTrial(tmp_path / "interrupted")])
-    assert [t.status for t in first.trials] == ["TERMINATED"]
+    assert [t.status for t in first.trials] == ["TERMINATED"] and not first.complete
     done = first.trials[0]
     assert done.params["train.optim.lr"] == 0.003 and done.epochs_run == 4
     assert len(_children(cfg, first.parent_run_id)) == 1
 
     second = tune(cfg)  # same sweep again: restored, not restarted
-    assert second.resumed and second.parent_run_id == first.parent_run_id
+    assert second.resumed and second.complete and second.parent_run_id == first.parent_run_id
     by_lr = {t.params["train.optim.lr"]: t for t in second.trials}
     assert set(by_lr) == {0.003, 1000.0}
     assert by_lr[0.003].trial_id == done.trial_id and by_lr[0.003].history == done.history
