@@ -359,9 +359,34 @@ def encode_targets(targets: Sequence[Any], classes: Sequence[str], task: Task) -
         raise DataError(f"label {exc.args[0]!r} is not one of the {len(classes)} model classes") from None
 
 
-def to_torch(batch: Mapping[str, np.ndarray], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def trim_text_padding(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the token columns that are padding in every row (dynamic padding).
+
+    Shards store ``text_len`` tokens (the embed max length) but most texts are much shorter; attention masks
+    padded keys out, so the encoders give the same result on the trimmed batch at a fraction of the cost
+    (attention and the MLM vocabulary logits scale with L).
+    """
+    if "attention_mask" not in batch or "input_ids" not in batch:
+        return dict(batch)
+    mask = np.asarray(batch["attention_mask"])  # (B, L)
+    real = np.flatnonzero(mask.any(axis=0))
+    keep = int(real[-1]) + 1 if len(real) else 1
+    if keep == mask.shape[1]:
+        return dict(batch)
+    out = dict(batch)
+    out["input_ids"] = np.asarray(batch["input_ids"])[:, :keep]
+    out["attention_mask"] = mask[:, :keep]
+    return out
+
+
+def to_torch(
+    batch: Mapping[str, np.ndarray], device: torch.device | str | None = None, *, trim_text: bool = True
+) -> dict[str, torch.Tensor]:
     """Numpy model arrays -> the model batch contract (float32 features, bool masks, int64 ids/labels)."""
     import torch
+
+    if trim_text:
+        batch = trim_text_padding(batch)
 
     dtypes = {
         "frame_feats": torch.float32,

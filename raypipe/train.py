@@ -88,6 +88,7 @@ class TrainResult:
     registered_model_version: str | None = None
     model_uri: str | None = None  # the logged MLflow model (models:/m-...)
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_epoch: int = 0  # > 0 when the last attempt started from a checkpoint (restart or re-run)
 
     @property
     def best_value(self) -> float | None:
@@ -384,6 +385,7 @@ def _write_checkpoint(
     meta: dict[str, Any],
     val_scores: np.ndarray,
     val_targets: np.ndarray,
+    val_ids: np.ndarray,
 ) -> None:
     import torch
 
@@ -394,7 +396,9 @@ def _write_checkpoint(
         d / TRAIN_STATE_FILE,
     )
     (d / META_FILE).write_text(json.dumps(meta, indent=1, default=float))
-    np.savez_compressed(d / VAL_PREDICTIONS_FILE, scores=val_scores.astype(np.float32), targets=val_targets)
+    np.savez_compressed(
+        d / VAL_PREDICTIONS_FILE, scores=val_scores.astype(np.float32), targets=val_targets, video_id=val_ids.astype(str)
+    )
 
 
 def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int, world: int, storage: Any) -> None:
@@ -549,10 +553,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         # ---- validation on rank 0 over the whole val split
         val_scores = np.zeros((0, len(spec.classes)), np.float32)
         val_targets = np.zeros((0,) if t.task == "single_label" else (0, len(spec.classes)))
+        val_ids = np.zeros((0,), dtype=object)
         val_metrics: dict[str, float] = {}
         if rank == 0:
             core.eval()
-            scores, targets, val_loss, val_n = [], [], 0.0, 0
+            scores, targets, ids, val_loss, val_n = [], [], [], 0.0, 0
             if val_cache is None:
                 val_source: Any = val_it.iter_batches(batch_size=t.batch_size, batch_format="numpy")
                 cache: list[dict[str, np.ndarray]] | None = []
@@ -573,10 +578,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                     probs = torch.softmax(logits, -1) if t.task == "single_label" else torch.sigmoid(logits)
                     scores.append(probs.cpu().numpy())
                     targets.append(np.asarray(np_batch[target_key]))
+                    ids.append(np.asarray(np_batch["video_id"]))
             if cache is not None and sum(v.nbytes for b in cache for v in b.values()) <= VAL_CACHE_BYTES:
                 val_cache = cache  # the val split never changes: later epochs skip re-reading it
             val_scores = np.concatenate(scores) if scores else val_scores
             val_targets = np.concatenate(targets) if targets else val_targets
+            val_ids = np.concatenate(ids) if ids else val_ids
             val_metrics = compute_metrics(val_scores, val_targets, task=t.task, classes=spec.classes, prefix="val/")
             val_metrics["val/loss"] = val_loss / max(val_n, 1)
         if distributed:
@@ -613,7 +620,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
                 _write_checkpoint(
                     tmp, model=core, optimizer=optimizer, scheduler=scheduler, scaler=scaler, meta=meta,
-                    val_scores=val_scores, val_targets=val_targets,
+                    val_scores=val_scores, val_targets=val_targets, val_ids=val_ids,
                 )
                 ray.train.report(
                     metrics,
@@ -626,7 +633,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     if rank != 0:
         return None
-    summary: dict[str, Any] = {"history": history}
+    summary: dict[str, Any] = {"history": history, "resumed_from_epoch": start_epoch - 1}
     if run_logger is not None:
         summary.update(_log_final(run_logger, cfg, spec, history, example_rows))
     return summary
@@ -732,6 +739,7 @@ def fit(
         mlflow_run_id=mlflow_run_id,
         model_uri=summary.get("model_uri"),
         history=list(summary.get("history", [])),
+        resumed_from_epoch=int(summary.get("resumed_from_epoch", 0)),
     )
     if mlflow_run_id and run_cfg.train.register_model and out.model_uri:
         out.registered_model_version = register_run_model(run_cfg, run_id=mlflow_run_id)

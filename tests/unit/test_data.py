@@ -263,3 +263,13 @@ def test_text_encoder_gets_its_own_lr_and_no_decay_on_norms() -> None:
     assert groups["main_no_decay"]["weight_decay"] == 0.0 and groups["main"]["weight_decay"] == 0.01
     n_text = sum(p.numel() for g in groups.values() if g["name"].startswith("text") for p in g["params"])
     assert n_text == sum(p.numel() for p in model.text_encoder.parameters())
+
+
+def test_trailing_text_padding_is_trimmed_per_batch() -> None:
+    from raypipe.data import to_torch
+
+    ids = np.array([[101, 5, 102, 0, 0], [101, 102, 0, 0, 0]])
+    batch = to_torch({"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32)})
+    assert batch["input_ids"].tolist() == [[101, 5, 102], [101, 102, 0]]
+    full = to_torch({"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32)}, trim_text=False)
+    assert full["input_ids"].shape == (2, 5)
