@@ -104,7 +104,7 @@ def test_search_space_becomes_tune_domains_and_overrides() -> None:
     cfg = apply_params(load_config("test").model_dump(mode="json", exclude_unset=True), flatten(trial))
     assert cfg.train.optim.lr == pytest.approx(3e-3)
     assert cfg.train.batch_size == 8
-    assert cfg.model.params == {"dim": 64}
+    assert cfg.model.params["dim"] == 64  # merged into the preset's model.params, like --set
 
 
 def test_summary_table_lists_params_metric_epochs_and_early_stops() -> None:
