@@ -108,7 +108,7 @@ def moto_s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    storage = StorageConfig(endpoint_url=endpoint, region="us-east-1")
+    storage = StorageConfig(endpoint_url=endpoint)
     bucket = "raypipe-test"
     fs, _ = resolve(f"s3://{bucket}", storage)
     fs.mkdir(bucket)

@@ -117,6 +117,9 @@ class EmbedConfig(StrictModel):
     output: str = "demo_out/features"
     num_shards: int = Field(default=4, ge=1)
     decode_num_cpus: float = Field(default=1.0, gt=0)
+    # Memory reserved per decode task (decoded video is ~10x the file): bounds how many decode at once per node.
+    # Also keeps Ray from fusing decode into the frame actor (different remote args), so decode stays a task pool.
+    decode_memory_mb: int = Field(default=256, ge=1)
     # Videos per Ray block out of the list stage (one decode task each); small keeps decoded memory bounded.
     videos_per_block: int = Field(default=2, ge=1)
     # Rows per part file (the unit of resume).

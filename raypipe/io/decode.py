@@ -52,6 +52,7 @@ class _Sampled:
     frames: np.ndarray  # (T, S, S, 3) uint8, zero-padded
     times: np.ndarray  # (T,) float32, NaN-free, zero-padded
     count: int
+    end_s: float | None  # where the video stream really ended, when decoding reached its end early
 
 
 def sample_times(duration: float, cfg: DecodeConfig) -> list[float]:
@@ -121,6 +122,7 @@ def _sample_video(
     prev = pending = None
     pos = -math.inf
     got = 0
+    end_s = None
     frame_period = 1.0 / float(vs.average_rate) if vs.average_rate else 1.0 / cfg.fps
     try:
         for k, t in enumerate(targets):
@@ -152,8 +154,10 @@ def _sample_video(
                     if time.monotonic() > deadline:
                         raise DecodeFailure("decode_timeout", f"decoding took longer than {cfg.max_decode_s}s")
                 chosen = prev if prev is not None else pending
-                if chosen is not None and pending is None and chosen is prev and t - pos > 2 * max(frame_period, 1.0 / cfg.fps):
-                    # The stream ended well before this target (the header promised more): stop here.
+                if chosen is not None and pending is None and t >= pos + 0.9 * frame_period:  # timestamps are rounded (ms in webm)
+                    # End of stream before this target: the last frame is no longer on screen at t (the header
+                    # duration may count a longer audio track). Stop; the video really ends at pos + period.
+                    end_s = pos + frame_period
                     break
             if chosen is None:
                 break
@@ -168,7 +172,7 @@ def _sample_video(
         raise DecodeFailure("truncated", f"decoding stopped after {got} of {n} frames: {exc}") from exc
     if got == 0:
         raise DecodeFailure("corrupt", "the video stream has no decodable frame")
-    return _Sampled(frames=frames, times=times, count=got)
+    return _Sampled(frames=frames, times=times, count=got, end_s=end_s)
 
 
 def _decode_audio(
@@ -287,6 +291,8 @@ def decode_video(
             audio, audio_mask = _decode_audio(
                 container, np.asarray(targets, np.float64), sampled.count, decode_cfg, seek=seek, deadline=deadline
             )
+        if sampled.end_s is not None:
+            duration = min(duration, sampled.end_s) if duration else sampled.end_s
         row.update(
             duration_s=float(duration if duration else sampled.times[sampled.count - 1] + 1.0 / decode_cfg.fps),
             num_frames=int(sampled.count),

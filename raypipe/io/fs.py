@@ -35,6 +35,8 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.Abst
             anon=storage.anon,
             endpoint_url=storage.endpoint_url,
             client_kwargs=client_kwargs,
+            # Parts are written by other processes: a cached listing would hide them from the driver.
+            use_listings_cache=False,
         )
         return fs, uri.split("://", 1)[1].rstrip("/")
     if uri.startswith("file://"):

@@ -1,0 +1,1 @@
+"""The embedding stage: frame / audio / text encoder actors and the Ray Data pipeline that drives them."""

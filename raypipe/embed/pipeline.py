@@ -1,0 +1,305 @@
+"""The embedding job on Ray Data: list -> decode (CPU tasks) -> frame / audio / text actor pools -> shards.
+
+::
+
+    refs (driver, metadata only)
+      -> from_items, ``videos_per_block`` videos per block
+      -> map(decode_video)                      tasks, ``decode_num_cpus`` each; one fixed-shape row per video
+      -> map_batches(FrameEncoder)              ActorPoolStrategy(frame_pool), GPUs when present
+      -> map_batches(AudioEncoder)              ActorPoolStrategy(audio_pool)
+      -> map_batches(TextEncoder)               ActorPoolStrategy(text_pool)
+      -> map_batches(write parts)               tasks: rows to _parts/shard-k, failures to _parts/errors
+      -> driver: commit shard k once all its videos are in, then errors.parquet, then the manifest
+
+Nothing is materialised: the driver only sees one small status row per video. Rows of
+:func:`build_feature_dataset` (reused by the labelling job, which appends its classify stage) carry the feature
+columns as fixed-shape tensors plus ``status`` / ``stage`` / ``reason`` / ``error``; failed rows keep zero
+tensors. In that dataset ``labels`` is a JSON-encoded list and missing ``label`` / ``label_l1`` are ``""`` (so
+every block has the same Arrow types); :func:`to_feature_tables` turns them back into the shard schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import raypipe
+from raypipe.config import RaypipeConfig, StorageConfig
+from raypipe.config.embed import DecodeConfig, PoolConfig, feature_hash_fields
+from raypipe.io.decode import decode_video
+from raypipe.io.fs import atomic_write_bytes, join, resolve
+from raypipe.io.shards import ShardStore, shard_of
+from raypipe.io.sources import VideoRef, detect_kind, list_videos
+from raypipe.schema import ERROR_COLUMNS, ShardInfo, error_schema, feature_schema
+
+log = logging.getLogger(__name__)
+
+
+def config_hash(cfg: RaypipeConfig) -> str:
+    blob = json.dumps(feature_hash_fields(cfg.embed), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def feature_info(cfg: RaypipeConfig) -> ShardInfo:
+    """ShardInfo of the configured encoders, computed on the driver without loading weights."""
+    from raypipe.embed.audio import audio_encoder_info
+    from raypipe.embed.frames import frame_encoder_info
+    from raypipe.embed.text import text_encoder_info
+
+    e = cfg.embed
+    frames = frame_encoder_info(e.frames)
+    audio = audio_encoder_info(e.audio, e.decode.audio_sample_rate)
+    text, tok = text_encoder_info(e.text, cfg.storage)
+    return ShardInfo(
+        frame_dim=frames["dim"], audio_dim=audio["dim"], text_dim=text["dim"], text_len=e.text.max_len,
+        max_frames=e.decode.max_frames, tokenizer=tok,
+        embedders={"frames": frames, "audio": audio, "text": text, "decode": e.decode.model_dump()},
+        config_hash=config_hash(cfg), raypipe_version=raypipe.__version__,
+    )
+
+
+def ensure_ray(cfg: RaypipeConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, runtime_env=cfg.ray.runtime_env or None,
+            configure_logging=False,
+        )
+
+
+def _gpus(pool: PoolConfig) -> float:
+    if pool.num_gpus != "auto":
+        return float(pool.num_gpus)
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _ref_item(ref: VideoRef) -> dict[str, Any]:
+    d = ref.to_dict()
+    d.update(label=ref.label or "", label_l1=ref.label_l1 or "", labels=json.dumps(list(ref.labels)))
+    return d
+
+
+def _decode_row(
+    row: dict[str, Any], *, decode_cfg: DecodeConfig, image_size: int, storage: StorageConfig | None
+) -> dict[str, Any]:
+    labels = json.loads(row["labels"]) if row.get("labels") else []
+    out = decode_video({**row, "labels": labels}, decode_cfg, image_size=image_size, storage=storage)
+    out.update(labels=json.dumps(labels), label=out["label"] or "", label_l1=out["label_l1"] or "")
+    return out
+
+
+def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_after: int | None = None):
+    """Lazy Ray Dataset of one row per video (see module docstring). ``crash_after`` defaults to the env var."""
+    import ray
+
+    e = cfg.embed
+    if crash_after is None:
+        from raypipe.embed.common import fault_from_env
+
+        crash_after = fault_from_env()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = e.progress_bars
+    items = [_ref_item(r) for r in refs]
+    blocks = max(1, min(len(items), math.ceil(len(items) / e.videos_per_block)))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map(
+        _decode_row,
+        fn_kwargs={"decode_cfg": e.decode, "image_size": e.frames.image_size, "storage": cfg.storage},
+        num_cpus=e.decode_num_cpus,
+        memory=e.decode_memory_mb * 1024 * 1024,
+    )
+
+    def pool(p: PoolConfig, *, armed: bool = False) -> dict[str, Any]:
+        remote: dict[str, Any] = {
+            "compute": ray.data.ActorPoolStrategy(min_size=p.min_size, max_size=p.max_size),
+            "num_cpus": p.num_cpus, "num_gpus": _gpus(p), "batch_format": "numpy",
+        }
+        if armed and crash_after is not None:
+            # Let the injected crash fail the job (instead of Ray restarting the actor) so resume is exercised.
+            remote["max_restarts"] = 0
+        return remote
+
+    from raypipe.embed.audio import AudioEncoder
+    from raypipe.embed.frames import FrameEncoder
+    from raypipe.embed.text import TextEncoder
+
+    ds = ds.map_batches(
+        FrameEncoder, batch_size=e.frames.batch_size, **pool(e.frame_pool),
+        fn_constructor_kwargs={"cfg": e.frames, "storage": cfg.storage},
+    )
+    ds = ds.map_batches(
+        AudioEncoder, batch_size=e.audio.batch_size, **pool(e.audio_pool),
+        fn_constructor_kwargs={"cfg": e.audio, "sample_rate": e.decode.audio_sample_rate, "storage": cfg.storage},
+    )
+    ds = ds.map_batches(
+        TextEncoder, batch_size=e.text.batch_size, **pool(e.text_pool, armed=True),
+        fn_constructor_kwargs={"cfg": e.text, "storage": cfg.storage, "crash_after": crash_after},
+    )
+    return ds
+
+
+def _list_col(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """(B, ...) fixed-shape array -> list<typ> of the flattened rows."""
+    b = arr.shape[0]
+    flat = np.ascontiguousarray(arr).reshape(b, -1)
+    n = flat.shape[1]
+    offsets = pa.array(np.arange(0, b * n + 1, n, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1), type=typ))
+
+
+def _opt(values: Any) -> list[str | None]:
+    return [str(v) if v not in (None, "") else None for v in values]
+
+
+def to_feature_tables(batch: dict[str, np.ndarray], info: ShardInfo) -> tuple[pa.Table, pa.Table]:
+    """Split a pipeline batch into (feature rows of the ok videos, error rows of the failed ones)."""
+    status = np.asarray(batch["status"]).astype(str)
+    ok = np.flatnonzero(status == "ok")
+    bad = np.flatnonzero(status != "ok")
+    errors = pa.table(
+        {c: pa.array([str(np.asarray(batch[c])[i]) for i in bad], pa.string()) for c in ERROR_COLUMNS},
+        schema=error_schema(),
+    )
+
+    def col(name: str) -> np.ndarray:
+        return np.asarray(batch[name])[ok]
+
+    table = pa.table(
+        {
+            "video_id": pa.array(col("video_id").astype(str).tolist(), pa.string()),
+            "source_uri": pa.array(col("source_uri").astype(str).tolist(), pa.string()),
+            "duration_s": pa.array(col("duration_s").astype(np.float64)),
+            "num_frames": pa.array(col("num_frames").astype(np.int32)),
+            "frame_times": _list_col(col("frame_times").astype(np.float32), pa.float32()),
+            "frame_emb": _list_col(col("frame_emb").astype(np.float16), pa.float16()),
+            "frame_mask": _list_col(col("frame_mask").astype(bool), pa.bool_()),
+            "audio_emb": _list_col(col("audio_emb").astype(np.float16), pa.float16()),
+            "audio_mask": _list_col(col("audio_mask").astype(bool), pa.bool_()),
+            "title": pa.array(col("title").astype(str).tolist(), pa.string()),
+            "asr": pa.array(col("asr").astype(str).tolist(), pa.string()),
+            "ocr": pa.array(col("ocr").astype(str).tolist(), pa.string()),
+            "text": pa.array(col("text").astype(str).tolist(), pa.string()),
+            "input_ids": _list_col(col("input_ids").astype(np.int32), pa.int32()),
+            "attention_mask": _list_col(col("attention_mask").astype(np.int32), pa.int32()),
+            "text_emb": _list_col(col("text_emb").astype(np.float16), pa.float16()),
+            "label": pa.array(_opt(col("label")), pa.string()),
+            "label_l1": pa.array(_opt(col("label_l1")), pa.string()),
+            "labels": pa.array([json.loads(s) if s else [] for s in col("labels")], pa.list_(pa.string())),
+        },
+        schema=feature_schema(info),
+    )
+    return table, errors
+
+
+def _write_parts(batch: dict[str, np.ndarray], *, store: ShardStore, info: ShardInfo) -> dict[str, np.ndarray]:
+    table, errors = to_feature_tables(batch, info)
+    if table.num_rows:
+        store.write_rows(table)
+    store.write_errors(errors)
+    ids = np.asarray(batch["video_id"]).astype(str)
+    return {
+        "video_id": ids,
+        "shard": np.array([shard_of(v, store.num_shards) for v in ids], np.int32),
+        "status": np.asarray(batch["status"]).astype(str),
+        "reason": np.asarray(batch["reason"]).astype(str),
+        "num_frames": np.asarray(batch["num_frames"]).astype(np.int32),
+        "decode_s": np.asarray(batch["decode_s"]).astype(np.float64),
+    }
+
+
+def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
+    """Embed the configured source into committed shards (resuming earlier work); returns the run summary."""
+    e = cfg.embed
+    kind = detect_kind(e.source)
+    if kind in ("wbdc_features", "yt8m"):
+        from raypipe.io.importers import import_features
+
+        return import_features(cfg)
+    t0 = time.monotonic()
+    refs = list_videos(e.source, cfg.storage)
+    info = feature_info(cfg)
+    store = ShardStore(e.output, cfg.storage, num_shards=e.num_shards, schema=feature_schema(info))
+    store.check_config(info.config_hash, overwrite=e.overwrite)
+    done = store.done_keys(include_errors=not e.retry_failed)
+    pending = [r for r in refs if r.video_id not in done]
+    log.info("embed: %d videos listed, %d already done, %d to process", len(refs), len(refs) - len(pending), len(pending))
+    expected = Counter(shard_of(r.video_id, e.num_shards) for r in pending)
+    got: Counter[int] = Counter()
+    statuses: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    ok_ids: list[str] = []
+    frames = 0
+    decode_s = 0.0
+    if pending:
+        ensure_ray(cfg)
+        ds = build_feature_dataset(cfg, pending).map_batches(
+            _write_parts, batch_size=e.write_batch_size, batch_format="numpy", num_cpus=0.25,
+            fn_kwargs={"store": store, "info": info},
+        )
+        for row in ds.iter_rows():
+            s = int(row["shard"])
+            got[s] += 1
+            statuses[str(row["status"])] += 1
+            if row["status"] == "ok":
+                ok_ids.append(str(row["video_id"]))
+                frames += int(row["num_frames"])
+            else:
+                reasons[str(row["reason"])] += 1
+            decode_s += float(row["decode_s"])
+            if got[s] == expected[s]:
+                store.commit_shard(s)  # every pending video of shard s is in: commit it now
+    for s in store.pending_shards():  # parts left by an interrupted earlier run
+        store.commit_shard(s)
+    n_errors = store.commit_errors(drop_keys=ok_ids if e.retry_failed else ())
+    manifest = store.write_manifest({"config_hash": info.config_hash, "schema_version": info.schema_version})
+    seconds = time.monotonic() - t0
+    from raypipe.io.shards import read_errors
+
+    all_reasons = Counter(read_errors(e.output, cfg.storage).column("reason").to_pylist())
+    summary = {
+        "output": e.output,
+        "videos_listed": len(refs),
+        "videos_skipped": len(refs) - len(pending),
+        "videos_processed": len(pending),
+        "videos_ok": statuses.get("ok", 0),
+        "videos_failed": sum(reasons.values()),
+        "failed_by_reason": dict(sorted(reasons.items())),
+        "frames": frames,
+        "decode_seconds": round(decode_s, 3),
+        "seconds": round(seconds, 3),
+        "videos_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else 0.0,
+        "rows_total": manifest["rows"],
+        "errors_total": n_errors,
+        "errors_by_reason_total": dict(sorted(all_reasons.items())),
+        "shards": [s["path"] for s in manifest["shards"]],
+        "config_hash": info.config_hash,
+    }
+    fs, root = resolve(e.output, cfg.storage)
+    atomic_write_bytes(fs, join(root, "summary.json"), json.dumps(summary, indent=2).encode())
+    log.info(
+        "embed summary: %d ok, %d failed %s, %d frames, %.1fs, %.2f videos/s; %d rows and %d errors in %s",
+        summary["videos_ok"], summary["videos_failed"], summary["failed_by_reason"], frames, seconds,
+        summary["videos_per_s"], summary["rows_total"], n_errors, e.output,
+    )
+    return summary
+
+
+def run(cfg: RaypipeConfig) -> int:
+    """``raypipe embed``: 0 when every listed video ended up as a row or an error row."""
+    try:
+        summary = embed_videos(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("embed: %s", exc)
+        return 2
+    return 0 if summary["rows_total"] + summary["errors_total"] >= summary["videos_listed"] else 1
