@@ -154,7 +154,7 @@ def _list_col(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
     b = arr.shape[0]
     flat = np.ascontiguousarray(arr).reshape(b, -1)
     n = flat.shape[1]
-    offsets = pa.array(np.arange(0, b * n + 1, n, dtype=np.int32))
+    offsets = pa.array(np.arange(b + 1, dtype=np.int32) * n)  # n may be 0 (no audio features at all)
     return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1), type=typ))
 
 
