@@ -548,7 +548,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             metrics[f"train/{k}"] = float(stats[i]) / max(total_batches, 1.0)
         metrics["train/samples_per_s"] = total_samples / max(train_time, 1e-9)
         metrics["train/epoch_s"] = train_time
-        metrics["lr"] = float(scheduler.get_last_lr()[-1])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            metrics["lr_text" if group["name"].startswith("text") else "lr"] = float(lr)
 
         # ---- validation on rank 0 over the whole val split
         val_scores = np.zeros((0, len(spec.classes)), np.float32)
