@@ -40,7 +40,12 @@ class CorruptionConfig(StrictModel):
     @model_validator(mode="after")
     def _only_options_of_the_kind(self) -> CorruptionConfig:
         allowed = set(KIND_PARAMS[self.kind]) | {"kind", "seed"}
-        stray = sorted(set(self.model_fields_set) - allowed)
+        # Options left at their default are not stray: a full ``model_dump()`` must validate again.
+        stray = sorted(
+            name
+            for name in set(self.model_fields_set) - allowed
+            if getattr(self, name) != type(self).model_fields[name].default
+        )
         if stray:
             raise ValueError(
                 f"option(s) {stray} are not used by kind={self.kind!r}; it reads {list(KIND_PARAMS[self.kind]) or 'none'}"

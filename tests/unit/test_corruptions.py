@@ -165,3 +165,10 @@ def test_corruption_config_drives_apply_and_rejects_stray_options() -> None:
     with pytest.raises(ValidationError):
         CorruptionConfig(kind="zero_modality", modality="video")
     assert CorruptionConfig().params() == {}
+
+
+def test_full_config_dump_round_trips() -> None:
+    from raypipe.config import RaypipeConfig, load_config
+
+    cfg = load_config("demo")
+    assert RaypipeConfig.model_validate(cfg.model_dump()) == cfg
