@@ -75,10 +75,10 @@ def text_run(ray_session, make_cfg) -> tuple[RaypipeConfig, TrainResult]:
     return cfg, fit(cfg)
 
 
-@pytest.mark.xfail(
-    reason="known: on the 40-video session corpus (31 train / 11 val rows, 12 classes) the tiny DMAFNet does not "
-    "learn within a test budget (val F_sco ~0.12 vs text_only ~0.26); see the train helper's report",
-    strict=False,
+@pytest.mark.skip(
+    reason="OPEN GAP (issue 5): on the 40-video session corpus (31 train / 11 val rows, 12 classes) the tiny "
+    "DMAFNet does not learn within a test budget (val F_sco ~0.12 vs text_only ~0.26). Skipped, not xfailed: "
+    "a non-strict xfail could never fail. Unskip once a larger/coarser corpus for this test shows the gap."
 )
 def test_fusion_beats_a_single_modality(fusion_run, text_run) -> None:
     # The corpus puts level 1 only in the frames and the level-2 index only in text/audio (raypipe.corpus), so
