@@ -98,21 +98,15 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def _abs(path: str | None) -> str | None:
-    if path is None or rfs.is_remote(path):
-        return path
-    return os.path.abspath(os.path.expanduser(path))
-
-
 def resolve_paths(cfg: RaypipeConfig) -> RaypipeConfig:
     """Absolute local paths and tracking URI: Ray workers run with another cwd."""
     cfg = cfg.model_copy(deep=True)
-    cfg.train.data = _abs(cfg.train.data)
-    cfg.train.storage_path = _abs(cfg.train.storage_path)
-    cfg.train.taxonomy = _abs(cfg.train.taxonomy)
+    cfg.train.data = rfs.absolute(cfg.train.data)
+    cfg.train.storage_path = rfs.absolute(cfg.train.storage_path)
+    cfg.train.taxonomy = rfs.absolute(cfg.train.taxonomy)
     cfg.tracking.tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
     if cfg.tracking.artifact_location and "://" not in cfg.tracking.artifact_location:
-        cfg.tracking.artifact_location = _abs(cfg.tracking.artifact_location)
+        cfg.tracking.artifact_location = rfs.absolute(cfg.tracking.artifact_location)
     return cfg
 
 
@@ -307,7 +301,7 @@ def build_trainer(
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        datasets=ray_datasets(spec),
+        datasets=ray_datasets(spec, materialize=t.cache_data),
         # Only train is split; rank 0 validates on the whole val set. preserve_order: deterministic split/order.
         dataset_config=DataConfig(
             datasets_to_split=["train"],

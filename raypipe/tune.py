@@ -205,15 +205,8 @@ def describe_dimension(spec: dict[str, Any]) -> str:
 # paths
 
 
-def _absolute(uri: str | None) -> str | None:
-    """Trial drivers run in their own folders on any node: relative local paths must be made absolute here."""
-    if uri is None or rfs.is_remote(uri):
-        return uri
-    return rfs.resolve(uri)[1]
-
-
 def sweep_path(cfg: RaypipeConfig) -> str:
-    root = _absolute(cfg.tune.storage_path or cfg.train.storage_path)
+    root = rfs.absolute(cfg.tune.storage_path or cfg.train.storage_path)
     assert root is not None
     return rfs.join(root, cfg.tune.name)
 
@@ -223,7 +216,7 @@ def _portable_base(cfg: RaypipeConfig) -> dict[str, Any]:
     from what trials see as "their" settings (it is kept only as defaults)."""
     data = _base_dict(cfg)
     train = data.setdefault("train", {})
-    train["data"] = _absolute(cfg.train.data)
+    train["data"] = rfs.absolute(cfg.train.data)
     train["storage_path"] = rfs.join(sweep_path(cfg), "train_runs")
     data.setdefault("tracking", {})["tracking_uri"] = tracking.absolute_tracking_uri(cfg.tracking.tracking_uri)
     res = cfg.tune.resources
@@ -492,8 +485,8 @@ def best_training_config(cfg: RaypipeConfig, best: TrialSummary) -> dict[str, An
     data = _base_dict(cfg)
     data.pop("tune", None)
     train = data.setdefault("train", {})
-    train["data"] = _absolute(cfg.train.data)
-    train["storage_path"] = _absolute(cfg.train.storage_path)
+    train["data"] = rfs.absolute(cfg.train.data)
+    train["storage_path"] = rfs.absolute(cfg.train.storage_path)
     train["run_name"] = f"{cfg.tune.name}-best"
     train["metric"], train["mode"] = sweep_metric(cfg)
     tracking_section = data.setdefault("tracking", {})

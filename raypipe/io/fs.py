@@ -46,6 +46,13 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.Abst
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str | None) -> str | None:
+    """Remote URIs unchanged, local paths absolute: Ray workers and trial drivers run with another cwd."""
+    if uri is None or is_remote(uri):
+        return uri
+    return resolve(uri)[1]
+
+
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URI form of ``path`` on ``fs`` (what goes into ``source_uri`` columns)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
