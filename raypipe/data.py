@@ -489,5 +489,12 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
     return ds
 
 
-def ray_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:
-    return {"train": read_split(spec, "train"), "val": read_split(spec, "val")}
+def ray_datasets(spec: DataSpec, *, materialize: bool = False) -> dict[str, ray.data.Dataset]:
+    """Both splits; ``materialize`` runs the read + prepare once into the object store (``train.cache_data``)."""
+    splits = {"train": read_split(spec, "train"), "val": read_split(spec, "val")}
+    if materialize:
+        for ds in splits.values():
+            # Blocks in input order, as the streamed read gives them: a seeded run must see the same row order.
+            ds.context.execution_options.preserve_order = True
+        splits = {name: ds.materialize() for name, ds in splits.items()}
+    return splits
