@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.own_cluster
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -114,7 +116,8 @@ def _stop(cluster: LocalCluster) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_cluster() -> Iterator[LocalCluster]:
+def local_cluster(registered_model) -> Iterator[LocalCluster]:
+    # The shared model is trained on the session's Ray instance before this second one starts (see conftest).
     # A short temp dir: Ray puts unix sockets under it and socket paths are limited to ~107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rpj", dir="/tmp"))
     token = secrets.token_hex(32)
@@ -153,11 +156,17 @@ def local_cluster() -> Iterator[LocalCluster]:
 def _submit(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path, timeout: float = 900) -> tuple[str, str]:
     """Submit and wait (the CLI follows the logs until the job ends); return (status, logs)."""
     runtime_env = {"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}}
-    res = cluster.job(
-        "submit", "--working-dir", str(working_dir), "--runtime-env-json", json.dumps(runtime_env),
-        "--", *entrypoint, timeout=timeout, cwd=working_dir,
-    )
-    out = res.stdout + res.stderr
+    deadline = time.monotonic() + 120
+    while True:
+        res = cluster.job(
+            "submit", "--working-dir", str(working_dir), "--runtime-env-json", json.dumps(runtime_env),
+            "--", *entrypoint, timeout=timeout, cwd=working_dir,
+        )
+        out = res.stdout + res.stderr
+        # The dashboard answers `job list` before its job agent has registered; nothing was submitted then.
+        if "No available agent to submit job" not in out or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     match = re.search(r"Job '(raysubmit_\w+)'", out)
     assert match, f"no job id in submit output:\n{out[-4000:]}"
     return cluster.job_info(match.group(1))["status"], out
