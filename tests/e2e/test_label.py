@@ -185,6 +185,42 @@ def test_rerun_skips_everything(first_run) -> None:
     assert len(read_predictions(cfg.label.output, latest_only=False)) == s["videos_seen"]
 
 
+def test_zero_shot_mode_labels_by_similarity_to_the_class_names(registered_model, tmp_path) -> None:
+    """Open vocabulary (CAV-Net): the labels are the class names most similar to each video's projection, the
+    same as scoring the training shards directly against the embedded names."""
+    import numpy as np
+
+    from raypipe.io.shards import read_shards
+    from raypipe.label import _embed_class_names, label_videos, read_class_names
+    from raypipe.tracking import load_classifier
+
+    cfg = _with(registered_model, embed={"source": {"limit": 8}},
+                label={"mode": "zero_shot", "output": str(tmp_path / "zs")})
+    s = label_videos(cfg)
+    assert s["labelled"] + s["failed"] == 8 and s["labelled"] > 0
+    preds = [r for r in read_predictions(cfg.label.output).to_pylist() if r["status"] == "ok"]
+    names = read_class_names(cfg.label.class_names, cfg.storage)
+    assert all(r["mode"] == "zero_shot" and r["label"] in names for r in preds)
+
+    clf = load_classifier(cfg.label.model_uri, tracking_uri=cfg.tracking.tracking_uri)
+    table, _ = read_shards(cfg.train.data)
+    ids = table.column("video_id").to_pylist()
+    proba = clf.zero_shot_proba({c: table.column(c) for c in table.column_names},
+                                _embed_class_names(cfg, names))  # (N, C')
+    codes = list(names)
+    checked = 0
+    for r in preds:
+        if r["video_id"] not in ids:
+            continue
+        p = proba[ids.index(r["video_id"])]
+        order = np.argsort(-p, kind="stable")
+        np.testing.assert_allclose(r["top_scores"], p[order[: cfg.label.top_k]], atol=2e-3)
+        if p[order[0]] - p[order[1]] > 5e-3:
+            assert r["label"] == codes[order[0]]
+            checked += 1
+    assert checked >= 1
+
+
 def test_new_model_version_relabels_all_and_threshold_fails_the_job(first_run, corpus) -> None:
     from raypipe.label import run
     from raypipe.tracking import make_client

@@ -200,7 +200,6 @@ def test_injected_crash_resumes_from_checkpoint_with_the_same_curve(make_cfg, mo
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_trains_one_epoch(ray_session, make_cfg, name: str) -> None:
     cfg = make_cfg(f"model.name={name}", _params(name), "train.epochs=1", "train.num_workers=1", "train.loss.mlm=0.25",
-                   "train.cache_data=false",  # one epoch: caching would only add a pass
                    "tracking.enabled=false", "train.metric=val/hit@1", name=f"m_{name}")
     res = fit(cfg)
     (epoch,) = res.history

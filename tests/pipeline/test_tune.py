@@ -188,6 +188,7 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
     cfg = sweep_config(
         "sweep4", "train.epochs=2", "tune.num_samples=4", "tune.max_concurrent_trials=2", "tune.scheduler=none",
         "tune.search_space={train.optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
+        "tune.register_best=true", "tracking.registered_model_name=sweep4-best",
     )
     result = tune(cfg)
 
@@ -217,6 +218,13 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
     assert Path(result.plot_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for t in result.trials:
         assert t.trial_id in result.table
+
+    # register_best: the best trial's own logged model, under the alias, loadable by models:/
+    from raypipe.tracking import load_classifier
+
+    version = client.get_model_version_by_alias("sweep4-best", cfg.tracking.alias)
+    assert result.registered_version == version.version and version.tags["raypipe.run_id"] == result.best.mlflow_run_id
+    assert load_classifier("models:/sweep4-best@" + cfg.tracking.alias, tracking_uri=cfg.tracking.tracking_uri).model_version == version.version
 
     # the exported best config is a plain training YAML: `raypipe train -c best_config.yaml` runs as it is
     best = yaml.safe_load(Path(result.best_config_path).read_text())
