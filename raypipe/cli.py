@@ -82,7 +82,10 @@ def config_from_args(args: argparse.Namespace) -> RaypipeConfig:
     for name, value in vars(args).items():
         if name.startswith("short:") and value is not None:
             overrides.append(f"{name[len('short:'):]}={value}")
-    return load_config(args.config, overrides)
+    # `raypipe demo` is the main job on embedded defaults: without -c it is the demo preset (tiny models, a
+    # generated corpus); the other stages default to the plain config (production-sized models).
+    source = args.config if args.config is not None or args.stage != "demo" else "demo"
+    return load_config(source, overrides)
 
 
 def _stage_runner(stage: str) -> Callable[..., int]:

@@ -85,3 +85,13 @@ def test_cli_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["train", "--set", "train.optim.lrr=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith("config error: train.optim.lrr: unknown key")
+
+
+def test_demo_stage_defaults_to_the_demo_preset() -> None:
+    """`make demo` runs `raypipe demo` with no -c: that must be the demo preset, not production-sized defaults."""
+    from raypipe.cli import build_parser, config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["demo"])) == load_config("demo")
+    assert config_from_args(parse(["train"])) == load_config(None)
+    assert config_from_args(parse(["demo", "-c", "test"])) == load_config("test")
