@@ -223,8 +223,8 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
     from raypipe.tracking import load_classifier
 
     version = client.get_model_version_by_alias("sweep4-best", cfg.tracking.alias)
-    assert result.registered_version == version.version and version.tags["raypipe.run_id"] == result.best.mlflow_run_id
-    assert load_classifier("models:/sweep4-best@" + cfg.tracking.alias, tracking_uri=cfg.tracking.tracking_uri).model_version == version.version
+    assert result.registered_version == str(version.version) and version.tags["raypipe.run_id"] == result.best.mlflow_run_id
+    assert load_classifier("models:/sweep4-best@" + cfg.tracking.alias, tracking_uri=cfg.tracking.tracking_uri).model_version == str(version.version)
 
     # the exported best config is a plain training YAML: `raypipe train -c best_config.yaml` runs as it is
     best = yaml.safe_load(Path(result.best_config_path).read_text())
