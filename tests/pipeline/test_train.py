@@ -19,7 +19,9 @@ import pytest
 from mlflow import MlflowClient
 
 from raypipe.config import RaypipeConfig
-from raypipe.data import _prepare_batch, find_shard_files
+from raypipe.corruptions import apply_corruption
+from raypipe.data import _prepare_batch, find_shard_files, to_torch
+from raypipe.metrics import compute_metrics
 from raypipe.models import list_models
 from raypipe.tracking import example_from_shaped, load_classifier
 from raypipe.train import FAULT_ENV, FAULT_MARKER, TrainResult, fit
@@ -175,8 +177,20 @@ def test_eval_reproduces_training_metrics_and_measures_corruptions(fusion_run, t
     noisy.eval.corruption = noisy.eval.corruption.model_validate({"kind": "zero_modality", "modality": "text"})
     no_text = evaluate(noisy)
     assert no_text["metrics"] == report["metrics"]
-    # The fusion model reads level-2 from the text: without it, level-2 collapses.
-    assert no_text["delta"]["f_sco"] <= 1e-9
+    # The reference: the val rows with the text removed by hand, scored by the same registered model.
+    clf = load_classifier(base.eval.model_uri, tracking_uri=cfg.tracking.tracking_uri)
+    arrays = _val_arrays(cfg, clf.classes, clf.meta["val_fraction"])
+    batch = to_torch({k: v for k, v in arrays.items() if k != "video_id"})
+    pad = int(clf.shard_info.tokenizer["pad_token_id"])
+    clean_scores = clf.scores_from_logits(clf.logits(batch))
+    text_free = clf.scores_from_logits(clf.logits(apply_corruption(batch, "zero_modality", modality="text",
+                                                                   pad_token_id=pad)))
+    assert not np.allclose(text_free, clean_scores, atol=1e-4)  # the fusion model does read the text
+    expected = compute_metrics(text_free, arrays["label"], task="single_label", classes=clf.classes,
+                               prefix="eval_zero_modality/")
+    assert no_text["corrupted_metrics"] == pytest.approx(expected, abs=1e-9)
+    assert no_text["delta"]["f_sco"] == pytest.approx(
+        expected["eval_zero_modality/f_sco"] - report["metrics"]["eval/f_sco"], abs=1e-9)
     noisy.eval.corruption = noisy.eval.corruption.model_validate({"kind": "drop_features", "p": 0.3})
     dropped = evaluate(noisy)
     assert set(dropped["corrupted_metrics"]) == {k.replace("eval/", "eval_drop_features/") for k in report["metrics"]}
