@@ -302,9 +302,10 @@ def build_trainer(
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         datasets=ray_datasets(spec, materialize=t.cache_data),
-        # Only train is split; rank 0 validates on the whole val set. preserve_order: deterministic split/order.
+        # Only train is split (one worker reads it whole: a split of one would only add a coordinator actor);
+        # rank 0 validates on the whole val set. preserve_order: deterministic split and order.
         dataset_config=DataConfig(
-            datasets_to_split=["train"],
+            datasets_to_split=["train"] if t.num_workers > 1 else [],
             execution_options=ExecutionOptions(preserve_order=True),
             enable_shard_locality=False,
         ),

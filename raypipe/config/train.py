@@ -60,9 +60,9 @@ class TrainConfig(StrictModel):
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
     # Rows held in the per-worker shuffle buffer (seeded per epoch); 0 streams in shard order.
     shuffle_buffer: int = Field(default=256, ge=0)
-    # Read and prepare the feature shards once into Ray's object store instead of streaming them again every
-    # epoch. Worth it when the features fit in the object store and epochs are short (small sets, sweeps):
-    # the streamed read is then most of an epoch's time.
+    # Read and prepare the feature shards once (on the driver) into Ray's object store instead of streaming them
+    # again every epoch. Worth it when the features fit in the driver's memory and epochs are short (small sets,
+    # sweeps): the streamed read is then most of an epoch's time.
     cache_data: bool = False
     metric: str = "val/f_sco"
     mode: Literal["max", "min"] = "max"
