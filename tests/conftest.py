@@ -83,12 +83,17 @@ def test_config_factory(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def feature_shards(ray_session, corpus, test_config_factory):
-    """Feature shards embedded from the session corpus with the tiny test encoders; returns (cfg, summary)."""
+    """Feature shards embedded from the session corpus with the tiny test encoders; returns (cfg, summary).
+
+    Made by the production graph (one actor pool per encoder); the other embed runs of the suite use the test
+    preset's single fused encoder pool and are compared with these rows.
+    """
     from raypipe.embed.pipeline import embed_videos
 
     cfg = test_config_factory(
         f"embed.source.uri={corpus.videos_dir}",
         f"embed.source.annotations={corpus.annotations_path}",
+        "embed.fuse_encoders=false",
         name="shards",
     )
     summary = embed_videos(cfg)

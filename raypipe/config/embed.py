@@ -114,6 +114,10 @@ class EmbedConfig(StrictModel):
     frame_pool: PoolConfig = Field(default_factory=PoolConfig)
     audio_pool: PoolConfig = Field(default_factory=PoolConfig)
     text_pool: PoolConfig = Field(default_factory=PoolConfig)
+    # One actor pool (sized and resourced by frame_pool) runs the frame, audio and text encoders in turn on each
+    # batch (the smallest of the three batch sizes): one process and one GPU per actor instead of three pools,
+    # for small machines or a GPU that holds all three encoders. The rows are identical either way.
+    fuse_encoders: bool = False
     output: str = "demo_out/features"
     num_shards: int = Field(default=4, ge=1)
     decode_num_cpus: float = Field(default=1.0, gt=0)

@@ -8,6 +8,7 @@
       -> map_batches(FrameEncoder)              ActorPoolStrategy(frame_pool), GPUs when present
       -> map_batches(AudioEncoder)              ActorPoolStrategy(audio_pool)
       -> map_batches(TextEncoder)               ActorPoolStrategy(text_pool)
+         (or, with ``embed.fuse_encoders``, one map_batches(FusedEncoder) pool running all three in turn)
       -> map_batches(write parts)               tasks: rows to _parts/shard-k, failures to _parts/errors
       -> driver: commit shard k once all its videos are in, then errors.parquet, then the manifest
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 
 import raypipe
 from raypipe.config import RaypipeConfig, StorageConfig
-from raypipe.config.embed import DecodeConfig, PoolConfig, feature_hash_fields
+from raypipe.config.embed import DecodeConfig, EmbedConfig, PoolConfig, feature_hash_fields
 from raypipe.io.decode import decode_video
 from raypipe.io.fs import atomic_write_bytes, join, resolve
 from raypipe.io.shards import ShardStore, shard_of
@@ -134,6 +135,12 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
     from raypipe.embed.frames import FrameEncoder
     from raypipe.embed.text import TextEncoder
 
+    if e.fuse_encoders:
+        return ds.map_batches(
+            FusedEncoder, batch_size=min(e.frames.batch_size, e.audio.batch_size, e.text.batch_size),
+            **pool(e.frame_pool, armed=True),
+            fn_constructor_kwargs={"cfg": e, "storage": cfg.storage, "crash_after": crash_after},
+        )
     ds = ds.map_batches(
         FrameEncoder, batch_size=e.frames.batch_size, **pool(e.frame_pool),
         fn_constructor_kwargs={"cfg": e.frames, "storage": cfg.storage},
@@ -147,6 +154,30 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
         fn_constructor_kwargs={"cfg": e.text, "storage": cfg.storage, "crash_after": crash_after},
     )
     return ds
+
+
+class FusedEncoder:
+    """``embed.fuse_encoders``: the frame, audio and text encoders in one actor, applied in turn to each batch.
+
+    Each encoder embeds video by video, so the rows are bit-identical to those of the three pools; what changes is
+    one worker process (and one set of imports, one GPU reservation) per actor instead of three.
+    """
+
+    def __init__(self, cfg: EmbedConfig, storage: StorageConfig | None = None, crash_after: int | None = None):
+        from raypipe.embed.audio import AudioEncoder
+        from raypipe.embed.frames import FrameEncoder
+        from raypipe.embed.text import TextEncoder
+
+        self.stages = (
+            FrameEncoder(cfg.frames, storage),
+            AudioEncoder(cfg.audio, cfg.decode.audio_sample_rate, storage),
+            TextEncoder(cfg.text, storage, crash_after=crash_after),
+        )
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
 
 
 def _list_col(arr: np.ndarray, typ: pa.DataType) -> pa.Array:

@@ -136,7 +136,7 @@ def test_crash_then_resume_gives_exactly_the_same_rows(feature_shards, corpus, t
         f"embed.source.uri={corpus.videos_dir}", f"embed.source.annotations={corpus.annotations_path}",
         "embed.source.limit=10", "embed.text.batch_size=2", "embed.write_batch_size=2", name="fault",
     )
-    monkeypatch.setenv(FAULT_ENV, "3")  # the text actor dies on its fourth batch
+    monkeypatch.setenv(FAULT_ENV, "3")  # the encoder actor (fused: batches of 2) dies on its fourth batch
     with pytest.raises(Exception):  # noqa: B017 - whatever Ray raises for a dead actor
         embed_videos(cfg)
     kept = list(Path(cfg.embed.output).rglob("*.parquet"))
@@ -150,7 +150,8 @@ def test_crash_then_resume_gives_exactly_the_same_rows(feature_shards, corpus, t
     assert table.num_rows == len(rows) == 10  # every video exactly once
     reference = _rows(ref_cfg)
     for vid, row in rows.items():
-        assert row == reference[vid], vid  # bit-identical to the uninterrupted session run
+        # bit-identical to the uninterrupted session run, made by three encoder pools instead of one fused pool
+        assert row == reference[vid], vid
 
 
 def test_s3_in_and_out(feature_shards, corpus, moto_s3, test_config_factory) -> None:
