@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raypipe.losses import mask_tokens, sample_hard_negatives, vtm_targets
+from raypipe.losses import MAX_LOGIT_SCALE, MIN_LOGIT_SCALE, mask_tokens, sample_hard_negatives, vtm_targets
 from raypipe.models.layers import (
     CrossAttentionLayer,
     MLPHead,
@@ -250,7 +250,8 @@ class DMAFNet(nn.Module):
         with torch.no_grad():
             if self.contrastive:
                 v, t = F.normalize(out["con_video"], dim=-1), F.normalize(out["con_text"], dim=-1)
-                scale = out["logit_scale"]
+                # The temperature the contrastive loss uses (clamped there), so negatives are drawn as sharply.
+                scale = out["logit_scale"].clamp(MIN_LOGIT_SCALE, MAX_LOGIT_SCALE)
             else:
                 v, t = F.normalize(video[:, 0], dim=-1), F.normalize(text[:, 0], dim=-1)
                 scale = torch.tensor(1.0, device=v.device)

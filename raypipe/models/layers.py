@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +33,6 @@ from torch import Tensor, nn
 from raypipe.losses import DEFAULT_LOGIT_SCALE_INIT
 
 logger = logging.getLogger(__name__)
-
-Aggregation = Literal["avgpool", "dbof", "netvlad", "nextvlad"]
-Fusion = Literal["mfb", "concat", "fc_concat"]
 
 
 # ------------------------------------------------------------------------------------------------ masking
@@ -171,6 +167,9 @@ class AvgPool(nn.Module):
 
 class DBoF(nn.Module):
     """Deep Bag-of-Frames (YouTube-8M): per-frame FC up-projection -> BN -> ReLU, then max-pool over frames.
+
+    BN before the activation, as in the YouTube-8M starter code the MFB paper builds on (the paper names the
+    parts, not their order).
 
     Batch-norm statistics come from the real frames only (padding would drag them to the bias); with fewer than
     two real frames in a training batch the running statistics are used instead of failing.

@@ -16,7 +16,7 @@ from torch import nn
 
 from raypipe.losses import IGNORE_INDEX, FusionObjective
 from raypipe.models import builder_params, create_model, list_models
-from raypipe.models.layers import MFB, FCConcat, MoE
+from raypipe.models.layers import MFB, DBoF, FCConcat, GatedPooling, MoE, NetVLAD
 
 C = 4
 DIMS = {"frame_dim": 16, "audio_dim": 8, "text_dim": 12, "vocab_size": 60}
@@ -307,6 +307,48 @@ def test_mfb_power_and_relu_norms_give_unit_vectors() -> None:
             assert (z >= 0).all()
     with pytest.raises(ValueError, match="two modalities"):
         MFB([6], k=3, o=4)
+
+
+def test_aggregation_and_fusion_layers_match_their_formulas_written_as_loops() -> None:
+    """NetVLAD (MFB paper Eq. 4-5), DBoF, MFB (Eq. 2) and CAV-Net's gated pooling (Eq. 6-8), each against the
+    formula computed frame by frame / factor by factor, on a batch whose second video is padded after 3 steps."""
+    torch.manual_seed(0)
+    b, t, d, k = 2, 5, 6, 3
+    x = torch.randn(b, t, d)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 3:] = False
+
+    vlad = NetVLAD(d, k).eval()
+    expected = torch.zeros(b, k * d)
+    for i in range(b):
+        v = torch.zeros(k, d)
+        for step in range(t):
+            if mask[i, step]:
+                a = torch.softmax(vlad.assign(x[i, step]), dim=-1)  # (K,)
+                for c in range(k):
+                    v[c] += a[c] * (x[i, step] - vlad.centres[c])
+        v = torch.stack([row / row.norm() for row in v])  # intra-normalisation
+        expected[i] = v.flatten() / v.flatten().norm()
+    torch.testing.assert_close(vlad(x, mask), expected, atol=1e-5, rtol=1e-5)
+
+    dbof = DBoF(d, 8).eval()  # eval: BN with running statistics, as at inference
+    for i in range(b):
+        per_frame = [torch.relu(dbof.bn(dbof.fc(x[i, s])[None]))[0] for s in range(t) if mask[i, s]]
+        torch.testing.assert_close(dbof(x, mask)[i], torch.stack(per_frame).max(0).values, atol=1e-5, rtol=1e-5)
+
+    xa, xb = torch.randn(b, 4), torch.randn(b, 7)
+    for norm in ("power", "relu"):
+        mfb = MFB([4, 7], k=k, o=5, norm=norm).eval()  # eval: no dropout
+        za, zb = mfb.proj[0](xa), mfb.proj[1](xb)  # (B, k*o)
+        pooled = torch.stack([sum(za[:, j * k + f] * zb[:, j * k + f] for f in range(k)) for j in range(5)], 1)
+        normed = torch.sign(pooled) * pooled.abs().sqrt() if norm == "power" else pooled.clamp_min(0)
+        torch.testing.assert_close(mfb([xa, xb]), normed / normed.norm(dim=1, keepdim=True), atol=1e-3, rtol=1e-3)
+
+    pool = GatedPooling(d, 4).eval()
+    w1, w2 = pool.gate[0], pool.gate[2]
+    for i in range(b):
+        z = sum(torch.sigmoid(w2(torch.relu(w1(x[i, s])))) * x[i, s] for s in range(t) if mask[i, s])
+        torch.testing.assert_close(pool(x, mask)[i], z, atol=1e-5, rtol=1e-5)
 
 
 def test_moe_outputs_match_the_mixture_definitions() -> None:
