@@ -10,7 +10,8 @@
 * :func:`per_class_report` / :func:`confusion_matrix` - the tables training logs (plain arrays, no plotting).
 * :func:`compute_metrics` - the dict the trainer reports for a task.
 
-Nothing here imports torch or Ray, so the label job and notebooks can reuse it as is.
+Nothing here imports torch or Ray, so the label job and notebooks can reuse it as is. scikit-learn (2 s to
+import) is imported by the functions that use it: the driver only checks class codes here before each run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ def f_sco_parts(y_true_l2: Any, y_pred_l2: Any) -> dict[str, float]:
         raise ValueError(f"y_true ({true2.shape[0]}) and y_pred ({pred2.shape[0]}) differ in length")
     if true2.size == 0:
         raise ValueError("F_sco of an empty set is undefined")
+    from sklearn.metrics import f1_score
+
     true1, pred1 = level1_codes(true2), level1_codes(pred2)
     parts = {
         "f1_micro_l1": float(f1_score(true1, pred1, average="micro")),
@@ -218,6 +220,8 @@ def per_class_report(y_true: Any, y_pred: Any, classes: Sequence[str]) -> dict[s
     Every class of ``classes`` gets a row, also one absent from this split (precision/recall 0 by
     ``zero_division=0``), so tables of different epochs line up row by row.
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
         np.asarray(y_true), np.asarray(y_pred), labels=labels, average=None, zero_division=0
@@ -253,6 +257,8 @@ def compute_metrics(
         raise ValueError(f"scores must be (N, {len(classes)}) for {len(classes)} classes, got {s.shape}")
     out: dict[str, float] = {"n": float(s.shape[0])}
     if task == "single_label":
+        from sklearn.metrics import f1_score
+
         _, t = _check_single(s, targets)
         pred = s.argmax(axis=1)
         out["hit@1"] = hit_at_k(s, t, 1)
