@@ -1,8 +1,9 @@
-"""Embedding throughput and peak memory for a small vs a 4x larger corpus, measured side by side.
+"""Embedding throughput and peak memory, measured side by side: a small vs a 4x larger corpus, and the three
+encoder pools vs one fused pool (``embed.fuse_encoders``) on the small corpus.
 
-Each size runs in a fresh process (own local Ray); a sampler sums the RSS of that process and all its
-descendants (raylet, decode workers, encoder actors) every 0.5 s. Streaming means peak memory should stay
-nearly flat while the corpus grows 4x; videos/s should not drop.
+Each run is a fresh process (own local Ray); a sampler sums the RSS of that process and all its descendants
+(raylet, decode workers, encoder actors) every 0.5 s. Streaming means peak memory should stay nearly flat while
+the corpus grows 4x; videos/s should not drop. The fused pool should start fewer processes and use less memory.
 
     .venv/bin/python bench/bench_embed.py [--sizes 50 200] [--preset test]
 """
@@ -23,10 +24,11 @@ import json, sys, ray
 from raypipe.config import CorpusConfig, load_config
 from raypipe.corpus import generate_corpus
 from raypipe.embed.pipeline import embed_videos
-n, root, preset = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+n, root, preset, fused = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 info = generate_corpus(CorpusConfig(out=f"{root}/corpus", videos=n, seed=1, max_duration_s=12.0, long_fraction=0.0, workers=2))
 cfg = load_config(preset, [f"embed.source.uri={info.videos_dir}", f"embed.source.annotations={info.annotations_path}",
-                           f"embed.output={root}/features", "embed.progress_bars=false"])
+                           f"embed.output={root}/features", "embed.progress_bars=false",
+                           f"embed.fuse_encoders={fused}"])
 ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
 print("START", flush=True)
 s = embed_videos(cfg)
@@ -57,12 +59,12 @@ def _tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def run_size(n: int, preset: str) -> dict:
+def run_size(n: int, preset: str, *, fused: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench_embed_{n}_") as root:
         log_path = Path(root) / "child.out"
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(n), root, preset], stdout=log, stderr=subprocess.DEVNULL,
+                [sys.executable, "-c", CHILD, str(n), root, preset, str(fused).lower()], stdout=log, stderr=subprocess.DEVNULL,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
             peak, summary, started = 0.0, None, False
@@ -77,7 +79,7 @@ def run_size(n: int, preset: str) -> dict:
                 summary = json.loads(line[len("SUMMARY "):])
         if summary is None:
             raise RuntimeError(f"embed run with {n} videos failed (exit {proc.returncode})")
-        return {"videos": n, "videos_per_s": summary["videos_per_s"], "seconds": summary["seconds"],
+        return {"videos": n, "graph": "fused" if fused else "3 pools", "videos_per_s": summary["videos_per_s"], "seconds": summary["seconds"],
                 "frames": summary["frames"], "peak_rss_mb": round(peak, 1)}
 
 
@@ -86,13 +88,18 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 200])
     ap.add_argument("--preset", default="test")
     args = ap.parse_args()
-    results = [run_size(n, args.preset) for n in args.sizes]
-    print(f"{'videos':>8} {'videos/s':>10} {'seconds':>9} {'frames':>8} {'peak RSS MiB':>13}")
+    results = [run_size(n, args.preset, fused=True) for n in args.sizes]
+    results.append(run_size(args.sizes[0], args.preset, fused=False))
+    print(f"{'videos':>8} {'graph':>8} {'videos/s':>10} {'seconds':>9} {'frames':>8} {'peak RSS MiB':>13}")
     for r in results:
-        print(f"{r['videos']:>8} {r['videos_per_s']:>10.2f} {r['seconds']:>9.1f} {r['frames']:>8} {r['peak_rss_mb']:>13.0f}")
-    if len(results) >= 2:
-        a, b = results[0], results[-1]
-        print(f"ratio {b['videos']}/{a['videos']} videos: throughput x{b['videos_per_s'] / max(a['videos_per_s'], 1e-9):.2f}, "
+        print(f"{r['videos']:>8} {r['graph']:>8} {r['videos_per_s']:>10.2f} {r['seconds']:>9.1f} {r['frames']:>8} "
+              f"{r['peak_rss_mb']:>13.0f}")
+    fused, pools = results[0], results[-1]
+    print(f"fused / 3 pools at {fused['videos']} videos: throughput x{fused['videos_per_s'] / max(pools['videos_per_s'], 1e-9):.2f}, "
+          f"peak RSS x{fused['peak_rss_mb'] / max(pools['peak_rss_mb'], 1e-9):.2f}")
+    if len(args.sizes) >= 2:
+        a, b = results[0], results[len(args.sizes) - 1]
+        print(f"ratio {b['videos']}/{a['videos']} videos (fused): throughput x{b['videos_per_s'] / max(a['videos_per_s'], 1e-9):.2f}, "
               f"peak RSS x{b['peak_rss_mb'] / max(a['peak_rss_mb'], 1e-9):.2f}")
     return 0
 
