@@ -82,3 +82,118 @@ def test_validation_catches_broken_variants(cluster_cfg: dict[str, Any], mutate,
     with pytest.raises((ValueError, jsonschema.ValidationError)) as info:
         _ray_validate(broken)
     assert expected in str(info.value)
+
+
+# ------------------------------------------------------------------------------ first-real-run checks (issue 21)
+
+
+def _quoted_tildes(cmd: str) -> list[int]:
+    """Offsets of ``~`` inside single or double quotes: neither bash nor pip expands those (``"~/raypipe"``)."""
+    out, quote = [], None
+    for i, ch in enumerate(cmd):
+        if quote is None and ch in "'\"":
+            quote = ch
+        elif ch == quote:
+            quote = None
+        elif ch == "~" and quote is not None:
+            out.append(i)
+    return out
+
+
+def _commands(prepared: dict[str, Any]) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    cmds = [c for k in keys for c in prepared.get(k) or []]
+    for t in prepared["available_node_types"].values():
+        cmds += t.get("worker_setup_commands") or []
+    return cmds
+
+
+def test_quoted_tilde_detector() -> None:
+    assert _quoted_tildes('pip install -e "~/raypipe"') == [16]
+    assert _quoted_tildes("echo 'x ~' >> ~/.bashrc") == [8]
+    assert _quoted_tildes("pip install -c ~/raypipe/constraints.txt -e ~/raypipe") == []
+
+
+def test_commands_expand_home(cluster_cfg: dict[str, Any]) -> None:
+    prepared = _ray_validate(cluster_cfg)
+    bad = [c for c in _commands(prepared) if _quoted_tildes(c)]
+    assert not bad, f"quoted ~ is never expanded: {bad}"
+
+
+def test_image_matches_constraints(cluster_cfg: dict[str, Any]) -> None:
+    """A container image with the pinned Python and Ray, and a host AMI on every node type (no launcher default)."""
+    pins = dict(
+        line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    image = cluster_cfg["docker"]["image"]
+    assert image.startswith(f"rayproject/ray:{pins['ray']}-py311-"), image
+    cuda_major = pins["nvidia-cuda-runtime"].split(".")[0]  # the CUDA torch's wheel was built for
+    assert image.endswith((f"-cu{cuda_major}0", f"-cu{cuda_major}", "-gpu")), (image, cuda_major)
+    for name, t in cluster_cfg["available_node_types"].items():
+        assert t["node_config"].get("ImageId"), f"{name}: no ImageId (the launcher would pick a CUDA 11 DLAMI)"
+
+
+def test_head_takes_no_work_and_setup_uses_constraints(cluster_cfg: dict[str, Any]) -> None:
+    prepared = _ray_validate(cluster_cfg)
+    head = prepared["available_node_types"][prepared["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and head["resources"].get("GPU", 0) == 0
+    installs = [c for c in prepared["setup_commands"] if "pip install" in c and "raypipe" in c]
+    assert installs and all("-c ~/raypipe/constraints.txt" in c for c in installs), installs
+
+
+def _docs_ops_config() -> dict[str, Any]:
+    """The production config documented in docs/OPERATIONS.md (the ```yaml block that says ``base: demo``)."""
+    text = (REPO / "docs" / "OPERATIONS.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    ops = [yaml.safe_load(b) for b in blocks if "base: demo" in b]
+    assert ops, "docs/OPERATIONS.md lost its production config example"
+    return ops[0]
+
+
+def stage_request_shapes(cfg: Any) -> dict[str, dict[str, float]]:
+    """What every stage asks Ray for, per task / actor / worker, read from the stage configs.
+
+    ``num_gpus: auto`` counts as 1 (what it asks for on a cluster with GPUs). Memory is left out: the launcher
+    fills node memory in from the instance type, and decode's 256 MB fits any of them.
+    """
+    e, lab, t, res = cfg.embed, cfg.label, cfg.train, cfg.tune.resources
+
+    def gpus(p: Any) -> float:
+        return 1.0 if p.num_gpus == "auto" else float(p.num_gpus)
+
+    shapes = {"embed.decode": {"CPU": e.decode_num_cpus}, "embed.write": {"CPU": 0.25}}
+    pools = {"frame_pool": e.frame_pool} if e.fuse_encoders else {
+        "frame_pool": e.frame_pool, "audio_pool": e.audio_pool, "text_pool": e.text_pool}
+    for name, p in pools.items():
+        shapes[f"embed.{name}"] = {"CPU": p.num_cpus, "GPU": gpus(p)}
+    shapes["label.classify"] = {"CPU": 1.0, "GPU": 1.0 if lab.use_gpu else 0.0}
+    train_gpu = float(getattr(t, "gpus_per_worker", 1.0)) if t.use_gpu else 0.0
+    shapes["train.worker"] = {"CPU": t.cpus_per_worker, "GPU": train_gpu}
+    shapes["tune.trial_driver"] = {"CPU": res.driver_cpus}
+    tune_gpu = train_gpu if res.gpus_per_worker is None else float(res.gpus_per_worker)
+    shapes["tune.worker"] = {"CPU": res.cpus_per_worker or t.cpus_per_worker, "GPU": tune_gpu}
+    return {k: {r: v for r, v in s.items() if v > 0} for k, s in shapes.items()}
+
+
+def _fits(shape: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(r, 0) >= v for r, v in shape.items())
+
+
+@pytest.mark.parametrize("source", ["demo", "test", "docs-ops"])
+def test_every_request_shape_fits_a_node_type(cluster_cfg: dict[str, Any], source: str, tmp_path: Path) -> None:
+    """A request no node type can hold stays pending forever, and the autoscaler never starts a node for it."""
+    from raypipe.config import load_config
+
+    if source == "docs-ops":
+        path = tmp_path / "prod.yaml"
+        path.write_text(yaml.safe_dump(_docs_ops_config()))
+        cfg = load_config(path)
+    else:
+        cfg = load_config(source)
+    nodes = {n: t.get("resources", {}) for n, t in _ray_validate(cluster_cfg)["available_node_types"].items()}
+    shapes = stage_request_shapes(cfg)
+    unplaceable = {s: shape for s, shape in shapes.items() if not any(_fits(shape, r) for r in nodes.values())}
+    assert not unplaceable, f"no node type of cluster.yaml holds {unplaceable} (nodes: {nodes})"
+    # The check is real: a shape bigger than every node is reported.
+    assert not any(_fits({"CPU": 1, "GPU": 2}, r) for r in nodes.values())
