@@ -49,6 +49,19 @@ def check_compatible(model_info: ShardInfo, data_info: ShardInfo, data_uri: str)
         logger.warning("the features at %s were made by other embedders than the model's training features", data_uri)
 
 
+def eval_device(choice: str) -> Any:
+    """``eval.device``: "auto" follows :func:`raypipe.device.pick_device`; "cuda" without a GPU is a clear error."""
+    import torch
+
+    from raypipe.device import pick_device
+
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config error: eval.device: cuda requested but no GPU is visible (use auto or cpu)")
+    return pick_device()
+
+
 def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
     """Score ``eval.model_uri`` on ``eval.data`` (default ``train.data``) -> report dict with ``metrics``
     (clean, keyed ``eval/...``) and, under a corruption, ``corrupted_metrics`` and ``delta``."""
@@ -58,7 +71,7 @@ def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
 
     ec = cfg.eval
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
-    clf = load_classifier(ec.model_uri, cfg.storage, tracking_uri=tracking_uri)
+    clf = load_classifier(ec.model_uri, cfg.storage, tracking_uri=tracking_uri).to_device(eval_device(ec.device))
     data_uri = ec.data or cfg.train.data
     val_fraction = float(clf.meta.get("val_fraction", cfg.train.val_fraction))
     spec = prepare_data(data_uri, task=clf.task, val_fraction=val_fraction, classes=clf.classes, storage=cfg.storage)

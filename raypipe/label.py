@@ -310,13 +310,14 @@ class _Classify:
     ) -> None:
         import torch
 
+        from raypipe.device import pick_device
         from raypipe.tracking import load_classifier
 
         torch.set_num_threads(1)
         self.clf = load_classifier(model_uri, storage, tracking_uri=tracking_uri)
-        if torch.cuda.is_available() and ray_gpu_ids():
-            self.clf.model.to("cuda")
-            self.clf.device = "cuda"
+        device = pick_device()  # Ray's GPU assignment: a CPU-only actor on a GPU node stays on CPU
+        if device.type == "cuda":
+            self.clf.to_device(device)
         self.mode = mode
         self.codes = list(class_codes) if class_codes is not None else [str(c) for c in self.clf.classes]
         self.k = min(top_k, len(self.codes))
@@ -365,13 +366,6 @@ class _Classify:
             "top_scores": top_scores,
             "stage": np.asarray([str(x or "decode") for x in stage]),
         }
-
-
-def ray_gpu_ids() -> list[int]:
-    """GPUs Ray assigned to this actor (empty on CPU-only actors, even on a GPU machine)."""
-    import ray
-
-    return list(ray.get_gpu_ids()) if ray.is_initialized() else []
 
 
 def _finish_row(row: dict[str, Any], common: dict[str, Any], labelled_at: datetime) -> dict[str, Any]:

@@ -369,6 +369,12 @@ class Classifier:
         self.shard_info = ShardInfo(**meta["shard_info"])
         self.device = device
 
+    def to_device(self, device: Any) -> Classifier:
+        """Move the model; batches are collated straight onto the same device."""
+        self.model.to(device)
+        self.device = str(device)
+        return self
+
     def _batch(self, np_batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         from raypipe.data import collate
 
@@ -411,7 +417,7 @@ class Classifier:
 
         batch = self._batch(np_batch)
         with torch.inference_mode():
-            sims = self.model.zero_shot_logits(batch, torch.as_tensor(np.asarray(class_text_emb), dtype=torch.float32))
+            sims = self.model.zero_shot_logits(batch, torch.as_tensor(np.asarray(class_text_emb), dtype=torch.float32, device=self.device))
             scale = self.model.logit_scale.exp() if hasattr(self.model, "logit_scale") else 1.0
             return torch.softmax(sims * scale, dim=-1).cpu().numpy().astype(np.float32)
 

@@ -100,6 +100,8 @@ class EvalConfig(StrictModel):
     # "val": the hash split the model was trained with (its val_fraction); "all": every labelled row.
     split: Literal["all", "train", "val"] = "val"
     batch_size: int = Field(default=64, ge=1)
+    # "auto": a GPU when one is visible (raypipe eval runs in the driver, outside Ray's GPU assignment), else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
     # JSON report with the metrics (optional); the metrics are also logged and returned.
     output: str | None = None

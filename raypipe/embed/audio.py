@@ -16,7 +16,17 @@ from torch import nn
 
 from raypipe.config import StorageConfig
 from raypipe.config.embed import AudioEncoderConfig
-from raypipe.embed.common import FaultInjector, autocast, load_weights, ok_rows, pick_device, to_f16
+from raypipe.embed.common import (
+    FaultInjector,
+    autocast,
+    batch_across_videos,
+    embed_parts,
+    load_weights,
+    ok_rows,
+    pick_device,
+    to_device,
+    to_f16,
+)
 
 
 def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
@@ -103,18 +113,19 @@ class AudioEncoder:
 
     def __init__(
         self, cfg: AudioEncoderConfig, sample_rate: int, storage: StorageConfig | None = None,
-        crash_after: int | None = None,
+        crash_after: int | None = None, batch_videos: bool | None = None,
     ) -> None:
         torch.set_num_threads(1)
         self.device = pick_device()
         self.model = build_audio_model(cfg, sample_rate, storage).to(self.device)
         self.dim = cfg.dim
+        self.batch_videos = batch_across_videos(self.device, batch_videos)
         self.fault = FaultInjector(crash_after)
 
     @torch.inference_mode()
     def embed(self, windows: np.ndarray) -> np.ndarray:
-        """(n, W) float32 windows of one video -> (n, Da) float16."""
-        x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
+        """(n, W) float32 windows (one video, or several concatenated) -> (n, Da) float16."""
+        x = to_device(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)), self.device)
         with autocast(self.device):
             return to_f16(self.model(x))
 
@@ -124,9 +135,10 @@ class AudioEncoder:
         mask = np.asarray(batch["audio_mask"]).astype(bool)  # (B, T)
         b, t = audio.shape[:2]
         out = np.zeros((b, t, self.dim), np.float16)
-        for i in ok_rows(batch):
-            idx = np.flatnonzero(mask[i])
-            if len(idx):
-                out[i, idx] = self.embed(audio[i, idx])
+        picks = [(int(i), np.flatnonzero(mask[i])) for i in ok_rows(batch)]
+        picks = [(i, idx) for i, idx in picks if len(idx)]
+        parts = [audio[i, idx] for i, idx in picks]
+        for (i, idx), emb in zip(picks, embed_parts(self.embed, parts, together=self.batch_videos), strict=True):
+            out[i, idx] = emb
         batch["audio_emb"] = out
         return batch

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from raypipe.config import StorageConfig
+from raypipe.device import pick_device
 from raypipe.io.fs import local_copy, remove_tree
 
 log = logging.getLogger(__name__)
@@ -20,9 +21,10 @@ FAULT_ENV = "RAYPIPE_FAULT_CRASH_AFTER_BATCHES"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "weights.pt")
 _F16_MAX = float(np.finfo(np.float16).max)
 
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = [
+    "FaultInjector", "autocast", "batch_across_videos", "embed_parts", "load_weights", "ok_rows", "pick_device",
+    "to_device", "to_f16",
+]
 
 
 def autocast(device: torch.device):
@@ -30,6 +32,35 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast("cpu", enabled=False)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> ``device``. On CUDA through pinned memory with a non-blocking copy: the transfer is a DMA that
+    overlaps the GPU work already queued instead of a synchronous staged copy of pageable memory."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def batch_across_videos(device: torch.device, override: bool | None) -> bool:
+    """Whether an encoder embeds all videos of a Ray batch in one forward pass (``override`` None: on accelerators).
+
+    One pass per video leaves a GPU mostly idle (a few frames per kernel launch), so accelerators batch across
+    videos; their fp16 rows then match the per-video rows to rounding, not bit for bit. On CPU the gain is small and
+    the per-video pass keeps each row independent of how Ray batched the videos: a resumed or re-batched run
+    (three pools vs one fused pool) reproduces the same rows exactly.
+    """
+    return device.type != "cpu" if override is None else override
+
+
+def embed_parts(fn: Any, parts: list[np.ndarray], *, together: bool) -> list[np.ndarray]:
+    """``fn`` ((N, ...) -> (N, D)) on each part, or once on their concatenation, split back into the parts."""
+    if not parts:
+        return []
+    if not together:
+        return [fn(p) for p in parts]
+    out = fn(np.concatenate(parts))  # (sum N, D): one host->device copy and one forward pass
+    return np.split(out, np.cumsum([len(p) for p in parts])[:-1])
 
 
 def to_f16(x: torch.Tensor) -> np.ndarray:

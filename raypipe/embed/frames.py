@@ -1,7 +1,9 @@
 """Frame encoder actor: a timm image model over each video's sampled frames, globally average-pooled.
 
-Each video is one forward pass over its own frames: results then do not depend on which videos Ray happened to
-batch together, so a resumed run reproduces the same rows bit for bit.
+On CPU each video is one forward pass over its own frames: results then do not depend on which videos Ray
+happened to batch together, so a resumed run reproduces the same rows bit for bit. On a GPU all frames of a Ray
+batch go through in one pass (see :func:`raypipe.embed.common.batch_across_videos`), copied as uint8 through
+pinned memory and normalised on the device (4x fewer bytes over PCIe than float32, no CPU float pass).
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ import torch
 
 from raypipe.config import StorageConfig
 from raypipe.config.embed import FrameEncoderConfig
-from raypipe.embed.common import FaultInjector, autocast, load_weights, ok_rows, pick_device, to_f16
+from raypipe.embed.common import (
+    FaultInjector,
+    autocast,
+    batch_across_videos,
+    embed_parts,
+    load_weights,
+    ok_rows,
+    pick_device,
+    to_device,
+    to_f16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +61,24 @@ def frame_encoder_info(cfg: FrameEncoderConfig) -> dict[str, Any]:
 class FrameEncoder:
     """Ray Data actor: ``frames`` (B, T, S, S, 3) uint8 -> ``frame_emb`` (B, T, D) float16 + ``frame_mask``."""
 
-    def __init__(self, cfg: FrameEncoderConfig, storage: StorageConfig | None = None, crash_after: int | None = None):
+    def __init__(
+        self, cfg: FrameEncoderConfig, storage: StorageConfig | None = None, crash_after: int | None = None,
+        batch_videos: bool | None = None,
+    ) -> None:
         torch.set_num_threads(1)
         self.device = pick_device()
         self.model = build_frame_model(cfg, storage).to(self.device)
+        self.mean, self.std = _MEAN.to(self.device), _STD.to(self.device)
         self.dim = int(self.model.num_features)
+        self.batch_videos = batch_across_videos(self.device, batch_videos)
         self.fault = FaultInjector(crash_after)
 
     @torch.inference_mode()
     def embed(self, frames: np.ndarray) -> np.ndarray:
-        """(n, S, S, 3) uint8 of one video -> (n, D) float16."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)  # (n, 3, S, S)
-        x = ((x - _MEAN) / _STD).to(self.device)
+        """(n, S, S, 3) uint8 frames (one video, or several concatenated) -> (n, D) float16."""
+        x = to_device(torch.from_numpy(np.ascontiguousarray(frames)), self.device)  # uint8 over the bus
+        x = x.permute(0, 3, 1, 2).float().div_(255)  # (n, 3, S, S)
+        x = (x - self.mean) / self.std
         with autocast(self.device):
             return to_f16(self.model(x))  # (n, D)
 
@@ -70,10 +88,10 @@ class FrameEncoder:
         b, t = frames.shape[:2]
         num = np.asarray(batch["num_frames"]).astype(np.int64)
         out = np.zeros((b, t, self.dim), np.float16)  # (B, T, D)
-        for i in ok_rows(batch):
-            n = int(num[i])
-            if n > 0:
-                out[i, :n] = self.embed(frames[i, :n])
+        rows = [int(i) for i in ok_rows(batch) if num[i] > 0]
+        parts = [frames[i, : num[i]] for i in rows]
+        for i, emb in zip(rows, embed_parts(self.embed, parts, together=self.batch_videos), strict=True):
+            out[i, : num[i]] = emb
         batch["frame_emb"] = out
         batch["frame_mask"] = np.arange(t)[None, :] < num[:, None]  # (B, T)
         return batch

@@ -2,7 +2,10 @@
 
 ``minilm`` is the packaged sentence-transformers all-MiniLM-L6-v2 (real weights, 384-d); ``tiny-random`` a
 2-layer random BERT with the same tokenizer for speed; anything else a local or s3:// Hugging Face folder.
-Each text is embedded on its own, unpadded: results do not depend on batch composition (exact resume).
+On CPU each text is embedded on its own, unpadded: results do not depend on batch composition (exact resume).
+On a GPU the texts of a Ray batch go through in one padded pass with a masked mean (one host sync per batch
+instead of one per text); the rows then match the per-text ones to rounding (see
+:func:`raypipe.embed.common.batch_across_videos`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import torch
 
 from raypipe.config import StorageConfig
 from raypipe.config.embed import TextEncoderConfig
-from raypipe.embed.common import FaultInjector, autocast, ok_rows, pick_device, to_f16
+from raypipe.embed.common import (
+    FaultInjector,
+    autocast,
+    batch_across_videos,
+    ok_rows,
+    pick_device,
+    to_device,
+    to_f16,
+)
 from raypipe.io.fs import local_copy
 from raypipe.io.text import tokenize, tokenizer_info
 
@@ -68,31 +79,52 @@ def text_encoder_info(cfg: TextEncoderConfig, storage: StorageConfig | None = No
 class TextEncoder:
     """Ray Data actor: ``text`` -> ``input_ids`` / ``attention_mask`` (B, L) int32 and ``text_emb`` (B, Dt) f16."""
 
-    def __init__(self, cfg: TextEncoderConfig, storage: StorageConfig | None = None, crash_after: int | None = None):
+    def __init__(
+        self, cfg: TextEncoderConfig, storage: StorageConfig | None = None, crash_after: int | None = None,
+        batch_videos: bool | None = None,
+    ) -> None:
         torch.set_num_threads(1)
         self.cfg = cfg
         self.device = pick_device()
         self.tokenizer, model, _ = load_text_model(cfg, storage)
         self.model = model.to(self.device)
         self.dim = int(self.model.config.hidden_size)
+        self.batch_videos = batch_across_videos(self.device, batch_videos)
         self.fault = FaultInjector(crash_after)
 
     @torch.inference_mode()
     def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One text: (L,) ids + mask -> (Dt,) float16, computed on the unpadded tokens only."""
         n = max(1, int(mask.sum()))
-        x = torch.from_numpy(ids[:n].astype(np.int64))[None].to(self.device)  # (1, n)
+        x = to_device(torch.from_numpy(ids[:n].astype(np.int64))[None], self.device)  # (1, n)
         with autocast(self.device):
             h = self.model(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state  # (1, n, Dt)
         v = h.float().mean(1)  # (1, Dt)
         return to_f16(torch.nn.functional.normalize(v, dim=-1))[0]
+
+    @torch.inference_mode()
+    def embed_many(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(b, L) ids + masks -> (b, Dt) float16 in one pass, padded to the longest text, mean over real tokens."""
+        lens = np.maximum(mask.sum(1), 1).astype(np.int64)  # (b,) as embed() counts them
+        n = int(lens.max())
+        x = to_device(torch.from_numpy(np.ascontiguousarray(ids[:, :n], dtype=np.int64)), self.device)  # (b, n)
+        keep = to_device(torch.from_numpy(np.arange(n)[None, :] < lens[:, None]), self.device)  # (b, n) bool
+        with autocast(self.device):
+            h = self.model(input_ids=x, attention_mask=keep.long()).last_hidden_state  # (b, n, Dt)
+        w = keep.unsqueeze(-1).float()  # (b, n, 1)
+        v = (h.float() * w).sum(1) / w.sum(1)  # (b, Dt)
+        return to_f16(torch.nn.functional.normalize(v, dim=-1))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.fault.tick()
         texts = [str(t) for t in batch["text"]]
         ids, mask = tokenize(self.tokenizer, texts, self.cfg.max_len)  # (B, L) each
         out = np.zeros((len(texts), self.dim), np.float16)
-        for i in ok_rows(batch):
-            out[i] = self.embed(ids[i], mask[i])
+        rows = ok_rows(batch)
+        if self.batch_videos and len(rows):
+            out[rows] = self.embed_many(ids[rows], mask[rows])
+        else:
+            for i in rows:
+                out[i] = self.embed(ids[i], mask[i])
         batch["input_ids"], batch["attention_mask"], batch["text_emb"] = ids, mask, out
         return batch
