@@ -62,9 +62,9 @@ def test_every_torch_load_has_map_location() -> None:
     calls = []
     for path in (REPO / "raypipe").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
-                if isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-                    calls.append((path.name, node.lineno, {k.arg for k in node.keywords}))
+            func = node.func if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and func.attr == "load" and getattr(func.value, "id", None) == "torch":
+                calls.append((path.name, node.lineno, {k.arg for k in node.keywords}))
     assert calls, "the scan found no torch.load at all"
     missing = [(f, line) for f, line, kw in calls if "map_location" not in kw]
     assert not missing, missing
