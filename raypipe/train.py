@@ -12,9 +12,13 @@ Why it is built this way:
 * **Data streamed with Ray Data.** ``train`` is split across workers (``streaming_split``, equal row counts so
   every rank runs the same number of steps); ``preserve_order`` makes the split and the order deterministic,
   and a per-epoch seeded local shuffle gives each epoch its own order. That is what makes a resumed run
-  reproduce the uninterrupted one. Validation runs on rank 0 over the whole val split (macro-F1 and F_sco are
-  not averageable over shards), with the classification loss only, and its metrics are broadcast so every
-  rank reports the same numbers.
+  reproduce the uninterrupted one. Validation runs on every rank, each scoring every world-th batch of the whole
+  val split; the predictions are gathered on all ranks (macro-F1 and F_sco are not averageable over shards), so
+  no rank idles in a collective while another validates, and every rank reports the same numbers. Loss uses
+  the classification term only.
+* **GPU path.** NCCL and ``train.gpus_per_worker`` GPUs per worker (fractions pack small models), autocast and
+  the fp16 loss scaler follow the worker's device, the loss is accumulated on the device (one host sync per
+  epoch), and DDP skips its unused-parameter search (``train.find_unused_parameters``).
 * **Every rank reports, rank 0 writes the checkpoint** (model, optimizer, scheduler, scaler, epoch, classes,
   model config, ShardInfo, the history so far and the epoch's val predictions); ``CheckpointConfig`` keeps the
   best ``keep_best`` by ``train.metric`` (and Ray always keeps the latest, for resuming).
@@ -66,7 +70,7 @@ logger = logging.getLogger(__name__)
 FAULT_ENV = "RAYPIPE_FAULT_CRASH_AT_EPOCH"
 FAULT_MARKER = ".raypipe_fault_injected"
 AUX_TERMS = ("contrastive", "mlm", "vtm")
-VAL_CACHE_BYTES = 256 * 2**20  # rank 0 keeps a val split up to this size in memory after the first epoch
+VAL_CACHE_BYTES = 256 * 2**20  # each rank keeps a val split up to this size in memory after the first epoch
 
 
 class InjectedFault(RuntimeError):
@@ -250,6 +254,21 @@ def _run_dir(cfg: RaypipeConfig, run_name: str) -> str:
     return rfs.join(cfg.train.storage_path, run_name)
 
 
+def worker_group_configs(t: Any) -> tuple[Any, Any]:
+    """``(TorchConfig, ScalingConfig)`` of the Train worker group: NCCL and ``gpus_per_worker`` GPUs (1 by default)
+    per worker on GPUs, gloo on CPUs. ``t`` is the ``train`` config section."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    resources: dict[str, float] = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    return (
+        TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+    )
+
+
 def build_trainer(
     cfg: RaypipeConfig, *, run_name: str | None = None, callbacks: list[Any] | None = None
 ) -> TorchTrainer:
@@ -261,8 +280,8 @@ def build_trainer(
     """
     import ray
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     cfg, spec, kwargs = prepare(cfg)
     run_name = run_name or cfg.train.run_name
@@ -293,17 +312,16 @@ def build_trainer(
         "fault": fault,
     }
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = 1
+    torch_config, scaling_config = worker_group_configs(t)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        torch_config=torch_config,
+        scaling_config=scaling_config,
         datasets=ray_datasets(spec, materialize=t.cache_data),
         # Only train is split (one worker reads it whole: a split of one would only add a coordinator actor);
-        # rank 0 validates on the whole val set. preserve_order: deterministic split and order.
+        # every rank reads the whole val stream and scores its share of the batches (see _validate).
+        # preserve_order: deterministic split and order.
         dataset_config=DataConfig(
             datasets_to_split=["train"] if t.num_workers > 1 else [],
             execution_options=ExecutionOptions(preserve_order=True),
@@ -406,6 +424,112 @@ def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int, wor
     raise InjectedFault(f"injected worker crash after epoch {epoch} (rank {rank}; {FAULT_ENV})")
 
 
+def amp_setup(device: torch.device, amp: str) -> tuple[Any, Any]:
+    """``(autocast factory, GradScaler)`` following the device: mixed precision only on CUDA (``train.amp`` on a CPU
+    worker trains in fp32), loss scaling only for fp16 (bf16 has fp32's range)."""
+    import torch
+
+    use = amp != "none" and device.type == "cuda"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use and amp == "fp16")
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=use)
+
+    return autocast, scaler
+
+
+def restore_scaler(scaler: Any, state: dict[str, Any] | None) -> None:
+    """Load a checkpoint's loss scale when both sides use one. A run resumed with another ``train.amp`` has a
+    scaler state of the wrong kind: a bf16/fp32 checkpoint saved an empty state (GradScaler refuses it), and an fp16
+    scale means nothing to bf16. Then the scaler starts fresh (it re-calibrates within a few steps)."""
+    if not scaler.is_enabled():
+        return
+    if not state:
+        logger.info("resuming with fp16 from a checkpoint without a loss scale: starting from the default scale")
+        return
+    scaler.load_state_dict(state)
+
+
+def forward_backward(
+    model: Any, batch: dict[str, Any], objective: Any, *, autocast: Any, scaler: Any, grad_accum: int,
+    sync_grads: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """One micro-batch: forward + loss under autocast, scaled backward; DDP all-reduces only at accumulation
+    boundaries (``no_sync`` otherwise). Returns the loss and its terms as tensors (no host sync here)."""
+    sync = contextlib.nullcontext() if sync_grads or not hasattr(model, "no_sync") else model.no_sync()
+    with sync:
+        with autocast():
+            outputs = model(batch)
+            total, terms = objective(outputs, batch)
+        scaler.scale(total / grad_accum).backward()
+    return total, terms
+
+
+@dataclass
+class ValResult:
+    """Validation of one epoch, identical on every rank: predictions in val-stream order, the mean loss."""
+
+    scores: np.ndarray | None
+    targets: np.ndarray | None
+    ids: np.ndarray | None
+    loss: float
+    first: dict[str, np.ndarray] | None  # the first val batch (the MLflow input example)
+
+
+def _validate(
+    model: Any, source: Any, *, rank: int, world: int, device: Any, autocast: Any, objective: Any, task: str,
+    target_key: str, cache: list[dict[str, np.ndarray]] | None,
+) -> ValResult:
+    """Every rank reads the whole (unsplit) val stream and scores batches ``rank, rank + world, ...``; one
+    ``all_gather_object`` then gives every rank all predictions, put back in stream order.
+
+    Why: validating on rank 0 alone leaves the other ranks blocked in the next collective for the whole
+    validation (NCCL's timeout then kills a long one); split this way every rank works for 1/world of it, and the
+    metrics (macro-F1, F_sco: not averageable over shards) are computed from the same full prediction set as on
+    one worker, so they do not depend on the number of workers.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from raypipe.data import to_torch
+
+    mine: list[tuple[int, Any, np.ndarray, np.ndarray, Any]] = []
+    first = None
+    with torch.no_grad():
+        for i, np_batch in enumerate(source):
+            if cache is not None:
+                cache.append(np_batch)
+            first = np_batch if first is None else first
+            if i % world != rank:
+                continue
+            batch = to_torch(np_batch, device)
+            with autocast():
+                logits = model(batch)["logits"].float()
+            loss, _ = objective({"logits": logits}, batch)
+            probs = torch.softmax(logits, -1) if task == "single_label" else torch.sigmoid(logits)
+            mine.append((i, probs, np.asarray(np_batch[target_key]), np.asarray(np_batch["video_id"]),
+                         loss.detach().double() * len(logits)))
+    # One device->host copy of this rank's predictions and losses (not one sync per batch).
+    local = [(i, p.cpu().numpy(), y, v, float(w)) for i, p, y, v, w in mine]
+    parts = local
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local)
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    parts.sort(key=lambda part: part[0])
+    if not parts:
+        return ValResult(None, None, None, 0.0, first)
+    n = sum(len(p[1]) for p in parts)
+    return ValResult(
+        scores=np.concatenate([p[1] for p in parts]),
+        targets=np.concatenate([p[2] for p in parts]),
+        ids=np.concatenate([p[3] for p in parts]),
+        loss=sum(p[4] for p in parts) / max(n, 1),
+        first=first,
+    )
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The one training loop (every worker). ``loop_config``: ``cfg`` (RaypipeConfig dump), ``spec`` (DataSpec),
     ``model_kwargs``, ``run_name``, ``mlflow_run_id`` and ``fault`` (see :func:`build_trainer`)."""
@@ -444,10 +568,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         start_epoch, history = int(meta["epoch"]) + 1, list(meta["history"])
         logger.info("rank %d: resuming from epoch %d checkpoint", rank, start_epoch - 1)
 
-    # Aux branches (e.g. MLM on a batch without maskable tokens) may leave parameters without gradient.
+    # Every parameter gets a gradient (an aux branch exists only when its loss weight is > 0, and an MLM batch
+    # without maskable tokens still returns a zero that depends on the logits), so DDP skips the unused-parameter
+    # search unless train.find_unused_parameters asks for it.
     ddp_model = ray.train.torch.prepare_model(
         model, parallel_strategy="ddp" if world > 1 else None,
-        parallel_strategy_kwargs={"find_unused_parameters": True} if world > 1 else None,
+        parallel_strategy_kwargs={"find_unused_parameters": t.find_unused_parameters} if world > 1 else None,
     )
     core = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     optimizer = torch.optim.AdamW(param_groups(core, cfg), lr=t.optim.lr)
@@ -456,13 +582,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup=t.optim.warmup_steps, total=total_steps)
     )
-    use_amp = t.amp != "none" and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if t.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and t.amp == "fp16")
+    autocast, scaler = amp_setup(device, t.amp)
     if train_state is not None:
         optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
-        scaler.load_state_dict(train_state["scaler"])
+        restore_scaler(scaler, train_state.get("scaler"))
 
     run_logger = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -489,15 +613,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     example_rows: dict[str, np.ndarray] | None = None
     val_cache: list[dict[str, np.ndarray]] | None = None
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-
     for epoch in range(start_epoch, t.epochs + 1):
         # Re-seeded per (epoch, rank): dropout, MLM masks and hard negatives of an epoch do not depend on
         # whether the run was restarted before it.
         seed_everything(t.seed * 100_003 + epoch * 1_009 + rank)
         ddp_model.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step, one .item() per epoch
         n_batches = n_samples = 0
         t0 = time.perf_counter()
         micro = 0
@@ -513,17 +634,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             batch = to_torch(np_batch, device)
             micro += 1
             boundary = micro % t.optim.grad_accum == 0
-            sync = contextlib.nullcontext() if boundary or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()
-            with sync:
-                with autocast():
-                    outputs = ddp_model(batch)
-                    total, terms = objective(outputs, batch)
-                scaler.scale(total / t.optim.grad_accum).backward()
+            total, terms = forward_backward(
+                ddp_model, batch, objective, autocast=autocast, scaler=scaler, grad_accum=t.optim.grad_accum,
+                sync_grads=boundary,
+            )
             if boundary:
                 _optimizer_step(ddp_model, optimizer, scheduler, scaler, t.optim.grad_clip)
-            sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
-            for name, value in terms.items():
-                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
+            for name, value in {"loss": total, **{f"loss_{k}": v for k, v in terms.items()}}.items():
+                value = torch.as_tensor(value, device=device).detach().double()
+                sums[name] = sums[name] + value if name in sums else value
             n_batches += 1
             n_samples += len(np_batch["video_id"])
         if micro % t.optim.grad_accum:
@@ -532,11 +651,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         # ---- reduce train statistics over ranks
         keys = sorted(sums)
-        stats = torch.tensor([sums[k] for k in keys] + [n_batches, n_samples], dtype=torch.float64)
+        counts = torch.tensor([n_batches, n_samples], dtype=torch.float64, device=device)
+        stats = torch.cat([torch.stack([sums[k] for k in keys]), counts]) if keys else counts
         if distributed:
-            stats = stats.to(device)
             dist.all_reduce(stats)
-            stats = stats.cpu()
+        stats = stats.cpu()  # the epoch's one host sync for the training statistics
         total_batches, total_samples = float(stats[-2]), float(stats[-1])
         metrics: dict[str, float] = {"epoch": float(epoch)}
         for i, k in enumerate(keys):
@@ -546,46 +665,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             metrics["lr_text" if group["name"].startswith("text") else "lr"] = float(lr)
 
-        # ---- validation on rank 0 over the whole val split
-        val_scores = np.zeros((0, len(spec.classes)), np.float32)
-        val_targets = np.zeros((0,) if t.task == "single_label" else (0, len(spec.classes)))
-        val_ids = np.zeros((0,), dtype=object)
-        val_metrics: dict[str, float] = {}
-        if rank == 0:
-            core.eval()
-            scores, targets, ids, val_loss, val_n = [], [], [], 0.0, 0
-            if val_cache is None:
-                val_source: Any = val_it.iter_batches(batch_size=t.batch_size, batch_format="numpy")
-                cache: list[dict[str, np.ndarray]] | None = []
-            else:
-                val_source, cache = val_cache, None
-            with torch.no_grad():
-                for np_batch in val_source:
-                    if cache is not None:
-                        cache.append(np_batch)
-                    if example_rows is None:
-                        example_rows = {k: np.asarray(v[:2]) for k, v in np_batch.items() if k != "video_id"}
-                    batch = to_torch(np_batch, device)
-                    with autocast():
-                        logits = core(batch)["logits"].float()
-                    loss, _ = val_objective({"logits": logits}, batch)
-                    val_loss += float(loss) * len(logits)
-                    val_n += len(logits)
-                    probs = torch.softmax(logits, -1) if t.task == "single_label" else torch.sigmoid(logits)
-                    scores.append(probs.cpu().numpy())
-                    targets.append(np.asarray(np_batch[target_key]))
-                    ids.append(np.asarray(np_batch["video_id"]))
-            if cache is not None and sum(v.nbytes for b in cache for v in b.values()) <= VAL_CACHE_BYTES:
-                val_cache = cache  # the val split never changes: later epochs skip re-reading it
-            val_scores = np.concatenate(scores) if scores else val_scores
-            val_targets = np.concatenate(targets) if targets else val_targets
-            val_ids = np.concatenate(ids) if ids else val_ids
-            val_metrics = compute_metrics(val_scores, val_targets, task=t.task, classes=spec.classes, prefix="val/")
-            val_metrics["val/loss"] = val_loss / max(val_n, 1)
-        if distributed:
-            box = [val_metrics]
-            dist.broadcast_object_list(box, src=0)
-            val_metrics = box[0]
+        # ---- validation: every rank scores its share of the val batches, all ranks get all predictions
+        if val_cache is None:
+            val_source: Any = val_it.iter_batches(batch_size=t.batch_size, batch_format="numpy")
+            cache: list[dict[str, np.ndarray]] | None = []
+        else:
+            val_source, cache = val_cache, None
+        core.eval()
+        val = _validate(
+            core, val_source, rank=rank, world=world, device=device, autocast=autocast, objective=val_objective,
+            task=t.task, target_key=target_key, cache=cache,
+        )
+        if cache is not None and sum(v.nbytes for b in cache for v in b.values()) <= VAL_CACHE_BYTES:
+            val_cache = cache  # the val split never changes: later epochs skip re-reading it
+        if example_rows is None and val.first is not None:
+            example_rows = {k: np.asarray(v[:2]) for k, v in val.first.items() if k != "video_id"}
+        val_scores = val.scores if val.scores is not None else np.zeros((0, len(spec.classes)), np.float32)
+        val_targets = val.targets if val.targets is not None else np.zeros(
+            (0,) if t.task == "single_label" else (0, len(spec.classes)))
+        val_ids = val.ids if val.ids is not None else np.zeros((0,), dtype=object)
+        val_metrics = compute_metrics(val_scores, val_targets, task=t.task, classes=spec.classes, prefix="val/")
+        val_metrics["val/loss"] = val.loss
         metrics.update(val_metrics)
         history.append(dict(metrics))
 

@@ -225,7 +225,9 @@ def _portable_base(cfg: RaypipeConfig) -> dict[str, Any]:
     if res.cpus_per_worker is not None:
         train["cpus_per_worker"] = res.cpus_per_worker
     if res.gpus_per_worker is not None:
-        train["use_gpu"] = res.gpus_per_worker == 1
+        train["use_gpu"] = res.gpus_per_worker > 0
+        if res.gpus_per_worker > 0:
+            train["gpus_per_worker"] = res.gpus_per_worker
     # Every trial keeps (and the sweep registers) the checkpoint that is best by the sweep's own metric; the
     # sweep registers only its best trial's model.
     train["metric"], train["mode"] = sweep_metric(cfg)

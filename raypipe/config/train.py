@@ -55,7 +55,13 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(default=2, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
     use_gpu: bool = False
+    # GPUs per worker when use_gpu; below 1 packs several workers (or Tune trials) of a small model on one GPU.
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=1)
     amp: Literal["none", "bf16", "fp16"] = "none"
+    # DDP's search for parameters without a gradient costs a graph traversal per step. The model registry builds an
+    # auxiliary branch only when its loss weight is > 0, so every parameter gets a gradient (tests/unit/test_models);
+    # turn this on only for a custom model with conditionally used parameters.
+    find_unused_parameters: bool = False
     seed: int = 0
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
     # Rows held in the per-worker shuffle buffer (seeded per epoch); 0 streams in shard order.

@@ -60,7 +60,9 @@ class TrialResources(StrictModel):
 
     num_workers: int | None = Field(default=None, ge=1)  # None: train.num_workers
     cpus_per_worker: float | None = Field(default=None, gt=0)  # None: train.cpus_per_worker
-    gpus_per_worker: Literal[0, 1] | None = None  # None: 1 if train.use_gpu else 0 (Train gives a worker a GPU)
+    # None: train.use_gpu / train.gpus_per_worker. 0 trains on CPU; a fraction (e.g. 0.25) packs 4 trials' workers
+    # of a small model onto one GPU.
+    gpus_per_worker: float | None = Field(default=None, ge=0, le=1)
     driver_cpus: float = Field(default=0.01, gt=0)
 
 
