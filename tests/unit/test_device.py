@@ -151,3 +151,20 @@ def test_encoders_move_inputs_to_the_models_device(monkeypatch: pytest.MonkeyPat
         with pytest.raises(_Stop):
             enc(_batch(np.random.default_rng(1)))
         assert enc.model.seen and all(d == meta for d in enc.model.seen), (type(enc).__name__, enc.model.seen)
+
+
+def test_eval_runs_on_gpu_when_available(cuda_present: None) -> None:
+    from raypipe.evaluate import eval_device
+
+    assert eval_device("auto") == torch.device("cuda", 0)  # raypipe eval runs outside Ray: a visible GPU is used
+    assert eval_device("cpu") == torch.device("cpu")
+
+
+def test_eval_device_cuda_without_gpu_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from raypipe.config import ConfigError
+    from raypipe.evaluate import eval_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="eval.device"):
+        eval_device("cuda")
+    assert eval_device("auto") == torch.device("cpu")
