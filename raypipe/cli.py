@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from raypipe.config import ConfigError, RaypipeConfig, load_config, preset_names
+from raypipe.config.paths import missing_paths_message, resolve_paths
 from raypipe.logs import setup_logging
 
 log = logging.getLogger("raypipe")
@@ -107,6 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    missing = missing_paths_message(args.stage, cfg)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    # Relative paths are relative to where the command was typed: make them absolute before any Ray worker,
+    # Tune trial or job driver (each with a working directory of its own) sees the config.
+    cfg = resolve_paths(cfg)
     try:
         runner = _stage_runner(args.stage)
     except NotImplementedError as err:

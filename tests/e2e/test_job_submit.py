@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 # What the working-dir upload leaves out: the venv (7 GB), caches and local outputs.
-EXCLUDES = [".venv", ".git", "demo_out", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.db", "mlruns", "runs"]
+EXCLUDES = [".venv", ".git", "demo_out", "raypipe_runs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.db", "mlruns", "runs"]
 PORT_FLAGS = (
     "port",
     "dashboard-port",
