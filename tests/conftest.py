@@ -37,6 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda it: (
         min((_ORDER[m.name] for m in it.iter_markers() if m.name in _ORDER), default=1),
         it.get_closest_marker("own_cluster") is not None,
+        it.get_closest_marker("stops_session_ray") is not None,  # the docs test: the demo needs the host alone
     ))
 
 

@@ -1,0 +1,250 @@
+"""The README's and docs/OPERATIONS.md's shell commands, run as written, in order, in a scratch copy of the repo.
+
+A new user copies commands from the README in order, from the repository root, with relative paths. This test
+does the same: it reads the ``bash`` / ``sh`` / ``console`` code blocks of each document at run time (so a changed
+command is tested as changed), copies the checkout (tracked and not-ignored files: what a clone has) into a
+scratch folder whose ``.venv`` is this test run's virtual environment, and runs each block there with bash,
+expecting exit 0 (or the exit code the doc states). The demo runs once, as written (``make demo``); the commands
+after it use its output, as they would for the user.
+
+Markers, as an HTML comment on the line(s) right above a block (the reason is required and shown in the doc):
+
+    <!-- docs-test: skip: REASON -->                 the whole block is not run here
+    <!-- docs-test: skip `COMMAND PREFIX`: REASON --> only the lines that start with that prefix are not run
+    <!-- docs-test: exit N -->                        the block (a ``console`` example) exits with N
+
+``console`` blocks hold ``$ command`` lines followed by the output the doc shows; that output must appear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# The README run (demo, its rerun, eval, sweep) is one fixture of ~7 min on 2 CPUs; the per-test default is 900 s.
+pytestmark = [pytest.mark.stops_session_ray, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = ("README.md", "docs/OPERATIONS.md")
+SHELL_LANGS = {"bash", "sh", "shell", "console"}
+_FENCE = re.compile(r"^```(\w*)\s*$")
+_MARKER = re.compile(r"^<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
+_SKIP = re.compile(r"^skip(?:\s+`([^`]+)`)?\s*:\s*(\S.*)$")
+_EXIT = re.compile(r"^exit\s+(\d+)$")
+
+
+@dataclass
+class Block:
+    doc: str
+    line: int  # 1-based line of the opening fence
+    lang: str
+    text: str
+    skip: str | None = None  # reason the whole block is not run
+    skip_lines: dict[str, str] = field(default_factory=dict)  # command prefix -> reason
+    exit_code: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+    def script(self) -> str:
+        """What bash runs: the block without skipped lines (a ``console`` block: its ``$`` lines only)."""
+        if self.lang == "console":
+            return "\n".join(line[2:] for line in self.text.splitlines() if line.startswith("$ "))
+        return "\n".join(
+            line for line in self.text.splitlines()
+            if not any(line.lstrip().startswith(prefix) for prefix in self.skip_lines)
+        )
+
+    def expected_output(self) -> list[str]:
+        if self.lang != "console":
+            return []
+        return [line for line in self.text.splitlines() if line.strip() and not line.startswith("$ ")]
+
+
+def parse_blocks(doc: str) -> list[Block]:
+    """Every fenced code block of ``doc`` with a shell language, with the markers above it."""
+    lines = (REPO / doc).read_text().splitlines()
+    blocks: list[Block] = []
+    i = 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        start, lang = i, m.group(1)
+        j = i + 1
+        while j < len(lines) and not lines[j].startswith("```"):
+            j += 1
+        if lang in SHELL_LANGS:
+            block = Block(doc, start + 1, lang, "\n".join(lines[start + 1 : j]))
+            k = start - 1
+            while k >= 0 and (marker := _MARKER.match(lines[k])):
+                _apply_marker(block, marker.group(1))
+                k -= 1
+            blocks.append(block)
+        i = j + 1
+    return blocks
+
+
+def _apply_marker(block: Block, text: str) -> None:
+    if m := _SKIP.match(text):
+        if m.group(1):
+            block.skip_lines[m.group(1)] = m.group(2)
+        else:
+            block.skip = m.group(2)
+    elif m := _EXIT.match(text):
+        block.exit_code = int(m.group(1))
+    else:
+        raise ValueError(f"{block.where}: unknown docs-test marker {text!r}")
+
+
+def test_every_shell_block_is_run_or_says_why_not() -> None:
+    """The parser sees the documents' blocks; each one is run, or carries a stated reason in the doc itself."""
+    blocks = [b for doc in DOCS for b in parse_blocks(doc)]
+    readme = [b for b in blocks if b.doc == "README.md"]
+    assert any("make demo" in b.script() for b in readme), "README's set-up block not found"
+    assert any("raypipe tune -c sweep_demo" in b.script() for b in readme), "README's sweep command not found"
+    for b in blocks:
+        assert b.skip is None or len(b.skip) > 10, f"{b.where}: a skipped block needs a reason"
+        assert b.skip is not None or b.script().strip(), f"{b.where}: nothing to run"
+        for prefix, reason in b.skip_lines.items():
+            assert prefix in b.text and len(reason) > 10, (b.where, prefix)
+    assert sum(b.skip is None for b in blocks) >= 3
+
+
+# ------------------------------------------------------------------------------------------- running them
+
+
+def _copy_checkout(dest: Path) -> None:
+    """What a clone of this checkout holds: tracked files plus untracked ones git does not ignore."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def _scratch_venv(dest: Path) -> None:
+    """``.venv`` = this run's virtual environment, already installed: `make` finds its stamp newer than
+    pyproject.toml and installs nothing; PYTHONPATH (below) makes the scratch copy's raypipe the one imported."""
+    venv = dest / ".venv"
+    venv.mkdir()
+    (venv / "bin").symlink_to(Path(sys.executable).parent, target_is_directory=True)
+    (venv / "pyvenv.cfg").write_text(f"home = {Path(sys.executable).parent}\n")
+    stamp = venv / ".installed-stamp"
+    stamp.touch()
+    later = time.time() + 5
+    os.utime(stamp, (later, later))
+
+
+@dataclass
+class Ran:
+    block: Block
+    rc: int
+    output: str
+    seconds: float
+
+
+def _run_block(block: Block, cwd: Path, env: dict[str, str], timeout: float) -> Ran:
+    # -e: stop at the first failing command, and name it; every command must exit 0 unless the doc says otherwise
+    script = "trap 'echo \"docs-test: command failed: $BASH_COMMAND\" >&2' ERR\nset -e\n" + block.script()
+    t0 = time.monotonic()
+    try:
+        res = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = res.returncode, res.stdout + res.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out = -1, f"timed out after {timeout:.0f} s\n{exc.stdout or ''}{exc.stderr or ''}"
+    return Ran(block, rc, out, round(time.monotonic() - t0, 1))
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    # The demo starts a Ray instance of its own: the session's must be down (two on one host confuse Ray Train's
+    # address discovery). This module is ordered last in the session for that reason (tests/conftest.py).
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    keep = os.environ.get("RAYPIPE_DOCS_SCRATCH")  # for working on this test: reuse a scratch folder (and its demo)
+    dest = Path(keep) if keep else tmp_path_factory.mktemp("docs_clone")
+    if keep and (dest / ".venv").exists():
+        shutil.rmtree(dest / ".venv")
+    dest.mkdir(parents=True, exist_ok=True)
+    _copy_checkout(dest)
+    _scratch_venv(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def readme_run(scratch: Path) -> list[Ran]:
+    """Every README block, in order (stops at the first block that fails: later ones depend on it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_"))}
+    env.update(PYTHONPATH=str(scratch), HF_HUB_OFFLINE="1", VIRTUAL_ENV=str(scratch / ".venv"))
+    ran: list[Ran] = []
+    for block in parse_blocks("README.md"):
+        if block.skip is not None:
+            continue
+        ran.append(result := _run_block(block, scratch, env, timeout=1200))
+        if result.rc != block.exit_code:
+            break
+    return ran
+
+
+def test_readme_commands_run_as_written(readme_run: list[Ran]) -> None:
+    for r in readme_run:
+        assert r.rc == r.block.exit_code, (
+            f"{r.block.where}: exit {r.rc}, the doc expects {r.block.exit_code}\n{r.output[-6000:]}"
+        )
+        for line in r.block.expected_output():
+            assert line in r.output, f"{r.block.where}: output lacks the documented line {line!r}\n{r.output[-3000:]}"
+    ran = {r.block.where for r in readme_run}
+    assert ran == {b.where for b in parse_blocks("README.md") if b.skip is None}
+    print("\n".join(f"{r.block.where}: {r.seconds} s" for r in readme_run))
+
+
+def test_demo_rerun_is_incremental(readme_run: list[Ran], scratch: Path) -> None:
+    """The README's second `make demo`: no video embedded or labelled again, the training run reused."""
+    assert all(r.rc == r.block.exit_code for r in readme_run), "a README command failed (see the test above)"
+    demo_runs = [r for r in readme_run if "make demo" in r.block.script()]
+    assert len(demo_runs) >= 2, "the README runs the demo twice (the second run is the incremental one)"
+    report = json.loads((scratch / "demo_out" / "demo_report.json").read_text())  # written by the last demo run
+    assert report["embed"]["videos_processed"] == 0 and report["embed"]["videos_skipped"] == report["embed"]["videos_listed"]
+    assert report["label"]["labelled"] == 0 and report["label"]["skipped"] == report["label"]["videos_seen"] > 0
+    assert "already finished: reusing its registered model" in demo_runs[-1].output
+    assert report["timings_s"]["train"] < 15, report["timings_s"]
+
+
+def test_sweep_prints_every_trial_and_exports_the_best_config(readme_run: list[Ran], scratch: Path) -> None:
+    """`raypipe tune -c sweep_demo` after the demo: every trial finished with a metric, the best config exported."""
+    import yaml
+
+    from raypipe.config import load_config
+
+    assert all(r.rc == r.block.exit_code for r in readme_run), "a README command failed (see the test above)"
+    sweep = next(r for r in readme_run if "raypipe tune -c sweep_demo" in r.block.script())
+    sweep_dir = scratch / "demo_out" / "ray_results" / "sweep-demo"
+    lines = sweep.output.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("trial ") and "best val/f_sco" in line)
+    header = re.split(r"\s{2,}", lines[top].strip())
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[top + 2 :] if re.match(r"^\w+_\d{5}\b", line)]
+    assert len(rows) == 4, lines[top:]  # the preset's num_samples, each in the printed table
+    for row in rows:
+        assert float(row[header.index("best val/f_sco")]) >= 0 and row[header.index("status")] == "TERMINATED", row
+    assert sum(row[0].endswith(" *") for row in rows) == 1 and "best trial" in sweep.output
+    best = sweep_dir / "best_config.yaml"
+    cfg = load_config(str(best))
+    assert Path(cfg.train.taxonomy).is_absolute() and Path(cfg.train.data).is_dir()
+    assert "tune" not in yaml.safe_load(best.read_text())
