@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             if s == stage:
                 p.add_argument(flag, dest=f"short:{key}", default=None, help=f"shorthand for --set {key}=...", **kwargs)
         if stage == "bench":
-            p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+            p.add_argument("names", nargs="*", help="benchmarks to run (default: all); other options go to each script")
     return parser
 
 
@@ -101,7 +101,11 @@ def _stage_runner(stage: str) -> Callable[..., int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `raypipe bench NAME --sizes 4`: options raypipe does not know go to the benchmark scripts; elsewhere an error.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.stage != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     try:
         cfg = config_from_args(args)
@@ -121,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"raypipe: {err}", file=sys.stderr)
         return 2
     if args.stage == "bench":
-        return int(runner(cfg, names=args.names))
+        return int(runner(cfg, names=args.names, script_args=extra))
     return int(runner(cfg))
 
 

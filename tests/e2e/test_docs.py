@@ -132,10 +132,13 @@ def _copy_checkout(dest: Path) -> None:
         cwd=REPO, capture_output=True, check=True,
     ).stdout.decode().split("\0")
     for rel in filter(None, listed):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+        src, dst = REPO / rel, dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():  # ./configs -> raypipe/configs
+            if not dst.is_symlink():
+                dst.symlink_to(os.readlink(src))
+        elif src.is_file():
+            shutil.copy2(src, dst)
 
 
 def _scratch_venv(dest: Path) -> None:
