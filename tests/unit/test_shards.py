@@ -78,3 +78,37 @@ def test_crash_between_shard_rename_and_manifest_resumes_exactly(tmp_path, monke
     assert table.equals(expected)  # exactly the rows of the uninterrupted commit: no duplicate, none lost
     assert after["rows"] == 30 and json.loads((tmp_path / "out" / MANIFEST).read_text())["rows"] == 30
     assert not store.pending_shards()
+
+
+def test_crash_while_writing_a_shard_leaves_the_committed_one_whole(tmp_path, monkeypatch) -> None:
+    """The process dies half-way through writing a shard's new file: readers still get the committed shard, whole
+    (the new bytes went to a temporary name), and the rerun's commit completes it."""
+    import fsspec
+
+    store = _store(str(tmp_path / "out"))
+    store.write_rows(_table([f"v{i:03d}" for i in range(12)]))
+    _commit_all(store)
+    committed = read_shards(store.root)[0]
+    store.write_rows(_table([f"v{i:03d}" for i in range(12, 30)]))
+
+    fs = fsspec.filesystem("file")  # the cached instance every local resolve() returns
+    real_open = fs.open
+
+    def half_then_crash(path, mode="rb", **kw):
+        f = real_open(path, mode, **kw)
+        if "w" in mode and "shard-" in str(path):
+            def write(data, _w=f.write):
+                _w(data[: len(data) // 2])
+                f.close()
+                raise InjectedCrash(f"died writing {path}")
+            f.write = write
+        return f
+
+    monkeypatch.setattr(fs, "open", half_then_crash)
+    with pytest.raises(InjectedCrash, match="died writing"):
+        _commit_all(store)
+    monkeypatch.setattr(fs, "open", real_open)
+
+    assert read_shards(store.root)[0].equals(committed)  # every listed file reads whole: nothing half-written
+    _commit_all(store)
+    assert sorted(read_shards(store.root)[0].column("video_id").to_pylist()) == [f"v{i:03d}" for i in range(30)]
