@@ -12,6 +12,8 @@ Markers, as an HTML comment on the line(s) right above a block (the reason is re
     <!-- docs-test: skip: REASON -->                 the whole block is not run here
     <!-- docs-test: skip `COMMAND PREFIX`: REASON --> only the lines that start with that prefix are not run
     <!-- docs-test: exit N -->                        the block (a ``console`` example) exits with N
+    <!-- docs-test: cluster: HOW -->                  needs a Ray cluster: tests/e2e/test_job_submit.py runs it
+                                                      against its local token-auth cluster instead
 
 ``console`` blocks hold ``$ command`` lines followed by the output the doc shows; that output must appear.
 """
@@ -25,89 +27,17 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from docs_blocks import Block, parse_blocks
 
 # The README run (demo, its rerun, eval, sweep) is one fixture of ~7 min on 2 CPUs; the per-test default is 900 s.
 pytestmark = [pytest.mark.stops_session_ray, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "docs/OPERATIONS.md")
-SHELL_LANGS = {"bash", "sh", "shell", "console"}
-_FENCE = re.compile(r"^```(\w*)\s*$")
-_MARKER = re.compile(r"^<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
-_SKIP = re.compile(r"^skip(?:\s+`([^`]+)`)?\s*:\s*(\S.*)$")
-_EXIT = re.compile(r"^exit\s+(\d+)$")
-
-
-@dataclass
-class Block:
-    doc: str
-    line: int  # 1-based line of the opening fence
-    lang: str
-    text: str
-    skip: str | None = None  # reason the whole block is not run
-    skip_lines: dict[str, str] = field(default_factory=dict)  # command prefix -> reason
-    exit_code: int = 0
-
-    @property
-    def where(self) -> str:
-        return f"{self.doc}:{self.line}"
-
-    def script(self) -> str:
-        """What bash runs: the block without skipped lines (a ``console`` block: its ``$`` lines only)."""
-        if self.lang == "console":
-            return "\n".join(line[2:] for line in self.text.splitlines() if line.startswith("$ "))
-        return "\n".join(
-            line for line in self.text.splitlines()
-            if not any(line.lstrip().startswith(prefix) for prefix in self.skip_lines)
-        )
-
-    def expected_output(self) -> list[str]:
-        if self.lang != "console":
-            return []
-        return [line for line in self.text.splitlines() if line.strip() and not line.startswith("$ ")]
-
-
-def parse_blocks(doc: str) -> list[Block]:
-    """Every fenced code block of ``doc`` with a shell language, with the markers above it."""
-    lines = (REPO / doc).read_text().splitlines()
-    blocks: list[Block] = []
-    i = 0
-    while i < len(lines):
-        m = _FENCE.match(lines[i])
-        if not m:
-            i += 1
-            continue
-        start, lang = i, m.group(1)
-        j = i + 1
-        while j < len(lines) and not lines[j].startswith("```"):
-            j += 1
-        if lang in SHELL_LANGS:
-            block = Block(doc, start + 1, lang, "\n".join(lines[start + 1 : j]))
-            k = start - 1
-            while k >= 0 and (marker := _MARKER.match(lines[k])):
-                _apply_marker(block, marker.group(1))
-                k -= 1
-            blocks.append(block)
-        i = j + 1
-    return blocks
-
-
-def _apply_marker(block: Block, text: str) -> None:
-    if m := _SKIP.match(text):
-        if m.group(1):
-            block.skip_lines[m.group(1)] = m.group(2)
-        else:
-            block.skip = m.group(2)
-    elif m := _EXIT.match(text):
-        block.exit_code = int(m.group(1))
-    else:
-        raise ValueError(f"{block.where}: unknown docs-test marker {text!r}")
-
-
 def test_every_shell_block_is_run_or_says_why_not() -> None:
     """The parser sees the documents' blocks; each one is run, or carries a stated reason in the doc itself."""
     blocks = [b for doc in DOCS for b in parse_blocks(doc)]
@@ -116,10 +46,12 @@ def test_every_shell_block_is_run_or_says_why_not() -> None:
     assert any("raypipe tune -c sweep_demo" in b.script() for b in readme), "README's sweep command not found"
     for b in blocks:
         assert b.skip is None or len(b.skip) > 10, f"{b.where}: a skipped block needs a reason"
+        assert b.cluster is None or b.doc != "README.md", f"{b.where}: README commands run without a cluster"
         assert b.skip is not None or b.script().strip(), f"{b.where}: nothing to run"
         for prefix, reason in b.skip_lines.items():
             assert prefix in b.text and len(reason) > 10, (b.where, prefix)
     assert sum(b.skip is None for b in blocks) >= 3
+    assert any(b.cluster for b in blocks), "the token-auth block of docs/OPERATIONS.md runs against a local cluster"
 
 
 # ------------------------------------------------------------------------------------------- running them
@@ -198,7 +130,7 @@ def readme_run(scratch: Path) -> list[Ran]:
     env.update(PYTHONPATH=str(scratch), HF_HUB_OFFLINE="1", VIRTUAL_ENV=str(scratch / ".venv"))
     ran: list[Ran] = []
     for block in parse_blocks("README.md"):
-        if block.skip is not None:
+        if block.skip is not None or block.cluster is not None:
             continue
         ran.append(result := _run_block(block, scratch, env, timeout=1200))
         if result.rc != block.exit_code:
@@ -214,7 +146,7 @@ def test_readme_commands_run_as_written(readme_run: list[Ran]) -> None:
         for line in r.block.expected_output():
             assert line in r.output, f"{r.block.where}: output lacks the documented line {line!r}\n{r.output[-3000:]}"
     ran = {r.block.where for r in readme_run}
-    assert ran == {b.where for b in parse_blocks("README.md") if b.skip is None}
+    assert ran == {b.where for b in parse_blocks("README.md") if b.skip is None and b.cluster is None}
     print("\n".join(f"{r.block.where}: {r.seconds} s" for r in readme_run))
 
 

@@ -287,3 +287,22 @@ def test_embed_train_and_tune_jobs(local_cluster: LocalCluster, registered_model
     assert list((tmp_path / "ray" / "job-train").rglob("model.pt")), "jobs/train.py left no checkpoint"
     best = tmp_path / "ray" / "job-sweep" / BEST_CONFIG_NAME
     assert best.is_file() and "best trial" in logs
+
+
+def test_the_token_auth_commands_of_the_operations_guide(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    """docs/OPERATIONS.md's token block as written, with this cluster's address and token file put in for the
+    doc's placeholders: `ray job list` works with the token and fails without it (as the block's comment says)."""
+    from docs_blocks import parse_blocks
+
+    (block,) = [b for b in parse_blocks("docs/OPERATIONS.md") if b.cluster]
+    token_file = tmp_path / "ray_token"
+    token_file.write_text(local_cluster.token)
+    script = block.script().replace("http://127.0.0.1:8265", local_cluster.address)
+    script = script.replace("/secure/place/ray_token", str(token_file))
+    assert local_cluster.address in script and str(token_file) in script, "the doc's placeholders changed"
+    env = {k: v for k, v in local_cluster.client_env(with_token=False).items() if k != "RAY_ADDRESS"}
+    ok = subprocess.run(["bash", "-ec", script], env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    no_token = script.replace(f'"$(cat {token_file})"', '""')
+    denied = subprocess.run(["bash", "-ec", no_token + "\n"], env=env, capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0 and "token" in (denied.stdout + denied.stderr).lower(), denied.stdout + denied.stderr
