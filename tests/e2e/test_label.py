@@ -301,8 +301,9 @@ def test_interrupted_run_resumes_and_new_videos_are_labelled_once(
         label={"output": str(root / "labels"), "batch_size": 1, "write_batch_size": 1},
     )
     # The text encoder (the last embed stage) dies on its second batch: the stream fails part-way; rows it had
-    # already returned reach the prediction parts (write_batch_size=1).
-    monkeypatch.setenv(FAULT_ENV, "1")
+    # already returned reach the prediction parts (write_batch_size=1). It lingers 20 s before dying: the
+    # classifier actor (MLflow model load) can take longer than the default 6 s to start on a busy 2-CPU host.
+    monkeypatch.setenv(FAULT_ENV, "1:20")
     with pytest.raises(Exception) as crash:  # noqa: B017 - checked below: it must be the injected actor death
         label_videos(cfg)
     assert_injected_actor_death(crash.value)
@@ -315,9 +316,10 @@ def test_interrupted_run_resumes_and_new_videos_are_labelled_once(
     # The run stopped early, after committing some predictions to parts (the injector lingers so that the rows
     # the text encoder returned reach them): a resume that relabelled everything would fail the skip count below.
     assert 1 <= len(done_before) < 6, done_before
-    assert read_predictions(cfg.label.output).num_rows == 0  # nothing committed: readers see no partial run
+    assert read_predictions(cfg.label.output).num_rows == 0, "readers see the crashed run's rows"
     s = label_videos(cfg)
-    assert s["skipped"] == len(done_before) and s["labelled"] + s["skipped"] == 6 and s["failed"] == 0
+    assert s["skipped"] == len(done_before) and s["labelled"] + s["skipped"] == 6 and s["failed"] == 0, (
+        f"resume did not reuse the {len(done_before)} predictions written before the crash: {s}")
     rows = read_predictions(cfg.label.output, latest_only=False).column("video_id").to_pylist()
     assert sorted(rows) == sorted(v.video_id for v in info.videos)  # each exactly once
 

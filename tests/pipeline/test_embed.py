@@ -143,13 +143,14 @@ def test_crash_then_resume_gives_exactly_the_same_rows(
         embed_videos(cfg)
     assert_injected_actor_death(crash.value)
     kept = _part_ids(cfg.embed.output)
-    assert not (Path(cfg.embed.output) / "_manifest.json").exists()
+    assert not (Path(cfg.embed.output) / "_manifest.json").exists(), "the crashed run committed a manifest"
     # The injector lingers after its third batch so that the batches it returned reach the part writer: work was
     # committed before the crash, and the rerun must reuse all of it (a rerun that redid everything would fail).
     assert 2 <= len(kept) < 10, kept
     monkeypatch.delenv(FAULT_ENV)
     summary = embed_videos(cfg)
-    assert summary["videos_skipped"] == len(kept) and summary["videos_processed"] == 10 - len(kept)
+    assert summary["videos_skipped"] == len(kept) and summary["videos_processed"] == 10 - len(kept), (
+        f"resume did not reuse the {len(kept)} videos committed before the crash: {summary}")
     rows = _rows(cfg)
     table, _ = read_shards(cfg.embed.output)
     assert table.num_rows == len(rows) == 10  # every video exactly once
