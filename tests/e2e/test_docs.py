@@ -94,16 +94,48 @@ class Ran:
     seconds: float
 
 
-def _run_block(block: Block, cwd: Path, env: dict[str, str], timeout: float) -> Ran:
-    # -e: stop at the first failing command, and name it; every command must exit 0 unless the doc says otherwise
-    script = "trap 'echo \"docs-test: command failed: $BASH_COMMAND\" >&2' ERR\nset -e\n" + block.script()
-    t0 = time.monotonic()
+_MARK = "@@docs-test"
+
+
+def _doc_script(blocks: list[Block]) -> str:
+    """One bash script for the blocks of a document, in order, as a user types them into ONE shell (a `source`
+    in one block holds for the next). A block stops the script at its first failing command (named on stderr)
+    unless the doc states another exit code for it; markers on stdout delimit each block's output."""
+    trap = "trap 'echo \"docs-test: command failed: $BASH_COMMAND\" >&2' ERR"
+    lines = [trap]
+    for i, block in enumerate(blocks):
+        lines.append(f'echo "{_MARK} start {i} $SECONDS"')
+        if block.exit_code == 0:
+            lines += ["set -e", block.script(), "set +e", f'echo "{_MARK} end {i} 0 $SECONDS"']
+        else:
+            lines += ["trap - ERR", block.script(), "__rc=$?", trap, f'echo "{_MARK} end {i} $__rc $SECONDS"',
+                      f'[ "$__rc" -eq {block.exit_code} ] || exit 1']
+    return "\n".join(lines) + "\n"
+
+
+def _run_doc(blocks: list[Block], cwd: Path, env: dict[str, str], timeout: float) -> list[Ran]:
+    """Run ``blocks`` in one shell; a block's rc is its own (the shell's exit code for the block it stopped in)."""
     try:
-        res = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, out = res.returncode, res.stdout + res.stderr
+        res = subprocess.run(["bash", "-c", _doc_script(blocks)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        shell_rc, out = res.returncode, res.stdout
     except subprocess.TimeoutExpired as exc:
-        rc, out = -1, f"timed out after {timeout:.0f} s\n{exc.stdout or ''}{exc.stderr or ''}"
-    return Ran(block, rc, out, round(time.monotonic() - t0, 1))
+        shell_rc, out = -1, f"{exc.stdout or ''}\ndocs-test: timed out after {timeout:.0f} s"
+    ran: list[Ran] = []
+    current, start, buf = None, 0.0, []
+    for line in out.splitlines():
+        if line.startswith(f"{_MARK} start "):
+            _, _, i, t = line.split()
+            current, start, buf = int(i), float(t), []
+        elif line.startswith(f"{_MARK} end ") and current is not None:
+            _, _, i, rc, t = line.split()
+            ran.append(Ran(blocks[current], int(rc), "\n".join(buf), float(t) - start))
+            current = None
+        else:
+            buf.append(line)
+    if current is not None:  # the block the shell stopped in
+        ran.append(Ran(blocks[current], shell_rc if shell_rc != 0 else -1, "\n".join(buf), float("nan")))
+    return ran
 
 
 @pytest.fixture(scope="module")
@@ -125,17 +157,11 @@ def scratch(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def readme_run(scratch: Path) -> list[Ran]:
-    """Every README block, in order (stops at the first block that fails: later ones depend on it)."""
+    """Every README block, in order, in one shell (stops at the first block that fails: later ones depend on it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_"))}
     env.update(PYTHONPATH=str(scratch), HF_HUB_OFFLINE="1", VIRTUAL_ENV=str(scratch / ".venv"))
-    ran: list[Ran] = []
-    for block in parse_blocks("README.md"):
-        if block.skip is not None or block.cluster is not None:
-            continue
-        ran.append(result := _run_block(block, scratch, env, timeout=1200))
-        if result.rc != block.exit_code:
-            break
-    return ran
+    blocks = [b for b in parse_blocks("README.md") if b.skip is None and b.cluster is None]
+    return _run_doc(blocks, scratch, env, timeout=1500)
 
 
 def test_readme_commands_run_as_written(readme_run: list[Ran]) -> None:
@@ -147,7 +173,7 @@ def test_readme_commands_run_as_written(readme_run: list[Ran]) -> None:
             assert line in r.output, f"{r.block.where}: output lacks the documented line {line!r}\n{r.output[-3000:]}"
     ran = {r.block.where for r in readme_run}
     assert ran == {b.where for b in parse_blocks("README.md") if b.skip is None and b.cluster is None}
-    print("\n".join(f"{r.block.where}: {r.seconds} s" for r in readme_run))
+    print("\n".join(f"{r.block.where}: {r.seconds:.0f} s" for r in readme_run))
 
 
 def test_demo_rerun_is_incremental(readme_run: list[Ran], scratch: Path) -> None:
@@ -179,6 +205,7 @@ def test_sweep_prints_every_trial_and_exports_the_best_config(readme_run: list[R
     for row in rows:
         assert float(row[header.index("best val/f_sco")]) >= 0 and row[header.index("status")] == "TERMINATED", row
     assert sum(row[0].endswith(" *") for row in rows) == 1 and "best trial" in sweep.output
+    print("\n".join(lines[top - 1 : top + 2 + len(rows)]))  # the table as printed (shown with pytest -s)
     best = sweep_dir / "best_config.yaml"
     cfg = load_config(str(best))
     assert Path(cfg.train.taxonomy).is_absolute() and Path(cfg.train.data).is_dir()
