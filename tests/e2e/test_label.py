@@ -300,10 +300,11 @@ def test_interrupted_run_resumes_and_new_videos_are_labelled_once(
                "text": {"batch_size": 2}},
         label={"output": str(root / "labels"), "batch_size": 1, "write_batch_size": 1},
     )
-    # The text encoder (the last embed stage) dies on its second batch: the stream fails part-way; rows it had
-    # already returned reach the prediction parts (write_batch_size=1). It lingers 20 s before dying: the
-    # classifier actor (MLflow model load) can take longer than the default 6 s to start on a busy 2-CPU host.
-    monkeypatch.setenv(FAULT_ENV, "1:20")
+    # The text encoder (the last embed stage) dies on its third batch of 2 (of 3): the stream fails part-way; rows
+    # it had already returned reach the prediction parts (write_batch_size=1). It lingers 20 s before dying so the
+    # classifier actor (an MLflow model load) has started and its rows reached the driver; with a crash on the
+    # second batch and the default 6 s, no prediction had been committed in two runs on a busy 2-CPU host.
+    monkeypatch.setenv(FAULT_ENV, "2:20")
     with pytest.raises(Exception) as crash:  # noqa: B017 - checked below: it must be the injected actor death
         label_videos(cfg)
     assert_injected_actor_death(crash.value)
