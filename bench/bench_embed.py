@@ -5,7 +5,8 @@ Each run is a fresh process (own local Ray); a sampler sums the RSS of that proc
 (raylet, decode workers, encoder actors) every 0.5 s. Streaming means peak memory should stay nearly flat while
 the corpus grows 4x; videos/s should not drop. The fused pool should start fewer processes and use less memory.
 
-    .venv/bin/python bench/bench_embed.py [--sizes 50 200] [--preset test]
+    .venv/bin/python bench/bench_embed.py [--sizes 50 200] [--preset test] [--no-compare]
+    raypipe bench embed --sizes 3 --no-compare     # the smallest run: one size, the fused pool only
 """
 
 from __future__ import annotations
@@ -87,16 +88,19 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 200])
     ap.add_argument("--preset", default="test")
+    ap.add_argument("--no-compare", action="store_true", help="skip the three-pool run at the first size")
     args = ap.parse_args()
     results = [run_size(n, args.preset, fused=True) for n in args.sizes]
-    results.append(run_size(args.sizes[0], args.preset, fused=False))
+    if not args.no_compare:
+        results.append(run_size(args.sizes[0], args.preset, fused=False))
     print(f"{'videos':>8} {'graph':>8} {'videos/s':>10} {'seconds':>9} {'frames':>8} {'peak RSS MiB':>13}")
     for r in results:
         print(f"{r['videos']:>8} {r['graph']:>8} {r['videos_per_s']:>10.2f} {r['seconds']:>9.1f} {r['frames']:>8} "
               f"{r['peak_rss_mb']:>13.0f}")
     fused, pools = results[0], results[-1]
-    print(f"fused / 3 pools at {fused['videos']} videos: throughput x{fused['videos_per_s'] / max(pools['videos_per_s'], 1e-9):.2f}, "
-          f"peak RSS x{fused['peak_rss_mb'] / max(pools['peak_rss_mb'], 1e-9):.2f}")
+    if not args.no_compare:
+        print(f"fused / 3 pools at {fused['videos']} videos: throughput x{fused['videos_per_s'] / max(pools['videos_per_s'], 1e-9):.2f}, "
+              f"peak RSS x{fused['peak_rss_mb'] / max(pools['peak_rss_mb'], 1e-9):.2f}")
     if len(args.sizes) >= 2:
         a, b = results[0], results[len(args.sizes) - 1]
         print(f"ratio {b['videos']}/{a['videos']} videos (fused): throughput x{b['videos_per_s'] / max(a['videos_per_s'], 1e-9):.2f}, "

@@ -20,7 +20,8 @@ def find_benchmarks(root: Path) -> dict[str, Path]:
     return {p.stem.removeprefix("bench_"): p for p in sorted((root / "bench").glob("bench_*.py"))}
 
 
-def run(cfg: RaypipeConfig, names: list[str] | None = None) -> int:
+def run(cfg: RaypipeConfig, names: list[str] | None = None, script_args: list[str] | None = None) -> int:
+    """Run the named benchmarks (all by default), each as ``python bench/bench_NAME.py *script_args``."""
     available = find_benchmarks(Path.cwd())
     if not available:
         log.error("no bench/bench_*.py here: run raypipe bench from the repository root")
@@ -32,5 +33,6 @@ def run(cfg: RaypipeConfig, names: list[str] | None = None) -> int:
     failed = 0
     for name in names or list(available):
         log.info("running benchmark %s (%s)", name, available[name])
-        failed += subprocess.run([sys.executable, str(available[name])], check=False).returncode != 0
+        cmd = [sys.executable, str(available[name]), *(script_args or [])]
+        failed += subprocess.run(cmd, check=False).returncode != 0
     return 1 if failed else 0

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from raypipe.config import ConfigError, RaypipeConfig, load_config, preset_names
+from raypipe.config.paths import missing_paths_message, resolve_paths
 from raypipe.logs import setup_logging
 
 log = logging.getLogger("raypipe")
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             if s == stage:
                 p.add_argument(flag, dest=f"short:{key}", default=None, help=f"shorthand for --set {key}=...", **kwargs)
         if stage == "bench":
-            p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+            p.add_argument("names", nargs="*", help="benchmarks to run (default: all); other options go to each script")
     return parser
 
 
@@ -100,20 +101,31 @@ def _stage_runner(stage: str) -> Callable[..., int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `raypipe bench NAME --sizes 4`: options raypipe does not know go to the benchmark scripts; elsewhere an error.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.stage != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     try:
         cfg = config_from_args(args)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    missing = missing_paths_message(args.stage, cfg)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    # Relative paths are relative to where the command was typed: make them absolute before any Ray worker,
+    # Tune trial or job driver (each with a working directory of its own) sees the config.
+    cfg = resolve_paths(cfg)
     try:
         runner = _stage_runner(args.stage)
     except NotImplementedError as err:
         print(f"raypipe: {err}", file=sys.stderr)
         return 2
     if args.stage == "bench":
-        return int(runner(cfg, names=args.names))
+        return int(runner(cfg, names=args.names, script_args=extra))
     return int(runner(cfg))
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raypipe.config import StorageConfig, TrackingConfig
+from raypipe.config.paths import absolute_tracking_uri as _absolute_tracking_uri
 from raypipe.io import fs as rfs
 from raypipe.schema import ShardInfo
 
@@ -62,12 +63,7 @@ MODEL_ARTIFACT = "model"
 
 def absolute_tracking_uri(uri: str) -> str:
     """``sqlite:///relative.db`` (or a bare path) -> absolute, so Ray workers with another cwd use the same store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        return prefix + os.path.abspath(uri[len(prefix) :])
-    if "://" not in uri and not uri.startswith("databricks"):
-        return os.path.abspath(uri)
-    return uri
+    return _absolute_tracking_uri(uri)
 
 
 def default_artifact_location(tracking: TrackingConfig) -> str | None:

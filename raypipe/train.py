@@ -50,6 +50,7 @@ import numpy as np
 import yaml
 
 from raypipe.config import ConfigError, LossConfig, RaypipeConfig
+from raypipe.config import paths as config_paths
 from raypipe.config.train import TASK_METRICS
 from raypipe.data import DataError, DataSpec, prepare_data
 from raypipe.io import fs as rfs
@@ -58,7 +59,6 @@ from raypipe.tracking import (
     MODEL_FILE,
     TRAIN_STATE_FILE,
     VAL_PREDICTIONS_FILE,
-    absolute_tracking_uri,
 )
 
 if TYPE_CHECKING:
@@ -103,15 +103,8 @@ class TrainResult:
 
 
 def resolve_paths(cfg: RaypipeConfig) -> RaypipeConfig:
-    """Absolute local paths and tracking URI: Ray workers run with another cwd."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.train.data = rfs.absolute(cfg.train.data)
-    cfg.train.storage_path = rfs.absolute(cfg.train.storage_path)
-    cfg.train.taxonomy = rfs.absolute(cfg.train.taxonomy)
-    cfg.tracking.tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
-    if cfg.tracking.artifact_location and "://" not in cfg.tracking.artifact_location:
-        cfg.tracking.artifact_location = rfs.absolute(cfg.tracking.artifact_location)
-    return cfg
+    """Absolute local paths and tracking URI: Ray workers run with another cwd (see :mod:`raypipe.config.paths`)."""
+    return config_paths.resolve_paths(cfg)
 
 
 def config_to_dict(cfg: RaypipeConfig) -> dict[str, Any]:

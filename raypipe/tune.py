@@ -40,6 +40,7 @@ from ray.tune.schedulers import ASHAScheduler
 from raypipe import tracking
 from raypipe.config import ConfigError, RaypipeConfig, validate_config
 from raypipe.config.base import apply_override
+from raypipe.config.paths import resolve_paths
 from raypipe.config.tune import SEARCH_KINDS
 from raypipe.io import fs as rfs
 
@@ -214,11 +215,9 @@ def sweep_path(cfg: RaypipeConfig) -> str:
 def _portable_base(cfg: RaypipeConfig) -> dict[str, Any]:
     """The base config every trial starts from: absolute paths, trial resources applied, tune section dropped
     from what trials see as "their" settings (it is kept only as defaults)."""
-    data = _base_dict(cfg)
+    data = _base_dict(resolve_paths(cfg))
     train = data.setdefault("train", {})
-    train["data"] = rfs.absolute(cfg.train.data)
     train["storage_path"] = rfs.join(sweep_path(cfg), "train_runs")
-    data.setdefault("tracking", {})["tracking_uri"] = tracking.absolute_tracking_uri(cfg.tracking.tracking_uri)
     res = cfg.tune.resources
     if res.num_workers is not None:
         train["num_workers"] = res.num_workers
@@ -484,16 +483,12 @@ def plot_trials(trials: Sequence[TrialSummary], *, metric: str, path: str | Path
 def best_training_config(cfg: RaypipeConfig, best: TrialSummary) -> dict[str, Any]:
     """The best trial as a plain training YAML: what the user set, the trial's values, the sweep's metric, no
     tune section or parent run, absolute paths (it may be run from anywhere) and its own run name."""
-    data = _base_dict(cfg)
+    data = _base_dict(resolve_paths(cfg))
     data.pop("tune", None)
     train = data.setdefault("train", {})
-    train["data"] = rfs.absolute(cfg.train.data)
-    train["storage_path"] = rfs.absolute(cfg.train.storage_path)
     train["run_name"] = f"{cfg.tune.name}-best"
     train["metric"], train["mode"] = sweep_metric(cfg)
-    tracking_section = data.setdefault("tracking", {})
-    tracking_section["tracking_uri"] = tracking.absolute_tracking_uri(cfg.tracking.tracking_uri)
-    tracking_section.pop("parent_run_id", None)
+    data.setdefault("tracking", {}).pop("parent_run_id", None)
     for key, value in best.params.items():
         apply_override(data, key.split("."), _plain(value))
     validate_config(data)  # the exported file must load as it is

@@ -37,6 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda it: (
         min((_ORDER[m.name] for m in it.iter_markers() if m.name in _ORDER), default=1),
         it.get_closest_marker("own_cluster") is not None,
+        it.get_closest_marker("stops_session_ray") is not None,  # the docs test: the demo needs the host alone
     ))
 
 
@@ -183,3 +184,25 @@ def ray_resources_released():
         alive = [a["ActorClassName"] for a in ray._private.state.actors().values() if a.get("State") == "ALIVE"]
         pgs = [pg["name"] or pg_id[:8] for pg_id, pg in placement_group_table().items() if pg.get("state") == "CREATED"]
         pytest.fail(f"test left {total - free:g} of {total:g} CPUs in use; alive actors: {alive}; placement groups: {pgs}")
+
+
+@pytest.fixture(scope="session")
+def assert_injected_actor_death():
+    """Checks that an exception is the crash the fault injector causes (an encoder actor's process exits), so a
+    crash test cannot pass on another error a regression raises."""
+
+    def check(exc: BaseException) -> None:
+        from ray.exceptions import RayActorError
+
+        chain, seen = [exc], set()
+        while chain:
+            e = chain.pop()
+            if id(e) in seen:
+                continue
+            seen.add(id(e))
+            if isinstance(e, RayActorError):
+                return
+            chain.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        raise AssertionError(f"not the injected actor death: {type(exc).__name__}: {str(exc)[:2000]}")
+
+    return check

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raypipe.config.base import StrictModel
+from raypipe.config.paths import NameOrPath, PathStr
 
 
 class SourceConfig(StrictModel):
@@ -22,9 +23,10 @@ class SourceConfig(StrictModel):
     ``annotations`` the JSON) or the YouTube-8M frame-level TFRecord path/glob; they are imported, not decoded.
     """
 
-    uri: str = "demo_out/corpus/videos"
+    # No default: a stage that reads videos names the flag to pass (--source) instead of reading the demo's.
+    uri: PathStr | None = None
     kind: Literal["auto", "folder", "glob", "s3", "manifest", "class_folders", "wbdc_features", "yt8m"] = "auto"
-    annotations: str | None = "demo_out/corpus/annotations.json"
+    annotations: PathStr | None = None
     extensions: list[str] = Field(default_factory=lambda: [".mp4", ".mkv", ".webm", ".mov", ".avi"])
     # Manifest column names (CSV / JSONL / Parquet); only ``uri`` is required in the file.
     manifest_uri_column: str = "uri"
@@ -61,7 +63,7 @@ class FrameEncoderConfig(StrictModel):
     image_size: int = Field(default=112, ge=16, le=1024)
     # Local folder / file or s3:// path with a state dict (model.safetensors, *.pt, *.pth, *.bin); None = random
     # init from ``seed`` (identical in every actor).
-    weights: str | None = None
+    weights: PathStr | None = None
     seed: int = 0
     batch_size: int = Field(default=8, ge=1)
 
@@ -76,7 +78,7 @@ class AudioEncoderConfig(StrictModel):
     fmax: float = Field(default=7800.0, gt=0)
     channels: int = Field(default=16, ge=1)
     dim: int = Field(default=128, ge=8)
-    weights: str | None = None
+    weights: PathStr | None = None
     seed: int = 1
     batch_size: int = Field(default=8, ge=1)
 
@@ -85,7 +87,7 @@ class TextEncoderConfig(StrictModel):
     """Sentence embedding + tokenisation. ``model``: ``minilm`` (the packaged all-MiniLM-L6-v2), ``tiny-random``
     (a 2-layer random BERT with the MiniLM tokenizer, for speed) or a local / s3:// folder in HF format."""
 
-    model: str = "minilm"
+    model: NameOrPath = "minilm"
     max_len: int = Field(default=256, ge=8, le=512)
     seed: int = 2
     batch_size: int = Field(default=16, ge=1)
@@ -118,7 +120,7 @@ class EmbedConfig(StrictModel):
     # batch (the smallest of the three batch sizes): one process and one GPU per actor instead of three pools,
     # for small machines or a GPU that holds all three encoders. The rows are identical either way.
     fuse_encoders: bool = False
-    output: str = "demo_out/features"
+    output: PathStr | None = None  # required by embed (--output)
     num_shards: int = Field(default=4, ge=1)
     decode_num_cpus: float = Field(default=1.0, gt=0)
     # Memory reserved per decode task (decoded video is ~10x the file): bounds how many decode at once per node.

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raypipe.config.base import StrictModel
+from raypipe.config.paths import ModelUri, PathStr
 
 
 class LabelConfig(StrictModel):
@@ -17,13 +18,13 @@ class LabelConfig(StrictModel):
     """
 
     # models:/<name>@<alias>, models:/<name>/<version>, or a checkpoint path (local or s3://).
-    model_uri: str = "models:/raypipe-classifier@candidate"
-    output: str = "demo_out/labels"
+    model_uri: ModelUri = "models:/raypipe-classifier@candidate"
+    output: PathStr | None = None  # required by label (--output)
     # "classify": the model's own head. "zero_shot": open vocabulary by similarity to embedded class names
     # (CAV-Net style; the model must provide zero_shot_logits).
     mode: Literal["classify", "zero_shot"] = "classify"
     # "code<TAB>name" lines (the corpus's class_names.txt); required for zero_shot, optional names otherwise.
-    class_names: str | None = None
+    class_names: PathStr | None = None
     top_k: int = Field(default=5, ge=1)
     batch_size: int = Field(default=16, ge=1)
     # Classifier actor pool; each actor holds one model copy (and one GPU when use_gpu).

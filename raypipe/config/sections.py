@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from raypipe.config.base import StrictModel
+from raypipe.config.paths import PathStr, TrackingUri
 
 
 class RayConfig(StrictModel):
@@ -36,7 +37,7 @@ class StorageConfig(StrictModel):
 class CorpusConfig(StrictModel):
     """The synthetic demo/test corpus (see :mod:`raypipe.corpus`)."""
 
-    out: str = "demo_out/corpus"
+    out: PathStr | None = None  # required by corpus (--out)
     videos: int = Field(default=60, ge=1)
     seed: int = 0
     bad_inputs: bool = False
@@ -74,8 +75,9 @@ class CorpusConfig(StrictModel):
 class TrackingConfig(StrictModel):
     """MLflow: a SQLite file by default, any tracking URI (a server) in production."""
 
-    tracking_uri: str = "sqlite:///demo_out/mlflow.db"
-    artifact_location: str | None = None
+    # A SQLite file in a neutral folder of the working directory (the demo preset uses demo_out/mlflow.db).
+    tracking_uri: TrackingUri = "sqlite:///raypipe_runs/mlflow.db"
+    artifact_location: PathStr | None = None
     experiment: str = "raypipe"
     registered_model_name: str = "raypipe-classifier"
     alias: str = "candidate"
@@ -87,8 +89,8 @@ class TrackingConfig(StrictModel):
 class DemoConfig(StrictModel):
     """``raypipe demo``: a second, unseen corpus to label with the model trained on ``corpus``."""
 
-    label_corpus_out: str = "demo_out/corpus_new"
+    label_corpus_out: PathStr | None = None  # the demo preset sets these two
     label_videos: int = Field(default=30, ge=1)
     label_seed: int = 1
     label_id_prefix: str = Field(default="new", pattern=r"^[A-Za-z0-9_-]+$")
-    report: str = "demo_out/demo_report.json"
+    report: PathStr | None = None

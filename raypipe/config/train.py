@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from raypipe.config.base import StrictModel
 from raypipe.config.corruption import CorruptionConfig
+from raypipe.config.paths import ModelUri, PathStr
 
 # Metric names (without the ``val/`` prefix) that :func:`raypipe.metrics.compute_metrics` produces per task,
 # plus the losses the trainer reports itself. ``f_sco`` additionally needs WBDC 4-digit codes as classes; that
@@ -45,10 +46,10 @@ class OptimConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     # Feature shards (a folder of Parquet files or one file, local or s3://) written by ``raypipe embed``.
-    data: str = "demo_out/features"
+    data: PathStr | None = None  # required by train and tune (--data)
     # Class vocabulary: a taxonomy JSON ({"level2": {code: name}} as the corpus writes it, or a list of codes),
     # or a text file with one code per line (tab-separated names allowed). None: the sorted labels of the data.
-    taxonomy: str | None = None
+    taxonomy: PathStr | None = None
     task: Literal["single_label", "multi_label"] = "single_label"
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=16, ge=1)  # per worker
@@ -75,7 +76,8 @@ class TrainConfig(StrictModel):
     keep_best: int = Field(default=2, ge=1)
     max_failures: int = Field(default=1, ge=0)
     run_name: str = "raypipe-train"
-    storage_path: str = "demo_out/ray_results"
+    # Ray Train run folders (checkpoints, results); a neutral folder in the working directory by default.
+    storage_path: PathStr = "raypipe_runs/ray_results"
     # Register the best checkpoint in MLflow (tracking.registered_model_name @ tracking.alias) after training.
     register_model: bool = True
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -101,8 +103,8 @@ class EvalConfig(StrictModel):
     """``raypipe eval``: score a trained model on feature shards, optionally under a corruption."""
 
     # models:/<name>@<alias>, models:/<name>/<version>, or a checkpoint folder (local or s3://).
-    model_uri: str = "models:/raypipe-classifier@candidate"
-    data: str | None = None  # None: train.data
+    model_uri: ModelUri = "models:/raypipe-classifier@candidate"
+    data: PathStr | None = None  # None: train.data
     # "val": the hash split the model was trained with (its val_fraction); "all": every labelled row.
     split: Literal["all", "train", "val"] = "val"
     batch_size: int = Field(default=64, ge=1)
@@ -110,6 +112,6 @@ class EvalConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
     # JSON report with the metrics (optional); the metrics are also logged and returned.
-    output: str | None = None
+    output: PathStr | None = None
     # Log an MLflow run (metrics + report) into tracking.experiment when tracking.enabled.
     log_mlflow: bool = True

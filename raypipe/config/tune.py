@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from raypipe.config.base import StrictModel
+from raypipe.config.paths import PathStr
 
 # kind -> what its argument must look like (used in error messages)
 SEARCH_KINDS: dict[str, str] = {
@@ -77,7 +78,7 @@ class AshaConfig(StrictModel):
 class TuneConfig(StrictModel):
     name: str = "raypipe-sweep"
     # None: <train.storage_path>; the sweep lives in <storage_path>/<name> and is resumed from there.
-    storage_path: str | None = None
+    storage_path: PathStr | None = None
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # What trials are ranked and early-stopped by; None: train.metric / train.mode. Trials also keep their best
     # checkpoint by it (the sweep sets train.metric/mode of every trial to these).

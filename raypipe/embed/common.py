@@ -113,7 +113,9 @@ class FaultInjector:
     would in a crash late in a long run (otherwise the test could not tell "resumed" from "restarted").
     """
 
-    def __init__(self, crash_after: int | None, linger_s: float = 6.0) -> None:
+    def __init__(self, crash_after: int | tuple[int, float] | None, linger_s: float = 6.0) -> None:
+        if isinstance(crash_after, tuple | list):  # (batches, linger_s): "N:S" in the variable
+            crash_after, linger_s = int(crash_after[0]), float(crash_after[1])
         self.crash_after = crash_after
         self.linger_s = linger_s
         self.batches = 0
@@ -126,9 +128,14 @@ class FaultInjector:
         self.batches += 1
 
 
-def fault_from_env() -> int | None:
+def fault_from_env() -> int | tuple[int, float] | None:
+    """``N`` (crash after N batches) or ``N:S`` (and linger S seconds first, when downstream actors, e.g. the
+    labelling classifier, need longer to start than the default linger gives them)."""
     raw = os.environ.get(FAULT_ENV, "").strip()
-    return int(raw) if raw else None
+    if not raw:
+        return None
+    batches, _, linger = raw.partition(":")
+    return (int(batches), float(linger)) if linger else int(batches)
 
 
 def ok_rows(batch: dict[str, Any]) -> np.ndarray:

@@ -16,6 +16,7 @@ from pathlib import Path
 import fsspec
 
 from raypipe.config import StorageConfig
+from raypipe.config.paths import absolute_path
 
 
 def is_remote(uri: str) -> bool:
@@ -48,9 +49,7 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.Abst
 
 def absolute(uri: str | None) -> str | None:
     """Remote URIs unchanged, local paths absolute: Ray workers and trial drivers run with another cwd."""
-    if uri is None or is_remote(uri):
-        return uri
-    return resolve(uri)[1]
+    return absolute_path(uri)
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

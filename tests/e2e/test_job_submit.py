@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 # What the working-dir upload leaves out: the venv (7 GB), caches and local outputs.
-EXCLUDES = [".venv", ".git", "demo_out", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.db", "mlruns", "runs"]
+EXCLUDES = [".venv", ".git", "demo_out", "raypipe_runs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.db", "mlruns", "runs"]
 PORT_FLAGS = (
     "port",
     "dashboard-port",
@@ -220,3 +220,89 @@ def test_nightly_label_job_via_job_submit(local_cluster: LocalCluster, registere
     preds = read_predictions(str(out))
     assert preds.num_rows == 10 and set(preds.column("model_version").to_pylist()) == {summary["model"]["version"]}
     assert "videos seen" in logs  # the human table is in the job log
+
+
+def test_a_second_submission_with_the_same_id_is_refused(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    """`--submission-id` makes a schedule safe against double starts (docs/OPERATIONS.md, scheduling)."""
+    (tmp_path / "ok.py").write_text("print('RAN ONCE')\n")
+    job_id = f"label-{secrets.token_hex(4)}"
+    args = ["submit", "--submission-id", job_id, "--working-dir", str(tmp_path), "--", "python", "ok.py"]
+    first = local_cluster.job(*args, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0 and "RAN ONCE" in first.stdout + first.stderr, first.stdout + first.stderr
+    second = local_cluster.job(*args, timeout=120, cwd=tmp_path)
+    out = second.stdout + second.stderr
+    assert second.returncode != 0 and job_id in out and "already exists" in out, out[-3000:]
+    assert local_cluster.job_info(job_id)["status"] == "SUCCEEDED"  # the first run stands, it did not run twice
+    assert "RAN ONCE" not in second.stdout
+
+
+def test_label_job_over_the_failure_threshold_is_failed(local_cluster: LocalCluster, registered_model, corpus,
+                                                        tmp_path: Path) -> None:
+    """Only the session corpus's bad inputs (a glob source): most fail to decode, the share is above
+    label.max_failure_rate, so the job exits with label.failure_exit_code and Ray marks it FAILED; the predictions
+    of the videos that did decode are committed all the same."""
+    from raypipe.label import read_predictions
+
+    cfg = registered_model
+    out = tmp_path / "labels"
+    entry = ["python", "jobs/label_nightly.py", "-c", "test", "--model-uri", cfg.label.model_uri,
+             "--source", f"{corpus.videos_dir}/vid_bad_*", "--output", str(out),
+             "--set", f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
+             "--set", f"tracking.registered_model_name={cfg.tracking.registered_model_name}",
+             "--set", "label.max_failure_rate=0.2"]
+    status, logs = _submit(local_cluster, entry, working_dir=REPO, timeout=900)
+    assert status == "FAILED", logs[-6000:]
+    summary = json.loads((out / "reports" / "latest" / "summary.json").read_text())
+    bad = [b for b in corpus.bad if b.video_id.startswith("vid_bad_")]
+    assert summary["videos_seen"] == len(bad) and summary["status"] == "too_many_failures"
+    assert summary["failed"] == sum(not b.expect_ok for b in bad) and summary["failure_rate"] > 0.2
+    assert "exit code 3" in logs, logs[-3000:]  # label.failure_exit_code, as Ray reports the entrypoint's exit
+    preds = read_predictions(str(out)).to_pylist()
+    assert sorted(r["video_id"] for r in preds if r["status"] == "ok") == sorted(b.video_id for b in bad if b.expect_ok)
+
+
+def test_embed_train_and_tune_jobs(local_cluster: LocalCluster, registered_model, corpus, tmp_path: Path) -> None:
+    """jobs/embed.py, jobs/train.py and jobs/tune.py as Ray jobs (one submission runs the three in turn)."""
+    import shlex
+
+    from raypipe.io.shards import read_manifest
+    from raypipe.tune import BEST_CONFIG_NAME
+
+    shards = registered_model.train.data
+    track = ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    runs = ["--set", f"train.storage_path={tmp_path / 'ray'}"]
+    steps = [
+        ["python", "jobs/embed.py", "-c", "test", "--source", str(corpus.videos_dir), "--annotations",
+         str(corpus.annotations_path), "--output", str(tmp_path / "features"), "--set", "embed.source.limit=3", *track],
+        ["python", "jobs/train.py", "-c", "test", "--data", shards, "--epochs", "1", "--run-name", "job-train",
+         "--set", "train.num_workers=1", "--set", "train.register_model=false", *track, *runs],
+        ["python", "jobs/tune.py", "-c", "test", "--name", "job-sweep", "--set", f"train.data={shards}",
+         "--set", "train.epochs=1", "--set", "tune.num_samples=1",
+         "--set", 'tune.search_space={"train.optim.lr": {"choice": [0.001]}}', *track, *runs],
+    ]
+    script = " && ".join(shlex.join(step) for step in steps)
+    status, logs = _submit(local_cluster, ["bash", "-c", script], working_dir=REPO, timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert read_manifest(str(tmp_path / "features"))["rows"] == 3
+    assert list((tmp_path / "ray" / "job-train").rglob("model.pt")), "jobs/train.py left no checkpoint"
+    best = tmp_path / "ray" / "job-sweep" / BEST_CONFIG_NAME
+    assert best.is_file() and "best trial" in logs
+
+
+def test_the_token_auth_commands_of_the_operations_guide(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    """docs/OPERATIONS.md's token block as written, with this cluster's address and token file put in for the
+    doc's placeholders: `ray job list` works with the token and fails without it (as the block's comment says)."""
+    from docs_blocks import parse_blocks
+
+    (block,) = [b for b in parse_blocks("docs/OPERATIONS.md") if b.cluster]
+    token_file = tmp_path / "ray_token"
+    token_file.write_text(local_cluster.token)
+    script = block.script().replace("http://127.0.0.1:8265", local_cluster.address)
+    script = script.replace("/secure/place/ray_token", str(token_file))
+    assert local_cluster.address in script and str(token_file) in script, "the doc's placeholders changed"
+    env = {k: v for k, v in local_cluster.client_env(with_token=False).items() if k != "RAY_ADDRESS"}
+    ok = subprocess.run(["bash", "-ec", script], env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    no_token = script.replace(f'"$(cat {token_file})"', '""')
+    denied = subprocess.run(["bash", "-ec", no_token + "\n"], env=env, capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0 and "token" in (denied.stdout + denied.stderr).lower(), denied.stdout + denied.stderr

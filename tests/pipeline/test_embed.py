@@ -128,7 +128,9 @@ def test_changed_feature_config_is_refused(feature_shards, test_config_factory) 
         embed_videos(other)
 
 
-def test_crash_then_resume_gives_exactly_the_same_rows(feature_shards, corpus, test_config_factory, monkeypatch) -> None:
+def test_crash_then_resume_gives_exactly_the_same_rows(
+    feature_shards, corpus, test_config_factory, monkeypatch, assert_injected_actor_death
+) -> None:
     from raypipe.embed.pipeline import embed_videos
 
     ref_cfg, _ = feature_shards
@@ -137,14 +139,18 @@ def test_crash_then_resume_gives_exactly_the_same_rows(feature_shards, corpus, t
         "embed.source.limit=10", "embed.text.batch_size=2", "embed.write_batch_size=2", name="fault",
     )
     monkeypatch.setenv(FAULT_ENV, "3")  # the encoder actor (fused: batches of 2) dies on its fourth batch
-    with pytest.raises(Exception):  # noqa: B017 - whatever Ray raises for a dead actor
+    with pytest.raises(Exception) as crash:  # noqa: B017 - checked below: it must be the injected actor death
         embed_videos(cfg)
-    kept = list(Path(cfg.embed.output).rglob("*.parquet"))
-    assert not (Path(cfg.embed.output) / "_manifest.json").exists()
+    assert_injected_actor_death(crash.value)
+    kept = _part_ids(cfg.embed.output)
+    assert not (Path(cfg.embed.output) / "_manifest.json").exists(), "the crashed run committed a manifest"
+    # The injector lingers after its third batch so that the batches it returned reach the part writer: work was
+    # committed before the crash, and the rerun must reuse all of it (a rerun that redid everything would fail).
+    assert 2 <= len(kept) < 10, kept
     monkeypatch.delenv(FAULT_ENV)
     summary = embed_videos(cfg)
-    # Parts written before the crash are reused (how many made it depends on worker start-up on a busy machine).
-    assert summary["videos_processed"] == 10 - summary["videos_skipped"] and (summary["videos_skipped"] > 0) == bool(kept)
+    assert summary["videos_skipped"] == len(kept) and summary["videos_processed"] == 10 - len(kept), (
+        f"resume did not reuse the {len(kept)} videos committed before the crash: {summary}")
     rows = _rows(cfg)
     table, _ = read_shards(cfg.embed.output)
     assert table.num_rows == len(rows) == 10  # every video exactly once
@@ -152,6 +158,14 @@ def test_crash_then_resume_gives_exactly_the_same_rows(feature_shards, corpus, t
     for vid, row in rows.items():
         # bit-identical to the uninterrupted session run, made by three encoder pools instead of one fused pool
         assert row == reference[vid], vid
+
+
+def _part_ids(root: str) -> set[str]:
+    """Video ids in the part files a crashed run left (its committed-but-unmerged work)."""
+    import pyarrow.parquet as pq
+
+    return {v for p in Path(root).rglob("_parts/shard-*/*.parquet") for v in pq.read_table(p, columns=["video_id"])
+            .column(0).to_pylist()}
 
 
 def test_s3_in_and_out(feature_shards, corpus, moto_s3, test_config_factory) -> None:

@@ -139,8 +139,9 @@ def test_split_is_a_stable_hash_of_the_id() -> None:
     val = split_mask(ids, "val", 0.2)
     assert 0.17 < val.mean() < 0.23
     assert (split_mask(ids, "train", 0.2) == ~val).all()
-    # Known value: must never change, or trained models would be scored on their training rows.
-    assert split_hash("vid00000") == pytest.approx(split_hash("vid00000"))
+    # Known values, pinned: they must never change, or models trained before would be scored on their training rows.
+    assert split_hash("vid00000") == 0.6522776028126898 and split_hash("vid00001") == 0.4141943642162923
+    assert split_hash("new00007") == 0.8928863543837842
     assert split_mask(ids[:100], "val", 0.2).tolist() == split_mask(list(reversed(ids[:100])), "val", 0.2)[::-1].tolist()
 
 
