@@ -879,6 +879,10 @@ def run(cfg: RaypipeConfig) -> int:
     """CLI stage ``raypipe corpus``."""
     t0 = time.perf_counter()
     info = generate_corpus(cfg.corpus)
+    if cfg.corpus.format == "webdataset":
+        from raypipe.corpus_webdataset import write_corpus_shards
+
+        write_corpus_shards(info, cfg.corpus.id_prefix, cfg.corpus.samples_per_shard)
     summary = summarize(info)
     log.info("corpus at %s: %s (%.1f s)", info.root, json.dumps(summary), time.perf_counter() - t0)
     log.info("annotations: %s  taxonomy: %s  class names: %s", info.annotations_path, info.taxonomy_path,

@@ -16,8 +16,25 @@ from raypipe.config.base import StrictModel
 from raypipe.config.paths import NameOrPath, PathStr
 
 
+class WebDatasetOptions(StrictModel):
+    """``kind=webdataset``: how the samples of tar shards become videos (see :mod:`raypipe.io.webdataset`).
+
+    ``ids``: ``key`` = the sample key is the video id, except that a key already used by an earlier shard (shards
+    in sorted order) becomes ``<shard>/<key>``; ``shard_key`` = always ``<shard>/<key>``. Text and label fields
+    are the first non-empty of their JSON member keys (dotted paths into nested objects; ``txt`` = the .txt
+    member, video2dataset's caption).
+    """
+
+    ids: Literal["key", "shard_key"] = "key"
+    title_keys: list[str] = Field(default_factory=lambda: ["title", "txt", "caption", "yt_meta_dict.info.title"])
+    asr_keys: list[str] = Field(default_factory=lambda: ["asr"])
+    ocr_keys: list[str] = Field(default_factory=lambda: ["ocr"])
+    label_keys: list[str] = Field(default_factory=lambda: ["category_id", "label", "labels"])
+
+
 class SourceConfig(StrictModel):
-    """Where the videos are: a folder, glob, s3:// prefix, manifest file or class folders.
+    """Where the videos are: a folder, glob, s3:// prefix, manifest file, class folders or WebDataset tar shards
+    (``*.tar``, a brace pattern ``s3://b/{00000..00099}.tar`` or a folder / prefix of tars with ``kind=webdataset``).
 
     ``wbdc_features`` and ``yt8m`` are pre-extracted feature corpora: ``uri`` is the WBDC zip of ``{id}.npy`` (with
     ``annotations`` the JSON) or the YouTube-8M frame-level TFRecord path/glob; they are imported, not decoded.
@@ -25,7 +42,9 @@ class SourceConfig(StrictModel):
 
     # No default: a stage that reads videos names the flag to pass (--source) instead of reading the demo's.
     uri: PathStr | None = None
-    kind: Literal["auto", "folder", "glob", "s3", "manifest", "class_folders", "wbdc_features", "yt8m"] = "auto"
+    kind: Literal[
+        "auto", "folder", "glob", "s3", "manifest", "class_folders", "webdataset", "wbdc_features", "yt8m"
+    ] = "auto"
     annotations: PathStr | None = None
     extensions: list[str] = Field(default_factory=lambda: [".mp4", ".mkv", ".webm", ".mov", ".avi"])
     # Manifest column names (CSV / JSONL / Parquet); only ``uri`` is required in the file.
@@ -34,6 +53,7 @@ class SourceConfig(StrictModel):
     manifest_text_column: str = "text"
     manifest_labels_column: str = "labels"
     limit: int | None = Field(default=None, ge=1)
+    webdataset: WebDatasetOptions = Field(default_factory=WebDatasetOptions)
 
 
 class DecodeConfig(StrictModel):

@@ -7,7 +7,7 @@ rules that only concern one section live in that section's validator; rules that
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -55,6 +55,10 @@ class CorpusConfig(StrictModel):
     short_max_duration_s: float | None = Field(default=None, gt=0.2)
     # Processes that encode videos in parallel (output is identical for any value).
     workers: int = Field(default=1, ge=1, le=64)
+    # "webdataset": also write the batch as video2dataset-style tar shards under <out>/shards
+    # (see raypipe.corpus_webdataset); the loose files stay.
+    format: Literal["files", "webdataset"] = "files"
+    samples_per_shard: int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
     def _durations(self) -> CorpusConfig:

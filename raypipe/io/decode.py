@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import posixpath
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +35,15 @@ from raypipe.config import DecodeConfig, StorageConfig
 from raypipe.io.fs import local_copy, remove_tree, resolve
 from raypipe.io.sources import VideoRef
 from raypipe.io.text import build_text
+from raypipe.io.webdataset import copy_member
 
 log = logging.getLogger(__name__)
 
 REASONS = (
     "empty_file", "corrupt", "truncated", "no_video_stream", "too_long", "too_large", "unreadable", "decode_timeout",
 )
+# Decided by the listing (``VideoRef.fail_reason``), stage "source": video2dataset's per-sample status values
+# ("failed_to_download", "failed_to_subsample"), "no_video_member", "unreadable_shard", or "truncated".
 _EPS = 1e-4
 
 
@@ -239,6 +245,56 @@ def _looks_like_video_container(head: bytes) -> bool:
     return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or head[:4] == b"RIFF"
 
 
+def _check_size(size: int, cfg: DecodeConfig) -> None:
+    if not size:
+        raise DecodeFailure("empty_file", "file is empty (0 bytes)")
+    if size > cfg.max_file_mb * 1024 * 1024:
+        raise DecodeFailure("too_large", f"file is {size / 2**20:.1f} MiB > max_file_mb={cfg.max_file_mb}")
+
+
+def _video_file(uri: str, cfg: DecodeConfig, storage: StorageConfig | None) -> tuple[str, str | None, bytes]:
+    """``(local path, temp dir to remove or None, first 16 bytes)`` of a video file (a copy when remote)."""
+    try:
+        fs, path = resolve(uri, storage)
+        size = fs.size(path)
+    except FileNotFoundError as exc:
+        raise DecodeFailure("unreadable", f"file not found: {uri}") from exc
+    except (OSError, PermissionError, ValueError) as exc:
+        raise DecodeFailure("unreadable", f"cannot stat {uri}: {exc}") from exc
+    _check_size(size, cfg)
+    tmp_dir = None
+    try:
+        local, tmp_dir = local_copy(uri, storage)
+        with open(local, "rb") as f:
+            return local, tmp_dir, f.read(16)
+    except OSError as exc:
+        remove_tree(tmp_dir)
+        raise DecodeFailure("unreadable", f"cannot read {uri}: {exc}") from exc
+
+
+def _tar_member_file(
+    uri: str, offset: int, size: int, cfg: DecodeConfig, storage: StorageConfig | None
+) -> tuple[str, str | None, bytes]:
+    """A WebDataset member (``<tar uri>#<member>``) copied into a temp file that the caller removes: a ranged read
+    of that member only, and PyAV gets the same seekable file (and file name) it gets for a loose video."""
+    _check_size(size, cfg)
+    tar_uri, _, member = uri.rpartition("#")
+    tmp_dir = tempfile.mkdtemp(prefix="raypipe-wds-")
+    local = os.path.join(tmp_dir, posixpath.basename(member) or "video")
+    try:
+        fs, path = resolve(tar_uri, storage)
+        with open(local, "wb") as f:
+            copied = copy_member(fs, path, offset, size, f)
+    except (OSError, ValueError) as exc:
+        remove_tree(tmp_dir)
+        raise DecodeFailure("unreadable", f"cannot read {member} from {tar_uri}: {exc}") from exc
+    if copied < size:
+        remove_tree(tmp_dir)
+        raise DecodeFailure("truncated", f"the tar ends {size - copied} bytes into {member}")
+    with open(local, "rb") as f:
+        return local, tmp_dir, f.read(16)
+
+
 def decode_video(
     ref: VideoRef | dict[str, Any], decode_cfg: DecodeConfig, *, image_size: int, storage: StorageConfig | None = None
 ) -> dict[str, Any]:
@@ -247,26 +303,17 @@ def decode_video(
 
     t0 = time.monotonic()
     row = empty_result(ref, decode_cfg, image_size)
+    r = ref.to_dict() if isinstance(ref, VideoRef) else ref
     uri = row["source_uri"]
     tmp_dir = None
     try:
-        try:
-            fs, path = resolve(uri, storage)
-            size = fs.size(path)
-        except FileNotFoundError as exc:
-            raise DecodeFailure("unreadable", f"file not found: {uri}") from exc
-        except (OSError, PermissionError, ValueError) as exc:
-            raise DecodeFailure("unreadable", f"cannot stat {uri}: {exc}") from exc
-        if not size:
-            raise DecodeFailure("empty_file", "file is empty (0 bytes)")
-        if size > decode_cfg.max_file_mb * 1024 * 1024:
-            raise DecodeFailure("too_large", f"file is {size / 2**20:.1f} MiB > max_file_mb={decode_cfg.max_file_mb}")
-        try:
-            local, tmp_dir = local_copy(uri, storage)
-            with open(local, "rb") as f:
-                head = f.read(16)
-        except OSError as exc:
-            raise DecodeFailure("unreadable", f"cannot read {uri}: {exc}") from exc
+        if r.get("fail_reason"):  # the listing knows already (e.g. a failed download): no decode try
+            row["stage"] = "source"
+            raise DecodeFailure(str(r["fail_reason"]), str(r.get("fail_error") or r["fail_reason"]))
+        if int(r.get("tar_offset", -1)) >= 0:
+            local, tmp_dir, head = _tar_member_file(uri, int(r["tar_offset"]), int(r["tar_size"]), decode_cfg, storage)
+        else:
+            local, tmp_dir, head = _video_file(uri, decode_cfg, storage)
         try:
             container = av.open(local, mode="r", metadata_errors="ignore")
         except (av.error.FFmpegError, ValueError, OSError) as exc:

@@ -2,7 +2,9 @@
 
 Listing is metadata only (no video bytes are read), so it runs on the driver; decoding happens in Ray tasks.
 Ids: the file path relative to the source root without its extension (the file stem for flat folders, which is
-what WBDC annotation ids and Kinetics clip ids are); a manifest ``id`` column wins when present.
+what WBDC annotation ids and Kinetics clip ids are); a manifest ``id`` column wins when present. WebDataset
+shards (:mod:`raypipe.io.webdataset`): the sample key, or ``<shard>/<key>`` for a key an earlier shard (in sorted
+shard order) already holds, so ids never change when shards are appended (``embed.source.webdataset.ids``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from raypipe.config import SourceConfig, StorageConfig
 from raypipe.io.fs import resolve, to_uri
 from raypipe.io.text import flatten_ocr
+from raypipe.io.webdataset import ShardIndex, TarSample, index_shards, looks_like_shards
 from raypipe.schema import level1_of
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,13 @@ class VideoRef:
     label: str | None = None
     label_l1: str | None = None
     labels: list[str] = field(default_factory=list)
+    # A member of a WebDataset tar (``source_uri`` is ``<tar uri>#<member name>``): where its bytes are.
+    tar_offset: int = -1
+    tar_size: int = -1
+    # Set when the listing already knows the video cannot be decoded (e.g. video2dataset's "failed_to_download"):
+    # it becomes an error row with this reason, without a decode try.
+    fail_reason: str = ""
+    fail_error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +62,8 @@ def detect_kind(cfg: SourceConfig) -> str:
     if cfg.kind != "auto":
         return cfg.kind
     uri = cfg.uri
+    if looks_like_shards(uri):
+        return "webdataset"
     if any(c in uri for c in _GLOB_CHARS):
         return "glob"
     if uri.lower().endswith(_MANIFEST_EXT):
@@ -134,6 +146,82 @@ def _list_glob(cfg: SourceConfig, storage: StorageConfig | None) -> list[VideoRe
     return refs
 
 
+def _sample_value(sample: TarSample, key: str) -> Any:
+    if key == "txt":
+        return sample.txt
+    cur: Any = sample.meta
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _first_value(sample: TarSample, keys: list[str]) -> Any:
+    for key in keys:
+        value = _sample_value(sample, key)
+        if value not in (None, "", [], {}):
+            return value
+    return None
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return flatten_ocr(value) if all(isinstance(v, dict) for v in value) else " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _ref_from_sample(shard: ShardIndex, sample: TarSample, video_id: str, cfg: SourceConfig) -> VideoRef:
+    """One sample as a VideoRef: text and labels from its JSON/TXT members, failures decided here (no decode)."""
+    opts = cfg.webdataset
+    exts = [e.lstrip(".").lower() for e in cfg.extensions]
+    video = next((sample.members[e] for e in exts if e in sample.members), None)
+    member = video or next(iter(sample.members.values()))
+    ref = VideoRef(
+        video_id=video_id, source_uri=f"{shard.uri}#{member.name}",
+        title=_as_text(_first_value(sample, opts.title_keys)), asr=_as_text(_first_value(sample, opts.asr_keys)),
+        ocr=_as_text(_first_value(sample, opts.ocr_keys)),
+    )
+    labels = _first_value(sample, opts.label_keys)
+    if isinstance(labels, list) and len(labels) != 1:
+        ref.labels = [str(x) for x in labels]
+    elif labels is not None:
+        ref.label = _label_str(labels[0] if isinstance(labels, list) else labels)
+        ref.label_l1 = level1_of(ref.label)
+    status = str(sample.meta.get("status") or "success")
+    if status != "success":  # video2dataset: failed_to_download / failed_to_subsample
+        ref.fail_reason, ref.fail_error = status, str(sample.meta.get("error_message") or status)
+    elif video is None:
+        ref.fail_reason = "no_video_member"
+        ref.fail_error = f"sample {sample.key!r} of {shard.uri} has no member with an extension of {cfg.extensions}"
+    elif video.truncated:
+        ref.fail_reason, ref.fail_error = "truncated", f"{shard.uri}: {shard.error}"
+    else:
+        ref.tar_offset, ref.tar_size = video.offset, video.size
+    if sample.meta_error:
+        log.warning("webdataset: %s: metadata not read: %s", ref.source_uri, sample.meta_error)
+    return ref
+
+
+def _list_webdataset(cfg: SourceConfig, storage: StorageConfig | None) -> list[VideoRef]:
+    """Every sample of every shard; a shard that yields no sample at all (not a tar, empty, cut in its first
+    header) is one error row named after the shard, so it is reported once and not retried on every run."""
+    refs: list[VideoRef] = []
+    owner: dict[str, str] = {}  # key -> the first shard (sorted order) that holds it
+    for shard in index_shards(cfg.uri, storage):
+        if not shard.samples and shard.error:
+            refs.append(VideoRef(video_id=f"{shard.name}.tar", source_uri=shard.uri, fail_reason="unreadable_shard",
+                                 fail_error=shard.error))
+            continue
+        for sample in shard.samples:
+            first = owner.setdefault(sample.key, shard.name)
+            vid = sample.key if cfg.webdataset.ids == "key" and first == shard.name else f"{shard.name}/{sample.key}"
+            refs.append(_ref_from_sample(shard, sample, vid, cfg))
+    return refs
+
+
 def _read_manifest(uri: str, storage: StorageConfig | None) -> list[dict[str, Any]]:
     import pandas as pd
 
@@ -198,6 +286,8 @@ def list_videos(source_cfg: SourceConfig, storage: StorageConfig | None = None) 
         refs = _list_glob(source_cfg, storage)
     elif kind == "manifest":
         refs = _list_manifest(source_cfg, storage)
+    elif kind == "webdataset":
+        refs = _list_webdataset(source_cfg, storage)
     else:
         raise ValueError(f"embed.source.kind={kind!r} is a feature corpus: import it, it has no videos to list")
     seen: dict[str, str] = {}
@@ -215,6 +305,7 @@ def list_videos(source_cfg: SourceConfig, storage: StorageConfig | None = None) 
                 j.label = j.label or r.label
                 j.label_l1 = j.label_l1 or level1_of(j.label)
                 j.labels = r.labels
+                j.tar_offset, j.tar_size, j.fail_reason, j.fail_error = r.tar_offset, r.tar_size, r.fail_reason, r.fail_error
                 if not j.title:
                     j.title = r.title
                 r = j
