@@ -183,8 +183,8 @@ class FusedEncoder:
 def _list_col(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
     """(B, ...) fixed-shape array -> list<typ> of the flattened rows."""
     b = arr.shape[0]
-    flat = np.ascontiguousarray(arr).reshape(b, -1)
-    n = flat.shape[1]
+    n = int(np.prod(arr.shape[1:]))
+    flat = np.ascontiguousarray(arr).reshape(b, n)  # n, not -1: a batch may hold no ok row at all (b = 0)
     offsets = pa.array(np.arange(b + 1, dtype=np.int32) * n)  # n may be 0 (no audio features at all)
     return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1), type=typ))
 
