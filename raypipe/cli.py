@@ -37,7 +37,7 @@ SHORTHANDS: list[tuple[str, str, str, dict]] = [
     ("corpus", "--videos", "corpus.videos", {"type": int}),
     ("corpus", "--seed", "corpus.seed", {"type": int}),
     ("corpus", "--bad-inputs", "corpus.bad_inputs", {"action": "store_const", "const": True}),
-    ("corpus", "--format", "corpus.format", {"choices": ["files", "webdataset"]}),
+    ("corpus", "--format", "corpus.format", {}),
     ("embed", "--source", "embed.source.uri", {}),
     ("embed", "--annotations", "embed.source.annotations", {}),
     ("embed", "--output", "embed.output", {}),

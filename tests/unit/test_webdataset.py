@@ -151,3 +151,16 @@ def test_a_member_decodes_exactly_like_the_loose_file(tiny: CorpusInfo, tmp_path
     failed = decode_video(refs[failed_download_key("vid")], cfg, image_size=32)
     assert (failed["status"], failed["stage"], failed["reason"]) == ("failed", "source", "failed_to_download")
     assert not {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("raypipe-wds-")}
+
+
+def test_cli_corpus_format_webdataset_writes_listable_shards(tmp_path: Path) -> None:
+    from raypipe.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["corpus", "--out", str(out), "--videos", "3", "--seed", "2", "--format", "webdataset",
+                 "--set", "corpus.min_duration_s=0.5", "--set", "corpus.max_duration_s=0.8",
+                 "--set", "corpus.samples_per_shard=2"]) == 0
+    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == ["vid-00000.tar", "vid-00001.tar"]
+    refs = list_videos(_source(str(out / "shards"), kind="webdataset"))
+    assert [r.video_id for r in refs] == ["vid00000", "vid00001", "vid00002"] and all(r.tar_offset > 0 for r in refs)
+    assert main(["corpus", "--out", str(out), "--format", "zip"]) == 2
