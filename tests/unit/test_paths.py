@@ -44,6 +44,9 @@ NOT_PATHS = {
     "corpus.id_prefix", "demo.label_id_prefix",
     "embed.source.manifest_uri_column", "embed.source.manifest_id_column", "embed.source.manifest_text_column",
     "embed.source.manifest_labels_column",
+    # JSON keys of WebDataset samples (embed.source.webdataset)
+    "embed.source.webdataset.title_keys", "embed.source.webdataset.asr_keys", "embed.source.webdataset.ocr_keys",
+    "embed.source.webdataset.label_keys",
     "embed.frames.model",  # a timm model name
     "model.name",
     "train.metric", "train.run_name",
