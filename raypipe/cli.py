@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from raypipe.config import ConfigError, RaypipeConfig, load_config, preset_names
 from raypipe.config.paths import missing_paths_message, resolve_paths
-from raypipe.logs import setup_logging
+from raypipe.logs import log_file, setup_logging
 
 log = logging.getLogger("raypipe")
 
@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "label": ("raypipe.label", "label a video corpus with a registered model, incrementally"),
     "demo": ("raypipe.demo", "run the whole pipeline on a generated corpus (embedded defaults)"),
     "bench": ("raypipe.bench", "run the benchmarks in bench/"),
+    "doctor": ("raypipe.doctor", "show what raypipe sees (Ray, GPUs, MLflow, storage, codecs) and each stage's plan"),
 }
 
 # Flags that are shorthands for ``--set``: (subcommand, flag, config key, argparse kwargs).
@@ -60,7 +61,10 @@ SHORTHANDS: list[tuple[str, str, str, dict]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="stream Ray worker output and library logs to the console (-vv: debug); they always go to the log file",
+    )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, (_, help_text) in STAGES.items():
         p = sub.add_parser(stage, help=help_text, description=help_text)
@@ -101,13 +105,49 @@ def _stage_runner(stage: str) -> Callable[..., int]:
     return module.run
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def run_stage(stage: str, runner: Callable[..., int], cfg: RaypipeConfig, **kwargs: object) -> int:
+    """Run a stage; whatever it raises ends as one line on the console (traceback in the log file).
+
+    Exit codes: 2 config or resource error (nothing started), 4 stall (watchdog; rerun to resume), 130
+    interrupted, 1 anything else (Ray unreachable, unknown registered model, missing bucket, a bug).
+    """
+    from raypipe.runtime import STALL_EXIT_CODE, StallError
+
+    where = f" (traceback in {log_file()})" if log_file() else ""
+    try:
+        return int(runner(cfg, **kwargs))
+    except ConfigError as err:
+        log.debug("%s failed", stage, exc_info=True)
+        log.error("%s", str(err).strip().replace("\n", "; "))
+        return 2
+    except StallError as err:
+        log.debug("%s stalled", stage, exc_info=True)
+        log.error("%s", err)
+        return STALL_EXIT_CODE
+    except KeyboardInterrupt:
+        log.error("raypipe %s: interrupted; committed work is kept, rerun to resume", stage)
+        return 130
+    except Exception as exc:
+        log.debug("%s failed", stage, exc_info=True)
+        log.error("raypipe %s failed: %s%s", stage, _one_line(exc), where)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # `raypipe bench NAME --sizes 4`: options raypipe does not know go to the benchmark scripts; elsewhere an error.
     args, extra = parser.parse_known_args(argv)
     if extra and args.stage != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    setup_logging(args.verbose)
+    path = setup_logging(args.verbose, stage=args.stage)
+    if path:
+        log.debug("raypipe %s: log file %s", args.stage, path)
     try:
         cfg = config_from_args(args)
     except ConfigError as err:
@@ -125,9 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotImplementedError as err:
         print(f"raypipe: {err}", file=sys.stderr)
         return 2
-    if args.stage == "bench":
-        return int(runner(cfg, names=args.names, script_args=extra))
-    return int(runner(cfg))
+    from raypipe.logs import stderr_to_log_file
+
+    with stderr_to_log_file():
+        if args.stage == "bench":
+            return run_stage(args.stage, runner, cfg, names=args.names, script_args=extra)
+        return run_stage(args.stage, runner, cfg)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def _train_once(cfg: RaypipeConfig) -> dict[str, Any]:
 def run_demo(cfg: RaypipeConfig) -> dict[str, Any]:
     from raypipe.embed.pipeline import embed_videos
     from raypipe.label import label_videos
+    from raypipe.logs import log_file
+    from raypipe.runtime import session_log_dir
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -118,6 +120,8 @@ def run_demo(cfg: RaypipeConfig) -> dict[str, Any]:
         "label": label_summary,
         "mlflow": cfg.tracking.tracking_uri,
         "timings_s": timings,
+        "log_file": log_file(),
+        "ray_logs": session_log_dir(),
     }
 
 
@@ -140,6 +144,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"  MLflow            {report['mlflow']}   (mlflow ui --backend-store-uri {report['mlflow']})",
         "  seconds           " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()),
     ]
+    if report.get("log_file"):
+        lines.append(f"  log file          {report['log_file']}   (Ray worker logs: {report.get('ray_logs')})")
     return "\n".join(lines)
 
 

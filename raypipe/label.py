@@ -422,12 +422,16 @@ def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
     """Label every video of ``embed.source`` not yet labelled by this model version; returns the run summary."""
     import ray
 
-    from raypipe.embed.pipeline import build_feature_dataset, ensure_ray, feature_info
+    from raypipe.embed.pipeline import build_feature_dataset, feature_info
     from raypipe.io.sources import list_videos
+    from raypipe.runtime import ensure_ray, planned
     from raypipe.tracking import absolute_tracking_uri, load_classifier
 
-    lc = cfg.label
     t0 = time.monotonic()
+    # Planned first: the encoders' device class is part of the feature fingerprint compared below.
+    ensure_ray(cfg)
+    cfg, plan = planned(cfg, "label")
+    lc = cfg.label
     run_id = _new_run_id()
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     clf = load_classifier(lc.model_uri, cfg.storage, tracking_uri=tracking_uri)
@@ -467,8 +471,7 @@ def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
         "embedders": json.dumps(live, sort_keys=True, default=_json_default), "run_id": run_id,
     }
     if todo:
-        ensure_ray(cfg)
-        ds = build_feature_dataset(cfg, todo)
+        ds = build_feature_dataset(cfg, todo, plan=plan)
         preds = ds.map_batches(
             _Classify,
             fn_constructor_kwargs={
@@ -478,22 +481,9 @@ def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
             batch_size=lc.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=lc.min_actors, max_size=lc.max_actors),
-            num_gpus=1 if lc.use_gpu else 0,
+            num_gpus=plan.settings["label.num_gpus"], num_cpus=plan.settings["label.num_cpus"],
         )
-        ok_rows: list[dict[str, Any]] = []
-        failed_rows: list[dict[str, Any]] = []
-        for row in _batches_to_rows(preds.iter_batches(batch_size=lc.batch_size, batch_format="numpy")):
-            stage = str(row.pop("stage", "") or "decode")
-            final = _finish_row(row, common, _utcnow())
-            stats.add(final)
-            if final["status"] == "ok":
-                ok_rows.append(final)
-            else:
-                failed_rows.append({k: final[k] for k in ("video_id", "source_uri", "reason", "error")}
-                                   | {"stage": stage})
-            if len(ok_rows) + len(failed_rows) >= lc.write_batch_size:
-                _write_parts(store, ok_rows, failed_rows)
-        _write_parts(store, ok_rows, failed_rows)
+        _consume(cfg, preds, store, common, stats)
     shard_paths = _commit(store, common)
 
     status = "ok" if stats.failure_rate <= lc.max_failure_rate else "too_many_failures"
@@ -523,8 +513,43 @@ def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
     summary["reports"] = _write_reports(cfg, summary)
     if cfg.tracking.enabled and lc.log_mlflow:
         summary["mlflow_run_id"] = _log_to_mlflow(cfg, summary)
-    log.info("label run %s done\n%s", run_id, format_table(summary))
+    log.info("label run %s done: %d labelled, %d skipped, %d failed; report %s", run_id, stats.labelled,
+             stats.skipped, stats.failed, summary["reports"].get("summary.txt"))
     return summary
+
+
+def _consume(cfg: RaypipeConfig, preds: Any, store: ShardStore, common: dict[str, Any], stats: LabelStats) -> None:
+    """Drain the prediction stream into part files, with one progress line and the stall watchdog; on a stall
+    the rows already received are written and committed before the error propagates (a rerun resumes)."""
+    from raypipe.runtime import Progress, Watchdog
+
+    lc = cfg.label
+    ok_rows: list[dict[str, Any]] = []
+    failed_rows: list[dict[str, Any]] = []
+    progress = Progress("label", stats.to_label)
+    with Watchdog("label", cfg.ray.stall_timeout_s) as dog:
+        try:
+            for row in _batches_to_rows(preds.iter_batches(batch_size=lc.batch_size, batch_format="numpy")):
+                dog.tick()
+                stage = str(row.pop("stage", "") or "decode")
+                final = _finish_row(row, common, _utcnow())
+                stats.add(final)
+                progress.update(1, failed=int(final["status"] != "ok"))
+                if final["status"] == "ok":
+                    ok_rows.append(final)
+                else:
+                    failed_rows.append({k: final[k] for k in ("video_id", "source_uri", "reason", "error")}
+                                       | {"stage": stage})
+                if len(ok_rows) + len(failed_rows) >= lc.write_batch_size:
+                    _write_parts(store, ok_rows, failed_rows)
+        except KeyboardInterrupt:
+            _write_parts(store, ok_rows, failed_rows)
+            _commit(store, common)
+            dog.raise_if_fired()
+            raise
+        finally:
+            progress.close()
+    _write_parts(store, ok_rows, failed_rows)
 
 
 def _write_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: list[dict[str, Any]]) -> None:
@@ -608,6 +633,7 @@ def _log_to_mlflow(cfg: RaypipeConfig, summary: dict[str, Any]) -> str | None:
 def run(cfg: RaypipeConfig) -> int:
     """CLI entry: 0 when the failure rate is within ``label.max_failure_rate``, else ``label.failure_exit_code``."""
     summary = label_videos(cfg)
+    log.info("label summary\n%s", format_table(summary))
     if summary["status"] != "ok":
         log.error("label: failure rate %.1f%% is above label.max_failure_rate=%.1f%%",
                   100 * summary["failure_rate"], 100 * summary["max_failure_rate"])

@@ -209,6 +209,17 @@ def check_metric_for_classes(cfg: RaypipeConfig, classes: list[str]) -> None:
         )
 
 
+def check_workers(cfg: RaypipeConfig, spec: DataSpec) -> None:
+    """Every worker needs training rows (checked again once ``auto`` is planned); the amp/GPU pairing too."""
+    if cfg.train.use_gpu is False and cfg.train.amp != "none":
+        raise ConfigError(f"config error: train.amp={cfg.train.amp} needs a GPU (train.use_gpu resolved to false)")
+    if isinstance(cfg.train.num_workers, int) and spec.num_train < cfg.train.num_workers:
+        raise ConfigError(
+            f"config error: train.num_workers: {spec.num_train} training rows cannot feed "
+            f"{cfg.train.num_workers} workers (more data or fewer workers)"
+        )
+
+
 def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]]:
     """Everything checked before Ray starts -> ``(cfg with absolute paths, data spec, model kwargs)``."""
     cfg = resolve_paths(cfg)
@@ -226,11 +237,7 @@ def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]
     except DataError as exc:
         raise ConfigError(f"config error: train.data: {exc}") from None
     check_metric_for_classes(cfg, spec.classes)
-    if spec.num_train < cfg.train.num_workers:
-        raise ConfigError(
-            f"config error: train.num_workers: {spec.num_train} training rows cannot feed "
-            f"{cfg.train.num_workers} workers (more data or fewer workers)"
-        )
+    check_workers(cfg, spec)
     if spec.num_val == 0:
         raise ConfigError(
             f"config error: train.val_fraction: no validation rows among {spec.num_train} labelled rows; raise it"
@@ -271,18 +278,18 @@ def build_trainer(
     so building the same run again continues it. ``callbacks`` are Ray Train ``UserCallback`` objects (the
     sweep passes ``TuneReportCallback()``).
     """
-    import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from raypipe.runtime import ensure_ray, planned
+
     cfg, spec, kwargs = prepare(cfg)
+    ensure_ray(cfg)
+    cfg, _ = planned(cfg, "train")  # auto workers / CPUs / GPU from the cluster; refuses what cannot be placed
+    check_workers(cfg, spec)
     run_name = run_name or cfg.train.run_name
     run_dir = _run_dir(cfg, run_name)
-    if not ray.is_initialized():
-        from raypipe.embed.pipeline import ensure_ray
-
-        ensure_ray(cfg)
     from raypipe.data import ray_datasets
 
     mlflow_run_id = None
@@ -793,6 +800,55 @@ def _log_final(
 # ---------------------------------------------------------------------------------------------- driver
 
 
+class _EpochProgress:
+    """The driver's one progress line per epoch while ``trainer.fit()`` blocks: the epoch metrics rank 0 logs to
+    MLflow, read back every few seconds (the workers' own log lines stay in Ray's logs unless -v)."""
+
+    def __init__(self, cfg: RaypipeConfig, run_id: str | None, *, enabled: bool, every_s: float = 3.0) -> None:
+        import threading
+
+        self.cfg, self.run_id, self.every_s = cfg, run_id if enabled else None, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="raypipe-train-progress", daemon=True)
+        self.seen = 0
+
+    def __enter__(self) -> _EpochProgress:
+        if self.run_id:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self._report()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._report()
+
+    def _report(self) -> None:
+        if not self.run_id:
+            return
+        from raypipe.tracking import make_client, mlflow_metric_name
+
+        t = self.cfg.train
+        try:
+            client = make_client(self.cfg.tracking)
+            hist = client.get_metric_history(self.run_id, mlflow_metric_name(t.metric))
+            losses = {m.step: m.value for m in client.get_metric_history(self.run_id, "train/loss")}
+        except Exception:  # progress is cosmetic; tracking problems surface elsewhere
+            return
+        every = max(1, t.epochs // 8)  # at most ~8 lines per run
+        for m in sorted(hist, key=lambda m: m.step):
+            if m.step > self.seen:
+                self.seen = m.step
+                if m.step % every and m.step != t.epochs:
+                    continue
+                logger.info("train: epoch %d/%d, train/loss %.4f, %s %.4f", m.step, t.epochs,
+                            losses.get(m.step, float("nan")), t.metric, m.value)
+
+
 def fit(
     cfg: RaypipeConfig, *, run_name: str | None = None, callbacks: list[Any] | None = None
 ) -> TrainResult:
@@ -805,7 +861,8 @@ def fit(
     run_name = loop_config["run_name"]
     mlflow_run_id = loop_config["mlflow_run_id"]
     try:
-        result = trainer.fit()
+        with _EpochProgress(run_cfg, mlflow_run_id, enabled=callbacks is None):
+            result = trainer.fit()
     except BaseException:
         if mlflow_run_id:
             end_run(run_cfg.tracking, mlflow_run_id, "FAILED")

@@ -675,16 +675,21 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     ``callbacks`` are extra ``ray.tune.Callback`` objects for the Tune loop (progress hooks, notifications).
     Tune saves them with the sweep, so a resumed sweep runs with the callbacks it was started with.
     """
-    import ray
     from ray import tune as rt
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from raypipe.runtime import ensure_ray, planned
 
     validate_search_space(cfg)
     t = cfg.tune
     path = sweep_path(cfg)
     storage_root, name = path.rsplit("/", 1)
-    base = _portable_base(cfg)
+    # Trial resources are planned once here (every trial gets the same), from the cluster seen at start; a trial
+    # that could never be placed is refused now instead of pending forever.
+    ensure_ray(cfg)
+    trial_cfg, _ = planned(cfg, "tune")
+    base = _portable_base(trial_cfg)
     fp = fingerprint(cfg)
     max_epochs = max_epochs_of(cfg)
     metric, mode = sweep_metric(cfg)
@@ -705,9 +710,6 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
             )
         tracker.log_spec(cfg, fp)
     parent_run_id = tracker.run_id if tracker is not None else None
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, runtime_env=cfg.ray.runtime_env or None)
 
     trainable = rt.with_resources(
         functools.partial(run_trial, base=base, sweep=name, parent_run_id=parent_run_id),

@@ -73,7 +73,7 @@ class RaypipeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _cross_section(self) -> RaypipeConfig:
-        if self.train.amp != "none" and not self.train.use_gpu:
+        if self.train.amp != "none" and self.train.use_gpu is False:
             raise ValueError(
                 f"train.amp={self.train.amp!r} needs train.use_gpu=true (mixed precision is a GPU path; use amp=none on CPU)"
             )

@@ -114,15 +114,23 @@ class TextEncoderConfig(StrictModel):
 
 
 class PoolConfig(StrictModel):
+    """One encoder actor pool. ``auto`` values are planned from the cluster at start (raypipe.resources)."""
+
     min_size: int = Field(default=1, ge=1)
-    max_size: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    # GPUs per actor; "auto" = 1 when the cluster has GPUs, else 0.
+    max_size: int | Literal["auto"] = "auto"
+    num_cpus: float | Literal["auto"] = "auto"
+    # GPUs per actor; "auto" = a share of one GPU (1 / GPU pools) when the cluster has or can add GPUs, else 0.
     num_gpus: float | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _sizes(self) -> PoolConfig:
-        if self.min_size > self.max_size:
+        for name in ("num_cpus", "num_gpus"):
+            v = getattr(self, name)
+            if v != "auto" and v < 0:
+                raise ValueError(f"{name} must be >= 0 or auto (got {v})")
+        if self.max_size != "auto" and self.max_size < 1:
+            raise ValueError(f"max_size must be >= 1 or auto (got {self.max_size})")
+        if self.max_size != "auto" and self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
         return self
 
@@ -139,10 +147,12 @@ class EmbedConfig(StrictModel):
     # One actor pool (sized and resourced by frame_pool) runs the frame, audio and text encoders in turn on each
     # batch (the smallest of the three batch sizes): one process and one GPU per actor instead of three pools,
     # for small machines or a GPU that holds all three encoders. The rows are identical either way.
-    fuse_encoders: bool = False
+    # "auto": fused on a small CPU-only cluster (fewer than 6 CPUs), three pools otherwise (raypipe.resources).
+    fuse_encoders: bool | Literal["auto"] = "auto"
     output: PathStr | None = None  # required by embed (--output)
     num_shards: int = Field(default=4, ge=1)
-    decode_num_cpus: float = Field(default=1.0, gt=0)
+    # CPUs per decode task; "auto": 0.5 on a small cluster, else 1.
+    decode_num_cpus: float | Literal["auto"] = "auto"
     # Memory reserved per decode task (decoded video is ~10x the file): bounds how many decode at once per node.
     # Also keeps Ray from fusing decode into the frame actor (different remote args), so decode stays a task pool.
     decode_memory_mb: int = Field(default=256, ge=1)
@@ -157,9 +167,14 @@ class EmbedConfig(StrictModel):
     progress_bars: bool = True
 
 
-def feature_hash_fields(cfg: EmbedConfig) -> dict:
-    """The part of the config that changes feature values (hashed into ShardInfo.config_hash)."""
+def feature_hash_fields(cfg: EmbedConfig, compute: dict | None = None) -> dict:
+    """The part of the config that changes feature values (hashed into ShardInfo.config_hash).
+
+    ``compute`` is the planned device class and precision ({"device": "gpu", "precision": "fp16"}): encoders
+    autocast to fp16 on a GPU and stay fp32 on CPU, so the two must never share one output folder.
+    """
     return {
+        **({"compute": compute} if compute else {}),
         "decode": cfg.decode.model_dump(exclude={"max_decode_s"}),
         "frames": cfg.frames.model_dump(exclude={"batch_size"}),
         "audio": cfg.audio.model_dump(exclude={"batch_size"}),

@@ -27,10 +27,11 @@ class LabelConfig(StrictModel):
     class_names: PathStr | None = None
     top_k: int = Field(default=5, ge=1)
     batch_size: int = Field(default=16, ge=1)
-    # Classifier actor pool; each actor holds one model copy (and one GPU when use_gpu).
+    # Classifier actor pool; each actor holds one model copy (and a GPU share when use_gpu). "auto": planned from
+    # the cluster (raypipe.resources): GPUs when it has them, one actor per GPU.
     min_actors: int = Field(default=1, ge=1)
-    max_actors: int = Field(default=1, ge=1)
-    use_gpu: bool = False
+    max_actors: int | Literal["auto"] = "auto"
+    use_gpu: bool | Literal["auto"] = "auto"
     # Prediction shards per model version (rows hashed by video_id, as for feature shards).
     num_shards: int = Field(default=4, ge=1)
     # Rows per part file written while the stream runs (the unit of resume: a crash loses at most this many).
@@ -49,7 +50,9 @@ class LabelConfig(StrictModel):
     def _rules(self) -> LabelConfig:
         if self.mode == "zero_shot" and not self.class_names:
             raise ValueError("label.mode='zero_shot' needs label.class_names (a 'code<TAB>name' file)")
-        if self.min_actors > self.max_actors:
+        if self.max_actors != "auto" and self.max_actors < 1:
+            raise ValueError(f"label.max_actors must be >= 1 or auto (got {self.max_actors})")
+        if self.max_actors != "auto" and self.min_actors > self.max_actors:
             raise ValueError(f"label.min_actors ({self.min_actors}) must not exceed label.max_actors ({self.max_actors})")
         if self.failure_exit_code == 2:
             raise ValueError("label.failure_exit_code=2 is reserved for config errors; pick another (default 3)")

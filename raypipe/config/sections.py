@@ -19,8 +19,21 @@ class RayConfig(StrictModel):
     """Where Ray runs. ``address=None`` starts (or joins, inside ``ray job submit``) a local instance."""
 
     address: str | None = None
+    # Logical CPUs of a local instance that raypipe starts itself; ignored (with a note) when joining a cluster,
+    # where Ray refuses it.
     num_cpus: int | None = Field(default=None, ge=1)
+    # GPUs of such a local instance (a number > 0 on a machine without GPUs fakes them: planning tests).
+    num_gpus: int | None = Field(default=None, ge=0)
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+    # An autoscaling cluster's launcher config: stages plan from what its node types can provide (a cold cluster
+    # shows 0 GPUs in ray.cluster_resources()). None: plan from the nodes alive at start.
+    cluster_yaml: PathStr | None = None
+    # Custom resource of the CPU worker group (cluster.yaml): decode tasks ask for it when some node defines it,
+    # which keeps them off the head and the GPU nodes.
+    decode_resource: str = "raypipe_cpu_worker"
+    # A running stage that makes no progress (no video through the pipeline) for this long ends with a
+    # diagnostic of what waits for what (exit code 4); committed work stays, a rerun resumes. 0: no watchdog.
+    stall_timeout_s: float = Field(default=900.0, ge=0)
 
 
 class StorageConfig(StrictModel):

@@ -53,9 +53,11 @@ class TrainConfig(StrictModel):
     task: Literal["single_label", "multi_label"] = "single_label"
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=16, ge=1)  # per worker
-    num_workers: int = Field(default=2, ge=1)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    use_gpu: bool = False
+    # "auto": planned from the cluster at start (raypipe.resources): one worker per GPU when it has GPUs, else
+    # 2 (8 at most on big CPU nodes), with the CPUs left after data reading split over the workers.
+    num_workers: int | Literal["auto"] = "auto"
+    cpus_per_worker: float | Literal["auto"] = "auto"
+    use_gpu: bool | Literal["auto"] = "auto"
     # GPUs per worker when use_gpu; below 1 packs several workers (or Tune trials) of a small model on one GPU.
     gpus_per_worker: float = Field(default=1.0, gt=0, le=1)
     amp: Literal["none", "bf16", "fp16"] = "none"
@@ -85,6 +87,10 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _metric(self) -> TrainConfig:
+        if self.num_workers != "auto" and self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 or auto (got {self.num_workers})")
+        if self.cpus_per_worker != "auto" and self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be > 0 or auto (got {self.cpus_per_worker})")
         prefix, _, name = self.metric.partition("/")
         allowed = TASK_METRICS[self.task]
         if prefix not in ("val", "train") or name not in allowed or (prefix == "train" and name != "loss"):

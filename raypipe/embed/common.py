@@ -18,6 +18,8 @@ from raypipe.io.fs import local_copy, remove_tree
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "RAYPIPE_FAULT_CRASH_AFTER_BATCHES"
+# Hang (instead of exit) after N batches: exercises the stall watchdog (armed in the fused encoder pool).
+STALL_ENV = "RAYPIPE_FAULT_STALL_AFTER_BATCHES"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "weights.pt")
 _F16_MAX = float(np.finfo(np.float16).max)
 
@@ -113,14 +115,20 @@ class FaultInjector:
     would in a crash late in a long run (otherwise the test could not tell "resumed" from "restarted").
     """
 
-    def __init__(self, crash_after: int | tuple[int, float] | None, linger_s: float = 6.0) -> None:
+    def __init__(self, crash_after: int | tuple[int, float] | None, linger_s: float = 6.0,
+                 stall_after: int | None = None) -> None:
         if isinstance(crash_after, tuple | list):  # (batches, linger_s): "N:S" in the variable
             crash_after, linger_s = int(crash_after[0]), float(crash_after[1])
         self.crash_after = crash_after
+        self.stall_after = stall_after
         self.linger_s = linger_s
         self.batches = 0
 
     def tick(self) -> None:
+        if self.stall_after is not None and self.batches >= self.stall_after:
+            log.error("fault injection: hanging after %d batches", self.batches)
+            while True:  # a stuck actor: alive, holding its resources, never returning
+                time.sleep(60)
         if self.crash_after is not None and self.batches >= self.crash_after:
             log.error("fault injection: exiting after %d batches", self.batches)
             time.sleep(self.linger_s)
@@ -136,6 +144,11 @@ def fault_from_env() -> int | tuple[int, float] | None:
         return None
     batches, _, linger = raw.partition(":")
     return (int(batches), float(linger)) if linger else int(batches)
+
+
+def stall_from_env() -> int | None:
+    raw = os.environ.get(STALL_ENV, "").strip()
+    return int(raw) if raw else None
 
 
 def ok_rows(batch: dict[str, Any]) -> np.ndarray:

@@ -39,18 +39,34 @@ from raypipe.io.decode import decode_video
 from raypipe.io.fs import atomic_write_bytes, join, resolve
 from raypipe.io.shards import ShardStore, shard_of
 from raypipe.io.sources import VideoRef, detect_kind, list_videos
+from raypipe.resources import StagePlan
+from raypipe.runtime import Progress, StallError, Watchdog, ensure_ray, planned
 from raypipe.schema import ERROR_COLUMNS, ShardInfo, error_schema, feature_schema
 
 log = logging.getLogger(__name__)
 
 
+def compute_fields(e: EmbedConfig) -> dict[str, str] | None:
+    """Planned device class and precision per encoder (GPU actors autocast to fp16, CPU ones stay fp32); None
+    while the pools are still ``auto`` (not planned)."""
+    pools = {"frames": e.frame_pool, "audio": e.frame_pool if e.fuse_encoders is True else e.audio_pool,
+             "text": e.frame_pool if e.fuse_encoders is True else e.text_pool}
+    if any(p.num_gpus == "auto" for p in pools.values()):
+        return None
+    return {k: "gpu-fp16" if float(p.num_gpus) > 0 else "cpu-fp32" for k, p in pools.items()}
+
+
 def config_hash(cfg: RaypipeConfig) -> str:
-    blob = json.dumps(feature_hash_fields(cfg.embed), sort_keys=True, default=str)
+    blob = json.dumps(feature_hash_fields(cfg.embed, compute_fields(cfg.embed)), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def feature_info(cfg: RaypipeConfig) -> ShardInfo:
-    """ShardInfo of the configured encoders, computed on the driver without loading weights."""
+    """ShardInfo of the configured encoders, computed on the driver without loading weights.
+
+    ``cfg`` should be planned (:func:`raypipe.runtime.planned`): the device class of each encoder is part of the
+    config hash, so CPU (fp32) and GPU (fp16) features never mix in one output folder.
+    """
     from raypipe.embed.audio import audio_encoder_info
     from raypipe.embed.frames import frame_encoder_info
     from raypipe.embed.text import text_encoder_info
@@ -62,27 +78,10 @@ def feature_info(cfg: RaypipeConfig) -> ShardInfo:
     return ShardInfo(
         frame_dim=frames["dim"], audio_dim=audio["dim"], text_dim=text["dim"], text_len=e.text.max_len,
         max_frames=e.decode.max_frames, tokenizer=tok,
-        embedders={"frames": frames, "audio": audio, "text": text, "decode": e.decode.model_dump()},
+        embedders={"frames": frames, "audio": audio, "text": text, "decode": e.decode.model_dump(),
+                   "compute": compute_fields(e) or {}},
         config_hash=config_hash(cfg), raypipe_version=raypipe.__version__,
     )
-
-
-def ensure_ray(cfg: RaypipeConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, runtime_env=cfg.ray.runtime_env or None,
-            configure_logging=False,
-        )
-
-
-def _gpus(pool: PoolConfig) -> float:
-    if pool.num_gpus != "auto":
-        return float(pool.num_gpus)
-    import ray
-
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def _ref_item(ref: VideoRef) -> dict[str, Any]:
@@ -100,17 +99,31 @@ def _decode_row(
     return out
 
 
-def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_after: int | None = None):
-    """Lazy Ray Dataset of one row per video (see module docstring). ``crash_after`` defaults to the env var."""
+def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_after: int | None = None,
+                          plan: StagePlan | None = None):
+    """Lazy Ray Dataset of one row per video (see module docstring). ``crash_after`` defaults to the env var.
+
+    ``cfg`` is planned here for the embed stage unless the caller passes its own ``plan`` (label: one more GPU
+    pool) with the config it resolved.
+    """
     import ray
 
+    from raypipe.embed.common import fault_from_env, stall_from_env
+    from raypipe.logs import quiet_ray_data
+
+    if plan is None:
+        cfg, plan = planned(cfg, "embed")
     e = cfg.embed
     if crash_after is None:
-        from raypipe.embed.common import fault_from_env
-
         crash_after = fault_from_env()
+    stall_after = stall_from_env()
+    quiet_ray_data()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = e.progress_bars
+    # Ray Data's own bars/log lines (one per operator) are replaced by the stage's single progress line unless -v.
+    from raypipe.logs import verbose
+
+    ctx.enable_progress_bars = e.progress_bars and verbose()
+    ctx.print_on_execution_start = verbose()
     items = [_ref_item(r) for r in refs]
     blocks = max(1, min(len(items), math.ceil(len(items) / e.videos_per_block)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
@@ -119,14 +132,15 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
         fn_kwargs={"decode_cfg": e.decode, "image_size": e.frames.image_size, "storage": cfg.storage},
         num_cpus=e.decode_num_cpus,
         memory=e.decode_memory_mb * 1024 * 1024,
+        **({"resources": plan.settings["embed.decode_resources"]} if plan.settings.get("embed.decode_resources") else {}),
     )
 
     def pool(p: PoolConfig, *, armed: bool = False) -> dict[str, Any]:
         remote: dict[str, Any] = {
             "compute": ray.data.ActorPoolStrategy(min_size=p.min_size, max_size=p.max_size),
-            "num_cpus": p.num_cpus, "num_gpus": _gpus(p), "batch_format": "numpy",
+            "num_cpus": p.num_cpus, "num_gpus": p.num_gpus, "batch_format": "numpy",
         }
-        if armed and crash_after is not None:
+        if armed and (crash_after is not None or stall_after is not None):
             # Let the injected crash fail the job (instead of Ray restarting the actor) so resume is exercised.
             remote["max_restarts"] = 0
         return remote
@@ -139,7 +153,8 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
         return ds.map_batches(
             FusedEncoder, batch_size=min(e.frames.batch_size, e.audio.batch_size, e.text.batch_size),
             **pool(e.frame_pool, armed=True),
-            fn_constructor_kwargs={"cfg": e, "storage": cfg.storage, "crash_after": crash_after},
+            fn_constructor_kwargs={"cfg": e, "storage": cfg.storage, "crash_after": crash_after,
+                                   "stall_after": stall_after},
         )
     ds = ds.map_batches(
         FrameEncoder, batch_size=e.frames.batch_size, **pool(e.frame_pool),
@@ -163,11 +178,14 @@ class FusedEncoder:
     one worker process (and one set of imports, one GPU reservation) per actor instead of three.
     """
 
-    def __init__(self, cfg: EmbedConfig, storage: StorageConfig | None = None, crash_after: int | None = None):
+    def __init__(self, cfg: EmbedConfig, storage: StorageConfig | None = None, crash_after: int | None = None,
+                 stall_after: int | None = None):
         from raypipe.embed.audio import AudioEncoder
+        from raypipe.embed.common import FaultInjector
         from raypipe.embed.frames import FrameEncoder
         from raypipe.embed.text import TextEncoder
 
+        self.stall = FaultInjector(None, stall_after=stall_after)
         self.stages = (
             FrameEncoder(cfg.frames, storage),
             AudioEncoder(cfg.audio, cfg.decode.audio_sample_rate, storage),
@@ -175,6 +193,7 @@ class FusedEncoder:
         )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.stall.tick()
         for stage in self.stages:
             batch = stage(batch)
         return batch
@@ -249,6 +268,57 @@ def _write_parts(batch: dict[str, np.ndarray], *, store: ShardStore, info: Shard
     }
 
 
+class _Tally:
+    """What the driver counts while the stream runs (one small status row per video)."""
+
+    def __init__(self) -> None:
+        self.statuses: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.ok_ids: list[str] = []
+        self.frames = 0
+        self.decode_s = 0.0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.statuses[str(row["status"])] += 1
+        if row["status"] == "ok":
+            self.ok_ids.append(str(row["video_id"]))
+            self.frames += int(row["num_frames"])
+        else:
+            self.reasons[str(row["reason"])] += 1
+        self.decode_s += float(row["decode_s"])
+
+
+def _stream(cfg: RaypipeConfig, plan: StagePlan, pending: list[VideoRef], store: ShardStore, info: ShardInfo,
+            tally: _Tally) -> None:
+    """Run the Ray Data stream, committing each shard as soon as all its pending videos are through.
+
+    The watchdog ends the wait when no row comes out for ``ray.stall_timeout_s`` (:class:`StallError`).
+    """
+    e = cfg.embed
+    expected = Counter(shard_of(r.video_id, e.num_shards) for r in pending)
+    got: Counter[int] = Counter()
+    ds = build_feature_dataset(cfg, pending, plan=plan).map_batches(
+        _write_parts, batch_size=e.write_batch_size, batch_format="numpy", num_cpus=0.25,
+        fn_kwargs={"store": store, "info": info},
+    )
+    progress = Progress("embed", len(pending))
+    with Watchdog("embed", cfg.ray.stall_timeout_s) as dog:
+        try:
+            for row in ds.iter_rows():
+                dog.tick()
+                tally.add(row)
+                progress.update(1, failed=int(row["status"] != "ok"))
+                s = int(row["shard"])
+                got[s] += 1
+                if got[s] == expected[s]:
+                    store.commit_shard(s)  # every pending video of shard s is in: commit it now
+        except KeyboardInterrupt:
+            dog.raise_if_fired()
+            raise
+        finally:
+            progress.close()
+
+
 def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
     """Embed the configured source into committed shards (resuming earlier work); returns the run summary."""
     e = cfg.embed
@@ -259,37 +329,26 @@ def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
         return import_features(cfg)
     t0 = time.monotonic()
     refs = list_videos(e.source, cfg.storage)
+    # Plan before hashing: the planned device class (GPU fp16 / CPU fp32) is part of the feature fingerprint.
+    ensure_ray(cfg)
+    cfg, plan = planned(cfg, "embed")
+    e = cfg.embed
     info = feature_info(cfg)
     store = ShardStore(e.output, cfg.storage, num_shards=e.num_shards, schema=feature_schema(info))
     store.check_config(info.config_hash, overwrite=e.overwrite)
     done = store.done_keys(include_errors=not e.retry_failed)
     pending = [r for r in refs if r.video_id not in done]
     log.info("embed: %d videos listed, %d already done, %d to process", len(refs), len(refs) - len(pending), len(pending))
-    expected = Counter(shard_of(r.video_id, e.num_shards) for r in pending)
-    got: Counter[int] = Counter()
-    statuses: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    ok_ids: list[str] = []
-    frames = 0
-    decode_s = 0.0
+    tally = _Tally()
     if pending:
-        ensure_ray(cfg)
-        ds = build_feature_dataset(cfg, pending).map_batches(
-            _write_parts, batch_size=e.write_batch_size, batch_format="numpy", num_cpus=0.25,
-            fn_kwargs={"store": store, "info": info},
-        )
-        for row in ds.iter_rows():
-            s = int(row["shard"])
-            got[s] += 1
-            statuses[str(row["status"])] += 1
-            if row["status"] == "ok":
-                ok_ids.append(str(row["video_id"]))
-                frames += int(row["num_frames"])
-            else:
-                reasons[str(row["reason"])] += 1
-            decode_s += float(row["decode_s"])
-            if got[s] == expected[s]:
-                store.commit_shard(s)  # every pending video of shard s is in: commit it now
+        try:
+            _stream(cfg, plan, pending, store, info, tally)
+        except StallError:
+            for s in store.pending_shards():  # keep what came through; the rerun skips it
+                store.commit_shard(s)
+            store.commit_errors()
+            raise
+    statuses, reasons, ok_ids, frames, decode_s = tally.statuses, tally.reasons, tally.ok_ids, tally.frames, tally.decode_s
     for s in store.pending_shards():  # parts left by an interrupted earlier run
         store.commit_shard(s)
     n_errors = store.commit_errors(drop_keys=ok_ids if e.retry_failed else ())
@@ -327,9 +386,14 @@ def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
 
 
 def run(cfg: RaypipeConfig) -> int:
-    """``raypipe embed``: 0 when every listed video ended up as a row or an error row."""
+    """``raypipe embed``: 0 when every listed video ended up as a row or an error row, 2 on a config or resource
+    error, 4 when the stall watchdog ended the run (rerun to resume)."""
+    from raypipe.config import ConfigError
+
     try:
         summary = embed_videos(cfg)
+    except ConfigError:
+        raise  # the CLI prints it as one line (exit 2)
     except (FileNotFoundError, ValueError) as exc:
         log.error("embed: %s", exc)
         return 2

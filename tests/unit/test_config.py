@@ -31,7 +31,7 @@ def test_overrides_are_typed() -> None:
         (["train.optim.lr=abc"], "config error: train.optim.lr: Input should be a valid number"),
         (["train.epochs=0"], "config error: train.epochs: Input should be greater than or equal to 1"),
         (["train.amp=fp32"], "config error: train.amp: Input should be 'none', 'bf16' or 'fp16'"),
-        (["train.amp=bf16"], "train.amp='bf16' needs train.use_gpu=true"),
+        (["train.amp=bf16", "train.use_gpu=false"], "train.amp='bf16' needs train.use_gpu=true"),
         (["corpus.min_duration_s=50", "corpus.max_duration_s=10"], "must not exceed max_duration_s"),
         (["train=3"], "config error: train: Input should be a valid dictionary"),
         (["noequals"], "must look like key.path=value"),

@@ -39,6 +39,7 @@ def test_sweep_trial_config_finds_every_file_from_the_trial_dir(tmp_path: Path, 
 # String fields that hold no path or URI. A new string field must be added here or declared with a marker type of
 # raypipe.config.paths (PathStr, TrackingUri, ModelUri, NameOrPath), or this test fails: no path can be missed.
 NOT_PATHS = {
+    "ray.decode_resource",  # a Ray custom resource name
     "ray.address",  # a Ray address (auto, ray://host:port, http://...): not resolved against the cwd
     "storage.endpoint_url", "storage.region",
     "corpus.id_prefix", "demo.label_id_prefix",

@@ -22,7 +22,11 @@ def test_gpu_workers_get_nccl_and_one_gpu_each() -> None:
 
 
 def test_cpu_workers_get_gloo_and_no_gpu() -> None:
-    torch_cfg, scaling = worker_group_configs(load_config("test").train)
+    from raypipe.resources import Cluster
+    from raypipe.runtime import apply_plan, stage_plan
+
+    cfg = load_config("test")  # train.use_gpu / cpus_per_worker are "auto" until planned for a cluster
+    torch_cfg, scaling = worker_group_configs(apply_plan(cfg, stage_plan(cfg, "train", Cluster.single(4))).train)
     assert torch_cfg.backend == "gloo" and not scaling.use_gpu and "GPU" not in scaling.resources_per_worker
 
 

@@ -1,0 +1,309 @@
+"""Resource planning: what each stage asks Ray for, decided from what the cluster has (pure; no Ray import).
+
+Why: fixed defaults either waste a big node or wait forever on a small one (three encoder pools asking for
+3 CPUs on a 2-CPU laptop listed the videos and then hung). Each stage therefore turns the ``auto`` values of
+its config into numbers from a :class:`Cluster` (built by :mod:`raypipe.runtime` from ``ray.nodes()``, or from
+the node types of ``ray.cluster_yaml`` on an autoscaling cluster) and checks that what it asks for can be placed
+before any Ray work starts. Explicit config values always win; the check still applies to them.
+
+The rules (C = CPUs, G = GPUs the cluster has or its node types can provide; "small" = C < 6):
+
+- Encoder pools (embed and label): ``embed.fuse_encoders: auto`` fuses the three encoders into one pool on a
+  small CPU-only cluster (three pools plus decoding do not fit), and keeps three pools otherwise.
+- ``num_gpus: auto``: 0 without GPUs; with GPUs every GPU pool of the stage (3 encoders, or 1 fused; plus the
+  label classifier) asks ``1/k`` GPU, so one actor of each pool shares one GPU, and ``max_size: auto`` is G.
+- ``num_cpus: auto`` per actor: 1; on a small cluster one actor of every pool gets at most half the CPUs
+  together (0.25 to 0.5 each).
+- ``max_size: auto``: half the CPUs go to encoders (the rest decode and write); the frame pool gets half of
+  that share, audio and text a quarter each (fused: all of it); at least 1, and at most G for GPU pools. The
+  label classifier pool gets up to an eighth of the CPUs (and at most G).
+- ``decode_num_cpus: auto``: 1; 0.5 on a small cluster (0.25 below 2 CPUs). Decode tasks also ask one unit of
+  ``ray.decode_resource`` when some node defines it (the CPU worker group in cluster.yaml), which keeps them off
+  the head and the GPU nodes.
+- Training: ``use_gpu: auto`` = G > 0 (and G >= an explicit ``num_workers``: one GPU per worker); ``num_workers: auto`` = G with GPUs (fewer when each would get under a quarter CPU), else 2 below 16 CPUs and
+  ``min(8, C // 8)`` above; ``cpus_per_worker: auto`` = what is left after reserving max(1, C/8) CPUs for data
+  reading, split over the workers (0.25 steps, between 0.25 and 1 below 16 CPUs, 8 above). A sweep plans each trial with
+  1 / ``tune.max_concurrent_trials`` of the cluster.
+
+Feasibility (:func:`check`): every single actor / task / worker must fit on some node, and everything that must
+run at once (each pool's ``min_size`` actors and one decode task; or the whole training worker group)
+must fit in the cluster's total. A failure is a :class:`ResourceError` (a ConfigError: exit code 2) whose one
+line names the config keys, what they ask for and what the cluster has.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from raypipe.config.base import ConfigError
+
+SMALL_CPUS = 6
+
+
+class ResourceError(ConfigError):
+    """What a stage asks for cannot be placed on the cluster (exit code 2, like any config error)."""
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """One kind of node and how many of it there are (alive now, or at most under the autoscaler)."""
+
+    resources: dict[str, float]
+    count: int = 1
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The resources a stage may plan with: alive nodes, or what an autoscaling cluster's node types can reach."""
+
+    nodes: tuple[NodeType, ...]
+    autoscaling: bool = False
+
+    @classmethod
+    def single(cls, cpus: float, gpus: float = 0, **custom: float) -> Cluster:
+        """One node (a laptop, a single big machine); mostly for tests and ``ray.init()`` on one host."""
+        return cls((NodeType({"CPU": float(cpus), "GPU": float(gpus), **custom}),))
+
+    def total(self, key: str) -> float:
+        return sum(n.resources.get(key, 0.0) * n.count for n in self.nodes)
+
+    def largest(self, key: str) -> float:
+        return max((n.resources.get(key, 0.0) for n in self.nodes if n.count > 0), default=0.0)
+
+    def has(self, key: str) -> bool:
+        return self.total(key) > 0
+
+    def fits_one(self, shape: dict[str, float]) -> bool:
+        return any(
+            n.count > 0 and all(
+                n.resources.get(k, 0.0) + 1e-9 >= v for k, v in shape.items()
+                if v > 0 and (k != "memory" or "memory" in n.resources)  # node types in a cluster.yaml name no memory
+            )
+            for n in self.nodes
+        )
+
+    def describe(self) -> str:
+        keys = ["CPU", "GPU"] + sorted(k for k in {k for n in self.nodes for k in n.resources}
+                                       - {"CPU", "GPU", "memory", "object_store_memory"} if not k.startswith("node:"))
+        have = ", ".join(f"{k} {_num(self.total(k))}" for k in keys if self.total(k) or k in ("CPU", "GPU"))
+        kind = f"{len(self.nodes)} node types (autoscaling, at most)" if self.autoscaling else f"{sum(n.count for n in self.nodes)} node(s)"
+        return f"{have} on {kind}"
+
+
+@dataclass
+class Request:
+    """``count`` actors/tasks/workers of ``shape`` that must be placed at the same time."""
+
+    what: str
+    keys: tuple[str, ...]
+    shape: dict[str, float]
+    count: int = 1
+
+
+@dataclass
+class StagePlan:
+    """The resolved settings (config key -> value) of one stage and the requests they make."""
+
+    stage: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: each request with its count (pools: min..max actors) and shape."""
+        parts = []
+        for r in self.requests:
+            key = next((k.rsplit(".", 1)[0] for k in r.keys if k.endswith(".min_size")), None)
+            top = self.settings.get(f"{key}.max_size") if key else None
+            if "label.min_actors" in r.keys:
+                top = self.settings.get("label.max_actors")
+            n = f"{r.count}..{top}" if top and top != r.count else f"{r.count}"
+            parts.append(f"{n} x {r.what.split(' (')[0]} {{{_shape({k: v for k, v in r.shape.items() if k != 'memory'})}}}")
+        return "; ".join(parts)
+
+    def describe(self) -> str:
+        lines = [f"{self.stage}: " + ", ".join(f"{k}={_num(v)}" for k, v in self.settings.items())]
+        lines += [f"  {r.count} x {r.what} {{{_shape(r.shape)}}}" for r in self.requests]
+        lines += [f"  rule: {r}" for r in self.rules]
+        return "\n".join(lines)
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, float):
+        return round(v, 4)
+    return v
+
+
+def _shape(shape: dict[str, float]) -> str:
+    return ", ".join(f"{k}: {_num(v)}" for k, v in shape.items() if v > 0) or "nothing"
+
+
+def _floor(x: float, step: float) -> float:
+    return math.floor(x / step + 1e-9) * step
+
+
+def actor_share(cpus: float, pools: int) -> float:
+    """CPUs per encoder / classifier actor: 1, or on a small cluster at most half the CPUs for one actor of each
+    of ``pools`` pools (0.25 to 0.5 each), so decoding always has CPUs left."""
+    if cpus >= SMALL_CPUS:
+        return 1.0
+    return max(0.25, min(0.5, _floor(cpus / 2 / max(1, pools), 0.25)))
+
+
+def gpu_fraction(pools: int) -> float:
+    """Share of one GPU per actor when ``pools`` GPU pools put one actor each on every GPU (4 decimals, Ray's
+    precision, rounded down so the shares never add up to more than the GPU)."""
+    return _floor(1.0 / max(1, pools), 0.0001)
+
+
+# --------------------------------------------------------------------------------------------------- embed
+
+
+def _auto(value: Any, default: Any) -> Any:
+    return default if value == "auto" else value
+
+
+def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pools: int = 0,
+               decode_resource: str | None = None, stage: str = "embed") -> StagePlan:
+    """Resolve ``embed.*`` pool settings for ``cluster`` (``e`` is an EmbedConfig; see the module rules).
+
+    ``extra_pools`` / ``extra_gpu_pools``: further actor pools that run beside the encoders (the label
+    classifier), which share the CPUs of a small cluster / the GPUs.
+    """
+    cpus, gpus = cluster.total("CPU"), cluster.total("GPU")
+    small = cpus < SMALL_CPUS
+    plan = StagePlan(stage)
+    fuse = _auto(e.fuse_encoders, small and gpus == 0)
+    if e.fuse_encoders == "auto":
+        plan.rules.append("encoders fused into one pool (small CPU-only cluster)" if fuse else "three encoder pools")
+    pools = [("frame_pool", "FusedEncoder" if fuse else "FrameEncoder", 1.0 if fuse else 0.5)]
+    if not fuse:
+        pools += [("audio_pool", "AudioEncoder", 0.25), ("text_pool", "TextEncoder", 0.25)]
+    frac = gpu_fraction(len(pools) + extra_gpu_pools) if gpus > 0 else 0.0
+    plan.settings["embed.fuse_encoders"] = fuse
+    actor_cpus = actor_share(cpus, len(pools) + extra_pools)
+    for key, cls, share in pools:
+        p = getattr(e, key)
+        ncpu = float(_auto(p.num_cpus, actor_cpus))
+        ngpu = float(_auto(p.num_gpus, frac))
+        default_max = max(1, int(_floor(cpus * 0.5 * share / max(ncpu, 0.25), 1)))
+        if ngpu > 0:
+            default_max = max(1, min(int(gpus), default_max))
+        max_size = int(_auto(p.max_size, max(default_max, p.min_size)))
+        plan.settings.update({f"embed.{key}.num_cpus": ncpu, f"embed.{key}.num_gpus": ngpu,
+                              f"embed.{key}.min_size": p.min_size, f"embed.{key}.max_size": max_size})
+        plan.requests.append(Request(f"{cls} actor (embed.{key})",
+                                     (f"embed.{key}.min_size", f"embed.{key}.num_cpus", f"embed.{key}.num_gpus"),
+                                     {"CPU": ncpu, "GPU": ngpu}, p.min_size))
+    dcpu = float(_auto(e.decode_num_cpus, (0.5 if cpus >= 2 else 0.25) if small else 1.0))
+    shape = {"CPU": dcpu, "memory": e.decode_memory_mb * 1024 * 1024}
+    if decode_resource and cluster.has(decode_resource):
+        shape[decode_resource] = 1.0
+        plan.rules.append(f"decode tasks ask 1 {decode_resource} (CPU worker nodes only)")
+    plan.settings["embed.decode_num_cpus"] = dcpu
+    plan.settings["embed.decode_resources"] = {k: v for k, v in shape.items() if k not in ("CPU", "memory")}
+    plan.requests.append(Request("decode task", ("embed.decode_num_cpus", "embed.decode_memory_mb"), shape))
+    return plan
+
+
+def plan_label(cfg: Any, cluster: Cluster, *, decode_resource: str | None = None) -> StagePlan:
+    """The embed plan with one more GPU pool, plus the classifier pool (``label.*``)."""
+    lc = cfg.label
+    gpus, cpus = cluster.total("GPU"), cluster.total("CPU")
+    use_gpu = bool(_auto(lc.use_gpu, gpus > 0))
+    plan = plan_embed(cfg.embed, cluster, extra_pools=1, extra_gpu_pools=1 if use_gpu else 0,
+                      decode_resource=decode_resource, stage="label")
+    fused = plan.settings["embed.fuse_encoders"]
+    ngpu = gpu_fraction((1 if fused else 3) + 1) if use_gpu else 0.0
+    ncpu = actor_share(cpus, (1 if fused else 3) + 1)
+    by_cpu = max(1, int(_floor(cpus / 8 / ncpu, 1)))
+    max_actors = int(_auto(lc.max_actors, max(lc.min_actors, min(int(gpus), by_cpu) if use_gpu else by_cpu)))
+    plan.settings.update({"label.use_gpu": use_gpu, "label.num_gpus": ngpu, "label.num_cpus": ncpu,
+                          "label.min_actors": lc.min_actors, "label.max_actors": max_actors})
+    plan.requests.insert(-1, Request("classifier actor (label)", ("label.min_actors", "label.use_gpu"),
+                                     {"CPU": ncpu, "GPU": ngpu}, lc.min_actors))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+
+def plan_train(t: Any, cluster: Cluster, *, stage: str = "train", extra: Request | None = None,
+               share: int = 1) -> StagePlan:
+    """Resolve ``train.use_gpu`` / ``num_workers`` / ``cpus_per_worker`` (``t`` is a TrainConfig).
+
+    ``share``: runs that go on at once (a sweep's concurrent trials); each plans with its part of the cluster.
+    """
+    cpus, gpus = cluster.total("CPU") / share, float(int(cluster.total("GPU") / share))
+    # A worker holds a whole GPU (NCCL wants one rank per device): auto uses GPUs when there are enough of them
+    # for an explicit num_workers.
+    use_gpu = bool(_auto(t.use_gpu, gpus > 0 and (t.num_workers == "auto" or gpus >= t.num_workers)))
+    reserve = max(1.0, cpus / 8)
+    if use_gpu:  # one per GPU, as long as each still gets a quarter CPU beside the data-reading reserve
+        workers = int(_auto(t.num_workers, max(1, min(int(gpus), int((cpus - reserve) / 0.25)))))
+    else:
+        workers = int(_auto(t.num_workers, 2 if cpus < 16 else min(8, int(cpus // 8))))
+    cap = 8.0 if cpus >= 16 else 1.0  # more than one thread per worker pays off on big nodes only
+    cpw = float(_auto(t.cpus_per_worker, min(cap, max(0.25, _floor((cpus - reserve) / workers, 0.25)))))
+    plan = StagePlan(stage, {"train.use_gpu": use_gpu, "train.num_workers": workers, "train.cpus_per_worker": cpw})
+    plan.requests.append(Request("training worker", ("train.num_workers", "train.cpus_per_worker", "train.use_gpu"),
+                                 {"CPU": cpw, "GPU": float(getattr(t, "gpus_per_worker", 1.0)) if use_gpu else 0.0},
+                                 workers))
+    if extra is not None:
+        plan.requests.append(extra)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------- check
+
+
+def problems(plan: StagePlan, cluster: Cluster) -> list[str]:
+    """Why ``plan`` cannot be placed on ``cluster`` (empty when it can)."""
+    out = []
+    for r in plan.requests:
+        if not cluster.fits_one(r.shape):
+            out.append(f"{'/'.join(r.keys)} ask {{{_shape(r.shape)}}} per {r.what}; no node has that "
+                       f"(largest node: CPU {_num(cluster.largest('CPU'))}, GPU {_num(cluster.largest('GPU'))})")
+    at_once: dict[str, float] = {}
+    for r in plan.requests:
+        for k, v in r.shape.items():
+            if k != "memory":
+                at_once[k] = at_once.get(k, 0.0) + v * r.count
+    short = {k: v for k, v in at_once.items() if v > cluster.total(k) + 1e-9}
+    if short:
+        keys = sorted({k for r in plan.requests for k in r.keys if "min" in k or "num_" in k or "cpus" in k})
+        need = ", ".join(f"{k} {_num(v)}" for k, v in short.items())
+        have = ", ".join(f"{k} {_num(cluster.total(k))}" for k in short)
+        out.append(f"{', '.join(keys)} need {need} at once; the cluster has {have}")
+    return out
+
+
+def check(plan: StagePlan, cluster: Cluster) -> StagePlan:
+    """Raise :class:`ResourceError` (one line) when ``plan`` cannot be placed; return it otherwise."""
+    found = problems(plan, cluster)
+    if found:
+        raise ResourceError(f"resource error: {plan.stage}: " + "; ".join(found) + f" [cluster: {cluster.describe()}]")
+    return plan
+
+
+def cluster_from_yaml(data: dict[str, Any]) -> Cluster:
+    """What an autoscaling cluster's node types can reach (``available_node_types`` of a cluster.yaml)."""
+    types = data.get("available_node_types") or {}
+    head = data.get("head_node_type")
+    nodes = []
+    for name, spec in types.items():
+        count = 1 if name == head else int(spec.get("max_workers", data.get("max_workers", 0)) or 0)
+        nodes.append(NodeType({k: float(v) for k, v in (spec.get("resources") or {}).items()}, count, name))
+    return Cluster(tuple(nodes), autoscaling=True)
+
+
+def cluster_from_nodes(nodes: list[dict[str, Any]]) -> Cluster:
+    """The alive nodes of ``ray.nodes()``."""
+    shapes = [NodeType({k: float(v) for k, v in (n.get("Resources") or {}).items()}, 1, n.get("NodeManagerAddress", ""))
+              for n in nodes if n.get("Alive")]
+    return Cluster(tuple(shapes))

@@ -1,0 +1,215 @@
+"""The resource planner on simulated clusters (no Ray): plans fit, never ask for more than exists, and what cannot
+be placed is one line naming the keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypipe.config import load_config
+from raypipe.resources import (
+    Cluster,
+    NodeType,
+    ResourceError,
+    check,
+    cluster_from_yaml,
+    plan_embed,
+    plan_label,
+    plan_train,
+    problems,
+)
+from raypipe.runtime import apply_plan, stage_plan
+
+REPO = Path(__file__).resolve().parents[2]
+LAPTOP = Cluster.single(2)
+BIG = Cluster.single(64, 8)
+
+
+def _plans(cfg, cluster):
+    return {s: stage_plan(cfg, s, cluster) for s in ("embed", "label", "train", "tune")}
+
+
+def _max_use(plan, key: str) -> float:
+    """What the plan asks for of ``key`` with every pool at its max_size (train: the whole worker group)."""
+    s = plan.settings
+    if plan.stage in ("train", "tune"):
+        return s["train.num_workers"] * (s["train.cpus_per_worker"] if key == "CPU" else float(s["train.use_gpu"]))
+    pools = ["frame_pool"] + ([] if s["embed.fuse_encoders"] else ["audio_pool", "text_pool"])
+    per = "num_cpus" if key == "CPU" else "num_gpus"
+    total = sum(s[f"embed.{p}.max_size"] * s[f"embed.{p}.{per}"] for p in pools)
+    if plan.stage == "label":
+        total += s["label.max_actors"] * s[f"label.{per}"]
+    return total
+
+
+def test_default_config_on_a_2cpu_laptop_fuses_and_fits() -> None:
+    cfg = load_config(None)
+    plans = _plans(cfg, LAPTOP)
+    for stage, plan in plans.items():
+        assert problems(plan, LAPTOP) == [], stage
+    embed = plans["embed"].settings
+    assert embed["embed.fuse_encoders"] is True  # three pools + decoding do not fit 2 CPUs
+    assert embed["embed.frame_pool.num_gpus"] == 0
+    # the pool leaves room to decode: actors at their max plus one decode task fit the 2 CPUs
+    assert _max_use(plans["embed"], "CPU") + embed["embed.decode_num_cpus"] <= 2
+    assert plans["train"].settings == {"train.use_gpu": False, "train.num_workers": 2, "train.cpus_per_worker": 0.5}
+
+
+def test_default_config_on_a_64cpu_8gpu_node_uses_it() -> None:
+    cfg = load_config(None)
+    plans = _plans(cfg, BIG)
+    for stage, plan in plans.items():
+        assert problems(plan, BIG) == [], stage
+    e = plans["embed"].settings
+    assert e["embed.fuse_encoders"] is False
+    for pool in ("frame_pool", "audio_pool", "text_pool"):
+        assert e[f"embed.{pool}.max_size"] == 8 and 0 < e[f"embed.{pool}.num_gpus"] < 1
+    assert _max_use(plans["embed"], "GPU") == pytest.approx(8, abs=0.01)
+    assert _max_use(plans["label"], "GPU") <= 8
+    assert plans["train"].settings["train.use_gpu"] is True and plans["train"].settings["train.num_workers"] == 8
+    assert _max_use(plans["train"], "CPU") <= 64 - 1  # CPUs left for data reading
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 8])
+@pytest.mark.parametrize("cpus", [2, 4, 16, 64])
+def test_plans_never_ask_for_more_than_exists(cpus: int, gpus: int) -> None:
+    cluster = Cluster.single(cpus, gpus)
+    for preset in (None, "demo"):
+        for stage, plan in _plans(load_config(preset), cluster).items():
+            assert problems(plan, cluster) == [], (preset, stage, plan.describe())
+            assert _max_use(plan, "GPU") <= gpus + 1e-6, (preset, stage, plan.describe())
+            if stage != "tune":  # a trial adds its driver's CPU
+                assert _max_use(plan, "CPU") <= cpus, (preset, stage, plan.describe())
+            for r in plan.requests:
+                assert cluster.fits_one(r.shape)
+
+
+def test_gpu_pools_share_one_gpu_on_a_1gpu_node() -> None:
+    """Issue #21 item 4: one whole GPU per pool with min_size=1 left pools pending forever on 1-2 GPU nodes."""
+    cfg = load_config(None)
+    one = Cluster.single(8, 1)
+    label = plan_label(cfg, one).settings
+    shares = [label[f"embed.{p}.num_gpus"] for p in ("frame_pool", "audio_pool", "text_pool")] + [label["label.num_gpus"]]
+    assert all(0 < s < 1 for s in shares) and sum(shares) <= 1
+
+
+def test_infeasible_requests_are_one_line_naming_the_keys() -> None:
+    cfg = load_config(None, ["embed.frame_pool.num_gpus=2", "embed.fuse_encoders=false"])
+    with pytest.raises(ResourceError) as err:
+        check(plan_embed(cfg.embed, Cluster.single(8, 1)), Cluster.single(8, 1))
+    msg = str(err.value)
+    assert "\n" not in msg and "embed.frame_pool.num_gpus" in msg and "GPU: 2" in msg and "GPU 1" in msg
+    cfg = load_config(None, ["train.num_workers=4", "train.cpus_per_worker=1"])
+    with pytest.raises(ResourceError, match=r"train.num_workers.*CPU 4.*CPU 2"):
+        check(plan_train(cfg.train, LAPTOP), LAPTOP)
+
+
+def test_explicit_values_win_over_the_plan() -> None:
+    cfg = load_config(None, ["embed.frame_pool.num_cpus=0.75", "embed.frame_pool.max_size=3", "train.num_workers=1"])
+    resolved = apply_plan(cfg, stage_plan(cfg, "embed", BIG))
+    assert resolved.embed.frame_pool.num_cpus == 0.75 and resolved.embed.frame_pool.max_size == 3
+    assert apply_plan(cfg, stage_plan(cfg, "train", BIG)).train.num_workers == 1
+
+
+def test_cold_autoscaling_cluster_plans_from_its_node_types() -> None:
+    """Issue #21 item 5: a cold cluster shows 0 GPUs; the node types of cluster.yaml still offer them."""
+    cluster = cluster_from_yaml(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    assert cluster.autoscaling and cluster.has("GPU")
+    cfg = load_config(None)
+    for stage, plan in _plans(cfg, cluster).items():
+        assert problems(plan, cluster) == [], stage
+    embed = plan_embed(cfg.embed, cluster, decode_resource="raypipe_cpu_worker")
+    assert embed.settings["embed.frame_pool.num_gpus"] > 0
+    # Issue #21 item 8: decode asks for the CPU worker group's resource, which the head and GPU nodes lack
+    assert embed.settings["embed.decode_resources"] == {"raypipe_cpu_worker": 1.0}
+    hosts = [n.name for n in cluster.nodes if n.resources.get("raypipe_cpu_worker")]
+    assert hosts and all(not n.resources.get("GPU") for n in cluster.nodes if n.name in hosts)
+
+
+def test_decode_resource_only_when_some_node_defines_it() -> None:
+    cfg = load_config(None)
+    plain = plan_embed(cfg.embed, LAPTOP, decode_resource="raypipe_cpu_worker")
+    assert plain.settings["embed.decode_resources"] == {}
+    two = Cluster((NodeType({"CPU": 2}), NodeType({"CPU": 16, "raypipe_cpu_worker": 1000}, 2)))
+    assert plan_embed(cfg.embed, two, decode_resource="raypipe_cpu_worker").requests[-1].shape["raypipe_cpu_worker"] == 1
+
+
+def test_device_and_precision_are_in_the_feature_fingerprint() -> None:
+    from raypipe.embed.pipeline import config_hash
+
+    cfg = load_config(None)
+    cpu = apply_plan(cfg, stage_plan(cfg, "embed", Cluster.single(8)))
+    gpu = apply_plan(cfg, stage_plan(cfg, "embed", Cluster.single(8, 1)))
+    assert config_hash(cpu) != config_hash(gpu)
+    # placement alone (more actors, other CPU shares) does not change features: same hash, so reruns resume
+    assert config_hash(cpu) == config_hash(apply_plan(cfg, stage_plan(cfg, "embed", Cluster.single(16))))
+
+
+def test_num_cpus_is_only_for_a_local_instance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #21 item 3: Ray refuses ray.num_cpus when joining a cluster (every `ray job submit` job)."""
+    from raypipe.runtime import joining_cluster
+
+    cfg = load_config("demo", ["ray.num_cpus=4"])
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what a job driver sees
+    assert joining_cluster(cfg)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert not joining_cluster(cfg)
+    assert joining_cluster(load_config("demo", ["ray.address=ray://head:10001"]))
+    assert load_config("demo").ray.num_cpus is None  # the demo preset no longer needs it
+
+
+def test_unknown_registered_model_is_one_line_with_the_traceback_in_the_log(tmp_path, monkeypatch, capfd) -> None:
+    from raypipe.cli import main
+
+    monkeypatch.setenv("RAYPIPE_LOG_DIR", str(tmp_path / "logs"))
+    rc = main(["eval", "--set", "eval.model_uri=models:/no-such-model@candidate",
+               "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"eval.data={tmp_path}"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert rc == 1 and len(err) == 1, err
+    assert "raypipe eval failed: MlflowException: Registered Model with name=no-such-model not found" in err[0]
+    log = next((tmp_path / "logs").glob("eval-*.log")).read_text()
+    assert "Traceback (most recent call last)" in log and "no-such-model" in log
+
+
+def test_watchdog_interrupts_a_wait_without_progress_and_says_so() -> None:
+    import queue
+    import time
+
+    from raypipe.runtime import StallError, Watchdog
+
+    t0 = time.monotonic()
+    expected = r"embed: stalled, no progress for \ds \(ray.stall_timeout_s=1\).*rerun to resume"
+    with pytest.raises(StallError, match=expected), Watchdog("embed", 1.0) as dog:
+        try:
+            queue.Queue().get(timeout=30)  # blocked on a lock, as Ray Data's iterator waits for output
+        except KeyboardInterrupt:
+            dog.raise_if_fired()
+            raise
+    assert time.monotonic() - t0 < 10
+    with Watchdog("embed", 1.0) as dog:  # ticking keeps it quiet
+        for _ in range(40):
+            time.sleep(0.05)
+            dog.tick()
+    assert dog.message is None
+
+
+def test_unreachable_cluster_is_one_line_in_seconds(tmp_path, monkeypatch, capfd) -> None:
+    import socket
+    import time
+
+    from raypipe.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"not decoded: Ray is never reached")
+    monkeypatch.setenv("RAYPIPE_LOG_DIR", str(tmp_path / "logs"))
+    t0 = time.monotonic()
+    rc = main(["embed", "--source", str(tmp_path / "videos"), "--set", "embed.source.annotations=null",
+               "--output", str(tmp_path / "out"), "--set", f"ray.address=127.0.0.1:{port}"])
+    err = [line for line in capfd.readouterr().err.splitlines() if " ERROR " in line]
+    assert rc == 1 and time.monotonic() - t0 < 20
+    assert len(err) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused" in err[0], err
