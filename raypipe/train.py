@@ -93,6 +93,10 @@ class TrainResult:
     model_uri: str | None = None  # the logged MLflow model (models:/m-...)
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_epoch: int = 0  # > 0 when the last attempt started from a checkpoint (restart or re-run)
+    # The best (val-chosen) checkpoint scored once on the held-out test split; empty when there are no test rows.
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    num_test: int = 0
+    best_epoch: int | None = None
 
     @property
     def best_value(self) -> float | None:
@@ -220,6 +224,7 @@ def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]
             cfg.train.data,
             task=cfg.train.task,
             val_fraction=cfg.train.val_fraction,
+            test_fraction=cfg.train.test_fraction,
             taxonomy=cfg.train.taxonomy,
             storage=cfg.storage,
         )
@@ -235,6 +240,9 @@ def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]
         raise ConfigError(
             f"config error: train.val_fraction: no validation rows among {spec.num_train} labelled rows; raise it"
         )
+    if spec.num_test == 0:
+        logger.warning("no test rows (train.test_fraction=%g): this run will report no test metrics",
+                       cfg.train.test_fraction)
     kwargs = model_kwargs(cfg, spec)
     check_model_builds(cfg.model.name, kwargs)
     return cfg, spec, kwargs
@@ -592,6 +600,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 "data.num_classes": str(len(spec.classes)),
                 "data.num_train": str(spec.num_train),
                 "data.num_val": str(spec.num_val),
+                "data.num_test": str(spec.num_test),
                 "data.shard_info": json.dumps({k: spec.info[k] for k in ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")}),
                 "run.world_size": str(world),
                 "run.name": loop_config["run_name"],
@@ -699,6 +708,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 "task": t.task,
                 "shard_info": spec.info,
                 "val_fraction": spec.val_fraction,
+                "test_fraction": spec.test_fraction,
+                "has_split_column": spec.has_split_column,
                 "epoch": epoch,
                 "metrics": metrics,
                 "history": history,
@@ -719,6 +730,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else:
             ray.train.report(metrics, checkpoint=None)
         _maybe_inject_fault(loop_config.get("fault"), epoch, rank, world, cfg.storage)
+        if should_stop_early(history, t.metric, t.mode, t.early_stopping_patience):
+            # Every rank holds the same (broadcast) val metrics, so every rank stops after the same epoch.
+            logger.info("early stop after epoch %d: %s has not improved for %d epochs", epoch, t.metric,
+                        t.early_stopping_patience)
+            break
 
     if rank != 0:
         return None
@@ -726,6 +742,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if run_logger is not None:
         summary.update(_log_final(run_logger, cfg, spec, history, example_rows))
     return summary
+
+
+def best_epoch(history: list[dict[str, float]], metric: str, mode: str) -> int | None:
+    """The epoch with the best ``metric`` (first one on ties), as the checkpoint choice makes it; None if unseen."""
+    seen = [h for h in history if metric in h and math.isfinite(float(h[metric]))]
+    if not seen:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return int(max(seen, key=lambda h: (sign * float(h[metric]), -float(h["epoch"])))["epoch"])
+
+
+def should_stop_early(history: list[dict[str, float]], metric: str, mode: str, patience: int | None) -> bool:
+    """True when the last ``patience`` epochs did not beat the best epoch before them (reads val metrics only)."""
+    if not patience or not history:
+        return False
+    best = best_epoch(history, metric, mode)
+    return best is not None and int(history[-1]["epoch"]) - best >= patience
 
 
 def _optimizer_step(model: Any, optimizer: Any, scheduler: Any, scaler: Any, grad_clip: float | None) -> None:
@@ -830,10 +863,40 @@ def fit(
         history=list(summary.get("history", [])),
         resumed_from_epoch=int(summary.get("resumed_from_epoch", 0)),
     )
+    out.best_epoch = int(best_metrics["epoch"]) if "epoch" in best_metrics else None
+    spec = DataSpec.from_dict(loop_config["spec"])
+    report = score_test_split(run_cfg, spec, out.best_checkpoint)
+    out.test_metrics, out.num_test = dict(report["metrics"]), int(report["num_rows"])
     if mlflow_run_id and run_cfg.train.register_model and out.model_uri:
         out.registered_model_version = register_run_model(run_cfg, run_id=mlflow_run_id)
         out.registered_model_name = run_cfg.tracking.registered_model_name
+    if mlflow_run_id:
+        from raypipe.tracking import record_test_metrics
+
+        record_test_metrics(run_cfg, run_id=mlflow_run_id, version=out.registered_model_version, report=report)
     return out
+
+
+def score_test_split(cfg: RaypipeConfig, spec: DataSpec, checkpoint: str | None) -> dict[str, Any]:
+    """The held-out test metrics of the best checkpoint, computed once after training (driver side).
+
+    Only here is the test split read: epochs were chosen and training stopped on val, so these numbers are the
+    run's unbiased estimate. With no test rows (or no checkpoint) the report says why and holds no metrics.
+    """
+    from raypipe.evaluate import score_split
+    from raypipe.metrics import compute_metrics
+    from raypipe.tracking import load_classifier
+
+    report: dict[str, Any] = {"split": "test", "num_rows": spec.num_test, "metrics": {},
+                              "test_fraction": spec.test_fraction, "checkpoint": checkpoint}
+    if spec.num_test == 0 or checkpoint is None:
+        report["reason"] = "no test rows" if spec.num_test == 0 else "no checkpoint"
+        return report
+    clf = load_classifier(checkpoint, cfg.storage)
+    scores, _, y, _ = score_split(clf, spec, "test", cfg.storage, batch_size=64)
+    report["metrics"] = compute_metrics(scores, y, task=clf.task, classes=clf.classes, prefix="test/")
+    report["epoch"] = int(clf.meta.get("epoch", 0))
+    return report
 
 
 def run(cfg: RaypipeConfig) -> int:
@@ -845,9 +908,15 @@ def run(cfg: RaypipeConfig) -> int:
         return 2
     value = result.best_value
     logger.info(
-        "trained %s: best %s=%s, checkpoint %s%s",
-        result.run_name, result.metric, f"{value:.4f}" if value is not None else "n/a", result.best_checkpoint,
+        "trained %s: best %s=%s (epoch %s), checkpoint %s%s",
+        result.run_name, result.metric, f"{value:.4f}" if value is not None else "n/a", result.best_epoch,
+        result.best_checkpoint,
         f", registered {result.registered_model_name} v{result.registered_model_version}"
         if result.registered_model_version else "",
     )
+    if result.test_metrics:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items() if not k.endswith("/n"))
+        logger.info("held-out test split (%d rows, read once after training): %s", result.num_test, shown)
+    else:
+        logger.info("no test rows (train.test_fraction=%g): no test metrics claimed", cfg.train.test_fraction)
     return 0
