@@ -200,6 +200,26 @@ def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:
         logger.debug("meta-device build of %r skipped: %s", name, exc)
 
 
+def check_text_encoder(name: str, kwargs: dict[str, Any], spec: DataSpec) -> None:
+    """A pretrained text tower must read the vocabulary the shards were tokenised with (one line otherwise)."""
+    import inspect
+
+    from raypipe.models.layers import check_text_tokenizer
+    from raypipe.models.registry import get_builder
+
+    defaults = {k: p.default for k, p in inspect.signature(get_builder(name)).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    eff = {**defaults, **kwargs}
+    path = eff.get("text_encoder_path")
+    reads_tokens = "text" in eff.get("modalities", ("text",)) and eff.get("text_source", "tokens") == "tokens"
+    if not path or not reads_tokens:
+        return
+    try:
+        check_text_tokenizer(path, spec.shard_info.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config error: model.params.text_encoder_path: {exc}".replace("\n", " ")) from None
+
+
 def check_metric_for_classes(cfg: RaypipeConfig, classes: list[str]) -> None:
     from raypipe.metrics import is_wbdc_code
 
@@ -244,6 +264,7 @@ def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]
         logger.warning("no test rows (train.test_fraction=%g): this run will report no test metrics",
                        cfg.train.test_fraction)
     kwargs = model_kwargs(cfg, spec)
+    check_text_encoder(cfg.model.name, kwargs, spec)
     check_model_builds(cfg.model.name, kwargs)
     return cfg, spec, kwargs
 

@@ -309,7 +309,7 @@ def test_text_encoder_gets_its_own_lr_and_no_decay_on_norms() -> None:
     from raypipe.train import param_groups
 
     cfg = load_config("test", ["train.optim.lr=1e-3", "train.optim.text_lr=5e-5"])
-    model = create_model("dmafnet", num_classes=3, frame_dim=6, vocab_size=50, frame_layers=1, frame_heads=2,
+    model = create_model("dmafnet", num_classes=3, frame_dim=6, vocab_size=50, text_encoder_path=None, frame_layers=1, frame_heads=2,
                          fusion_layers=1, fusion_heads=2, text_hidden=8, text_layers=1, text_heads=2)
     groups = {g["name"]: g for g in param_groups(model, cfg)}
     assert groups["text"]["lr"] == 5e-5 and groups["main"]["lr"] == 1e-3
