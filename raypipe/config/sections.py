@@ -7,7 +7,7 @@ rules that only concern one section live in that section's validator; rules that
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -55,6 +55,9 @@ class CorpusConfig(StrictModel):
     short_max_duration_s: float | None = Field(default=None, gt=0.2)
     # Processes that encode videos in parallel (output is identical for any value).
     workers: int = Field(default=1, ge=1, le=64)
+    # Evidence layout (raypipe.corpus.LAYOUTS): which modality carries which part of the label, per-modality noise,
+    # missing audio. "split" is the original scheme (frames: level 1; audio and text: the level-2 index).
+    layout: Literal["split", "text_rich", "weak_text", "no_audio"] = "split"
 
     @model_validator(mode="after")
     def _durations(self) -> CorpusConfig:
