@@ -36,7 +36,7 @@ class OptimConfig(StrictModel):
     """AdamW with its own learning rate for the text encoder (fine-tuned BERT wants ~5e-5, fresh heads ~1e-3);
     linear warm-up over ``warmup_steps`` optimizer steps, then cosine decay to 0 at the last step."""
 
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=3e-4, gt=0)
     text_lr: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
