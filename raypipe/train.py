@@ -913,8 +913,13 @@ def score_test_split(cfg: RaypipeConfig, spec: DataSpec, checkpoint: str | None)
     if spec.num_test == 0 or checkpoint is None:
         report["reason"] = "no test rows" if spec.num_test == 0 else "no checkpoint"
         return report
-    clf = load_classifier(checkpoint, cfg.storage)
-    scores, _, y, _ = score_split(clf, spec, "test", cfg.storage, batch_size=64)
+    try:
+        clf = load_classifier(checkpoint, cfg.storage)
+        scores, _, y, _ = score_split(clf, spec, "test", cfg.storage, batch_size=64)
+    except (OSError, DataError) as exc:  # the model is trained and registered; say why there is no test number
+        logger.error("could not score the test split with checkpoint %s: %s", checkpoint, exc)
+        report["reason"] = f"test scoring failed: {exc}"
+        return report
     report["metrics"] = compute_metrics(scores, y, task=clf.task, classes=clf.classes, prefix="test/")
     report["epoch"] = int(clf.meta.get("epoch", 0))
     return report
