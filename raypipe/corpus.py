@@ -27,6 +27,13 @@ Each video has a level-2 class ``LLSS`` (level-1 code ``LL``, index ``SS`` of th
   therefore tops out at 1/num_level2_per_level1 (frames) or 1/num_level1 (audio, text) level-2 accuracy,
   while fusing frames with audio or text recovers the level-2 class.
 
+Evidence layouts (``corpus.layout``, :data:`LAYOUTS`) vary that scheme, so that a model's defaults are judged
+on more than one corpus (``raypipe bench generalization``): ``split`` is the scheme above; ``text_rich`` also
+names the level-1 class in the text (text alone can be right; fusion must not lose to it); ``weak_text`` makes
+the text wrong half the time (the audio must back it up); ``no_audio`` drops the audio track of most videos and
+makes the text noisier. Layout draws use their own random stream, so ``split`` corpora are byte-identical to
+those generated before layouts existed.
+
 The generator records the evidence each video really shows (``frame_l1``, ``audio_index``, ``text_index`` in
 ``corpus.json``) so tests can check that the files carry it.
 
@@ -146,6 +153,7 @@ class VideoSpec:
     frame_l1: str = ""  # level-1 code the frames show (== label_l1 unless corrupted)
     audio_index: int | None = None  # level-2 index the audio tone shows (None: no or silent audio)
     text_index: int | None = None  # level-2 index the text keywords show
+    text_l1: str | None = None  # level-1 code the text names (layout text_rich only)
     batch: str = ""  # the id_prefix this video was generated with
 
 
@@ -269,6 +277,63 @@ def keyword_index(text: str, num_level2_per_level1: int) -> int | None:
     return best if counts[best] > 0 else None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which modality shows what, and how often it lies. ``None`` noise = ``corpus.noise_rate``."""
+
+    frame_noise: float | None = None
+    audio_noise: float | None = None
+    text_noise: float | None = None
+    text_l1_noise: float | None = None  # text also names the level-1 class (wrong at this rate) when not None
+    audio_fraction: float | None = None  # share of videos with an audio track; None = the fixed index pattern
+
+
+LAYOUTS: dict[str, Layout] = {
+    "split": Layout(),
+    "text_rich": Layout(text_l1_noise=0.15),
+    "weak_text": Layout(text_noise=0.5, audio_noise=0.1),
+    "no_audio": Layout(text_noise=0.3, audio_fraction=0.25),
+}
+
+
+def _layout_audio(cfg: CorpusConfig, index: int, has_audio: bool | None) -> bool | None:
+    """The layout's share of videos with audio (an explicit ``has_audio`` wins); None = the default pattern."""
+    fraction = LAYOUTS[cfg.layout].audio_fraction
+    if has_audio is not None or fraction is None:
+        return has_audio
+    return bool(_video_rng(cfg.seed, cfg.id_prefix, index, salt=7).random() < fraction)
+
+
+def _apply_layout(
+    cfg: CorpusConfig, index: int, a: int, b: int, drawn: tuple[int, int, int]
+) -> tuple[int, int, int, int | None]:
+    """``(frame_l1, audio_idx, text_idx, text_l1)`` under ``cfg.layout``; ``split`` keeps the ``drawn`` evidence
+    (the main stream's draws, so old corpora stay byte-identical), the others redraw from their own stream."""
+    lay = LAYOUTS[cfg.layout]
+    if cfg.layout == "split":
+        return (*drawn, None)
+    rng = _video_rng(cfg.seed, cfg.id_prefix, index, salt=9)
+    n1, n2 = cfg.num_level1, cfg.num_level2_per_level1
+
+    def noisy(true: int, n: int, rate: float | None) -> int:
+        return _other(rng, n, true) if rng.random() < (cfg.noise_rate if rate is None else rate) else true
+
+    frame_l1, audio_idx, text_idx = noisy(a, n1, lay.frame_noise), noisy(b, n2, lay.audio_noise), noisy(b, n2, lay.text_noise)
+    text_l1 = noisy(a, n1, lay.text_l1_noise) if lay.text_l1_noise is not None else None
+    return frame_l1, audio_idx, text_idx, text_l1
+
+
+def _add_level1_words(text: dict[str, Any], l1: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Name the level-1 class (its name, e.g. "sports") in the title and once or twice in the ASR."""
+    word = LEVEL1_NAMES[l1]
+    title = text["title"].split(" ")
+    title.insert(int(rng.integers(0, len(title) + 1)), word)
+    asr = text["asr"].split(" ")
+    for _ in range(int(rng.integers(1, 3))):
+        asr.insert(int(rng.integers(0, len(asr) + 1)), word)
+    return {**text, "title": " ".join(title), "asr": " ".join(asr)}
+
+
 def _other(rng: np.random.Generator, n: int, true: int) -> int:
     """A uniformly random class index different from ``true`` (corruption must really mislead)."""
     k = int(rng.integers(0, n - 1))
@@ -367,6 +432,7 @@ def _plan_video(
         container = "mkv" if index % 10 == 3 else "webm" if index % 10 == 7 else "mp4"
     if vfr is None:
         vfr = index == 1
+    has_audio = _layout_audio(cfg, index, has_audio)
     if has_audio is None:
         has_audio = index % 8 != 5
     if silent_audio is None:
@@ -380,6 +446,7 @@ def _plan_video(
     frame_l1 = _other(rng, n1, a) if rng.random() < cfg.noise_rate else a
     audio_idx = _other(rng, n2, b) if rng.random() < cfg.noise_rate else b
     text_idx = _other(rng, n2, b) if rng.random() < cfg.noise_rate else b
+    frame_l1, audio_idx, text_idx, text_l1 = _apply_layout(cfg, index, a, b, (frame_l1, audio_idx, text_idx))
 
     frame_times: list[float] | None = None
     if vfr:
@@ -396,6 +463,8 @@ def _plan_video(
         actual = n_frames / fps
 
     text = text_override if text_override is not None else _make_text(rng, text_idx, actual)
+    if text_l1 is not None and text_override is None:
+        text = _add_level1_words(text, text_l1, _video_rng(cfg.seed, cfg.id_prefix, index, salt=8))
     label = f"{a + 1:02d}{b + 1:02d}"
     spec = VideoSpec(
         video_id=video_id,
@@ -418,6 +487,7 @@ def _plan_video(
         frame_l1=f"{frame_l1 + 1:02d}",
         audio_index=audio_idx if has_audio and not silent_audio else None,
         text_index=text_idx if text_override is None else None,
+        text_l1=f"{text_l1 + 1:02d}" if text_l1 is not None and text_override is None else None,
         batch=cfg.id_prefix,
     )
     annotation = {"id": video_id, **text, "category_id": label} if has_annotation else None

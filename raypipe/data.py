@@ -6,9 +6,13 @@ Three jobs, each done once here so train, eval and label agree on them:
   :class:`~raypipe.schema.ShardInfo` (checked identical across files: a model only fits one set of embedder
   dims), the class vocabulary (sorted level-2 codes, or the taxonomy file's codes when given) and the size of
   the train / val split.
-* **Which rows are validation** (:func:`is_val_id`): a hash of ``video_id``, not a random draw, so the split is
-  the same on every worker, after a restart, in every Tune trial and in ``raypipe eval`` without storing it,
-  and a video never moves between splits when more videos are embedded.
+* **Which rows are train, val and test** (:func:`split_of`): a hash of ``video_id``, not a random draw, so the
+  split is the same on every worker, after a restart, in every Tune trial and in ``raypipe eval`` without storing
+  it, and a video never moves between splits when more videos are embedded. Hash in ``[0, val)`` is val,
+  ``[val, val + test)`` test, the rest train: with ``test_fraction=0`` the val rows are exactly those of a model
+  trained before test splits existed, and turning a test split on never moves a val row. A shard with a
+  ``split`` column (``train`` / ``val`` / ``test``, e.g. a corpus's official split) overrides the hash.
+  Epochs are chosen on val; test is read once, after training (:mod:`raypipe.train`).
 * **Turning flat Parquet list columns into the model batch** (:func:`shape_columns` then :func:`to_torch`):
   the shard stores ``[T, D]`` tensors flat (any Parquet reader can load them); the model contract in
   :mod:`raypipe.models` wants ``(B, T, D)`` float tensors, boolean masks and int64 ids/targets.
@@ -44,7 +48,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Task = Literal["single_label", "multi_label"]
-Split = Literal["all", "train", "val"]
+Split = Literal["all", "train", "val", "test"]
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMN = "split"  # optional shard column that fixes a row's split
 
 # Shard columns a model batch is made from (plus the targets).
 FEATURE_COLUMNS = (
@@ -87,12 +93,34 @@ def is_val_id(video_id: str, val_fraction: float) -> bool:
     return split_hash(video_id) < val_fraction
 
 
-def split_mask(video_ids: Sequence[str] | np.ndarray, split: Split, val_fraction: float) -> np.ndarray:
-    """Boolean mask of the rows in ``split`` (``all`` keeps every row)."""
+def split_of(video_id: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """``train`` / ``val`` / ``test`` of one video id by its hash (see the module docstring for the layout)."""
+    h = split_hash(video_id)
+    if h < val_fraction:
+        return "val"
+    return "test" if h < val_fraction + test_fraction else "train"
+
+
+def split_mask(
+    video_ids: Sequence[str] | np.ndarray,
+    split: Split,
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    split_column: Sequence[Any] | None = None,
+) -> np.ndarray:
+    """Boolean mask of the rows in ``split`` (``all`` keeps every row).
+
+    ``split_column`` (a shard's ``split`` values) wins over the hash for rows where it is set to one of
+    ``train``/``val``/``test``; other rows fall back to the hash.
+    """
     if split == "all":
         return np.ones(len(video_ids), dtype=bool)
-    val = np.fromiter((is_val_id(v, val_fraction) for v in video_ids), dtype=bool, count=len(video_ids))
-    return val if split == "val" else ~val
+    given = list(split_column) if split_column is not None else [None] * len(video_ids)
+    names = [
+        str(s).lower() if s is not None and str(s).lower() in SPLITS else split_of(v, val_fraction, test_fraction)
+        for v, s in zip(video_ids, given, strict=True)
+    ]
+    return np.fromiter((n == split for n in names), dtype=bool, count=len(names))
 
 
 # -------------------------------------------------------------------------------------------- shard files
@@ -181,20 +209,32 @@ def read_taxonomy(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return sorted(codes)
 
 
-def scan_labels(fs: fsspec.AbstractFileSystem, files: Sequence[str], task: Task) -> tuple[np.ndarray, list[Any]]:
-    """``(video_ids, targets)`` of every row; targets are label strings (None when unlabelled) or label lists.
+def scan_labels(
+    fs: fsspec.AbstractFileSystem, files: Sequence[str], task: Task
+) -> tuple[np.ndarray, list[Any], list[Any] | None]:
+    """``(video_ids, targets, split_column)`` of every row; targets are label strings (None when unlabelled) or
+    label lists; ``split_column`` is None unless the shards have a ``split`` column.
 
-    Reads only two small columns, so the driver knows the vocabulary and split sizes before Ray starts.
+    Reads only small columns, so the driver knows the vocabulary and split sizes before Ray starts.
     """
     column = TARGET_COLUMNS[task]
     ids: list[str] = []
     targets: list[Any] = []
+    splits: list[Any] = []
+    has_split = False
     for p in files:
+        names = _read_schema(fs, p).names
+        cols = ["video_id", column] + ([SPLIT_COLUMN] if SPLIT_COLUMN in names else [])
         with fs.open(p, "rb") as f:
-            table = pq.read_table(f, columns=["video_id", column])
+            table = pq.read_table(f, columns=cols)
         ids.extend(table.column("video_id").to_pylist())
         targets.extend(table.column(column).to_pylist())
-    return np.asarray(ids, dtype=object), targets
+        if SPLIT_COLUMN in names:
+            has_split = True
+            splits.extend(table.column(SPLIT_COLUMN).to_pylist())
+        else:
+            splits.extend([None] * table.num_rows)
+    return np.asarray(ids, dtype=object), targets, (splits if has_split else None)
 
 
 def _has_target(target: Any, task: Task) -> bool:
@@ -218,7 +258,15 @@ class DataSpec:
     num_val: int
     num_unlabelled: int = 0
     num_unknown: int = 0
+    test_fraction: float = 0.0
+    num_test: int = 0
+    has_split_column: bool = False
     storage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        """The shard columns a model batch and its target (and split) are made from."""
+        return list(FEATURE_COLUMNS) + [TARGET_COLUMNS[self.task]] + ([SPLIT_COLUMN] if self.has_split_column else [])
 
     @property
     def shard_info(self) -> ShardInfo:
@@ -237,11 +285,12 @@ def prepare_data(
     *,
     task: Task,
     val_fraction: float,
+    test_fraction: float = 0.0,
     taxonomy: str | None = None,
     classes: Sequence[str] | None = None,
     storage: StorageConfig | None = None,
 ) -> DataSpec:
-    """Inspect the shards under ``uri`` on the driver: files, dims, vocabulary, split sizes.
+    """Inspect the shards under ``uri`` on the driver: files, dims, vocabulary, train / val / test sizes.
 
     ``classes`` (e.g. a trained model's) wins over ``taxonomy``, which wins over the labels found. Rows without
     a label are skipped (counted); rows whose label is outside a given vocabulary are skipped too (counted and
@@ -249,7 +298,7 @@ def prepare_data(
     """
     fs, files = find_shard_files(uri, storage)
     info = read_shard_info(fs, files)
-    ids, targets = scan_labels(fs, files, task)
+    ids, targets, split_col = scan_labels(fs, files, task)
     labelled = np.fromiter((_has_target(t, task) for t in targets), dtype=bool, count=len(targets))
     found = sorted({str(c) for t in targets if t for c in (t if task == "multi_label" else [t])})
     if classes is not None:
@@ -274,7 +323,8 @@ def prepare_data(
     if len(vocab) < 2:
         raise DataError(f"need at least 2 classes to train a classifier; the data at {uri!r} has {vocab}")
     usable = labelled & in_vocab
-    val = split_mask(ids, "val", val_fraction)
+    val = split_mask(ids, "val", val_fraction, test_fraction, split_col)
+    test = split_mask(ids, "test", val_fraction, test_fraction, split_col)
     spec = DataSpec(
         uri=uri,
         files=[rfs.to_uri(fs, p) for p in files],
@@ -282,15 +332,18 @@ def prepare_data(
         classes=vocab,
         task=task,
         val_fraction=val_fraction,
-        num_train=int((usable & ~val).sum()),
+        num_train=int((usable & ~val & ~test).sum()),
         num_val=int((usable & val).sum()),
+        num_test=int((usable & test).sum()),
+        test_fraction=test_fraction,
+        has_split_column=split_col is not None,
         num_unlabelled=int((~labelled).sum()),
         num_unknown=num_unknown,
         storage=(storage or StorageConfig()).model_dump(),
     )
     logger.info(
-        "feature data %s: %d files, %d classes, %d train / %d val rows (%d unlabelled, %d unknown class)",
-        uri, len(files), len(vocab), spec.num_train, spec.num_val, spec.num_unlabelled, num_unknown,
+        "feature data %s: %d files, %d classes, %d train / %d val / %d test rows (%d unlabelled, %d unknown class)",
+        uri, len(files), len(vocab), spec.num_train, spec.num_val, spec.num_test, spec.num_unlabelled, num_unknown,
     )
     return spec
 
@@ -440,7 +493,14 @@ def _pylist(col: Any) -> list[Any]:
 
 
 def _prepare_batch(
-    table: pa.Table, *, info: dict[str, Any], classes: list[str], task: Task, split: Split, val_fraction: float
+    table: pa.Table,
+    *,
+    info: dict[str, Any],
+    classes: list[str],
+    task: Task,
+    split: Split,
+    val_fraction: float,
+    test_fraction: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: keep the rows of one split that carry a known label, shape the features
     and encode the targets, so workers receive fixed-shape arrays."""
@@ -448,7 +508,8 @@ def _prepare_batch(
     known = set(classes)
     ids = table.column("video_id").to_pylist()
     targets = table.column(target_key).to_pylist()
-    keep = split_mask(ids, split, val_fraction) & np.fromiter(
+    split_col = table.column(SPLIT_COLUMN).to_pylist() if SPLIT_COLUMN in table.column_names else None
+    keep = split_mask(ids, split, val_fraction, test_fraction, split_col) & np.fromiter(
         (
             _has_target(t, task) and all(str(c) in known for c in (t if task == "multi_label" else [t]))
             for t in targets
@@ -470,7 +531,7 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
 
     fs, _ = rfs.resolve(spec.files[0], StorageConfig(**spec.storage))
     paths = [rfs.resolve(u, StorageConfig(**spec.storage))[1] for u in spec.files]
-    columns = list(FEATURE_COLUMNS) + [TARGET_COLUMNS[spec.task]]
+    columns = spec.columns
     ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns)
     ds = ds.map_batches(
         _prepare_batch,
@@ -480,6 +541,7 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
             "task": spec.task,
             "split": split,
             "val_fraction": spec.val_fraction,
+            "test_fraction": spec.test_fraction,
         },
         batch_format="pyarrow",
         zero_copy_batch=True,
@@ -509,7 +571,7 @@ def _cached_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:
     from ray.data.block import BlockAccessor
 
     storage = StorageConfig(**spec.storage)
-    columns = list(FEATURE_COLUMNS) + [TARGET_COLUMNS[spec.task]]
+    columns = spec.columns
     blocks: dict[str, list[pa.Table]] = {"train": [], "val": []}
     for uri in spec.files:
         fs, path = rfs.resolve(uri, storage)
@@ -517,7 +579,7 @@ def _cached_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:
             table = pq.read_table(f, columns=columns)
         for split, out in blocks.items():
             batch = _prepare_batch(table, info=spec.info, classes=spec.classes, task=spec.task, split=split,  # type: ignore[arg-type]
-                                   val_fraction=spec.val_fraction)
+                                   val_fraction=spec.val_fraction, test_fraction=spec.test_fraction)
             if len(batch["video_id"]):
                 out.append(BlockAccessor.batch_to_block(batch))
     empty = [name for name, b in blocks.items() if not b]

@@ -51,6 +51,8 @@ def _train_once(cfg: RaypipeConfig) -> dict[str, Any]:
         "run_name": result.run_name,
         "metric": result.metric,
         "best_metrics": result.best_metrics,
+        "test_metrics": result.test_metrics,
+        "num_test": result.num_test,
         "best_checkpoint": result.best_checkpoint,
         "mlflow_run_id": result.mlflow_run_id,
         "registered_model_name": result.registered_model_name,
@@ -130,12 +132,16 @@ def format_report(report: dict[str, Any]) -> str:
     metrics = train.get("best_metrics") or {}
     label = report["label"]
     headline = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/"))
+    test = train.get("test_metrics") or {}
+    test_line = (f"{train.get('num_test')} rows: " + ", ".join(
+        f"{k}={v:.4f}" for k, v in sorted(test.items()) if not k.endswith("/n"))) if test else "no test rows"
     lines = [
         "raypipe demo finished",
         f"  corpus            {report['corpus']}",
         f"  feature shards    {report['features']}",
         f"  training run      {train.get('run_name')} (MLflow run {train.get('mlflow_run_id')})",
-        f"  validation        {headline or 'n/a'}",
+        f"  validation        {headline or 'n/a'}  (the epoch was chosen on these)",
+        f"  held-out test     {test_line}",
         f"  registered model  {train.get('registered_model_name')} v{train.get('registered_model_version')}",
         f"  labelled corpus   {report['label_corpus']}",
         f"  predictions       {label.get('output')}",

@@ -2,8 +2,11 @@
 
 The model comes from the registry (``models:/name@alias``) or a checkpoint folder, through the same
 :func:`raypipe.tracking.load_classifier` the labelling job uses. Rows are selected with the same hash split the
-model was trained with (``eval.split=val`` uses the model's own ``val_fraction``), so "val" really is data the
-model never trained on.
+model was trained with (the model's own ``val_fraction`` / ``test_fraction``), so "val" and "test" really are data
+the model never trained on. The default ``eval.split=auto`` scores the test split when the model has one: the
+training run chose its epoch on val, so val scores are optimistic; a model trained without a test split is
+scored on val, and the report says so (``split: val``). :func:`score_split` is also what ``raypipe train`` uses
+to compute the run's ``test/*`` metrics once, after training.
 
 Robustness (DMAFNet's study): ``eval.corruption`` applies :func:`raypipe.corruptions.apply_corruption` to every
 batch after collation (drop 30 % of the frame/audio features, Gaussian noise on the frame features, or a whole
@@ -21,6 +24,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypipe.config import ConfigError, RaypipeConfig
-from raypipe.data import FEATURE_COLUMNS, TARGET_COLUMNS, DataError, _prepare_batch, prepare_data, to_torch
+from raypipe.data import TARGET_COLUMNS, DataError, DataSpec, _prepare_batch, prepare_data, to_torch
 from raypipe.io import fs as rfs
 from raypipe.schema import ShardInfo
 
@@ -62,6 +66,57 @@ def eval_device(choice: str) -> Any:
     return pick_device()
 
 
+def resolve_split(requested: str, meta: dict[str, Any]) -> str:
+    """``eval.split=auto`` -> ``test`` when the model was trained with a test split, else ``val`` (logged)."""
+    has_test = float(meta.get("test_fraction", 0.0) or 0.0) > 0 or bool(meta.get("has_split_column"))
+    if requested == "test" and not has_test:
+        raise DataError("eval.split=test: the model was trained without a test split (train.test_fraction=0); "
+                        "use eval.split=val or all")
+    if requested != "auto":
+        return requested
+    if not has_test:
+        logger.warning("the model was trained without a test split: scoring its val split (epochs were chosen on "
+                       "it, so the numbers are optimistic)")
+    return "test" if has_test else "val"
+
+
+def score_split(
+    clf: Any,
+    spec: DataSpec,
+    split: str,
+    storage: Any,
+    *,
+    batch_size: int = 64,
+    corrupt: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """``(scores, corrupted_scores or None, targets, video_ids)`` of the rows of ``split`` in ``spec``'s shards.
+
+    A streaming pyarrow scan on the driver, one batch in memory at a time; rows without a known label skipped.
+    """
+    target_key = TARGET_COLUMNS[clf.task]
+    clean_scores, bad_scores, targets, ids = [], [], [], []
+    for uri in spec.files:
+        fs, path = rfs.resolve(uri, storage)
+        with fs.open(path, "rb") as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=spec.columns):
+                arrays = _prepare_batch(
+                    pa.Table.from_batches([record_batch]), info=spec.info, classes=clf.classes, task=clf.task,
+                    split=split, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,  # type: ignore[arg-type]
+                )
+                if not len(arrays["video_id"]):
+                    continue
+                batch = to_torch(arrays, clf.device)
+                clean_scores.append(clf.scores_from_logits(clf.logits(batch)))
+                if corrupt is not None:
+                    bad_scores.append(clf.scores_from_logits(clf.logits(corrupt(batch))))
+                targets.append(arrays[target_key])
+                ids.append(arrays["video_id"])
+    if not targets:
+        raise DataError(f"no labelled rows of split {split!r} with the model's classes in {spec.uri!r}")
+    bad = np.concatenate(bad_scores) if corrupt is not None else None
+    return np.concatenate(clean_scores), bad, np.concatenate(targets), np.concatenate(ids)
+
+
 def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
     """Score ``eval.model_uri`` on ``eval.data`` (default ``train.data``) -> report dict with ``metrics``
     (clean, keyed ``eval/...``) and, under a corruption, ``corrupted_metrics`` and ``delta``."""
@@ -74,7 +129,10 @@ def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
     clf = load_classifier(ec.model_uri, cfg.storage, tracking_uri=tracking_uri).to_device(eval_device(ec.device))
     data_uri = ec.data or cfg.train.data
     val_fraction = float(clf.meta.get("val_fraction", cfg.train.val_fraction))
-    spec = prepare_data(data_uri, task=clf.task, val_fraction=val_fraction, classes=clf.classes, storage=cfg.storage)
+    test_fraction = float(clf.meta.get("test_fraction", 0.0) or 0.0)
+    split = resolve_split(ec.split, clf.meta)
+    spec = prepare_data(data_uri, task=clf.task, val_fraction=val_fraction, test_fraction=test_fraction,
+                        classes=clf.classes, storage=cfg.storage)
     check_compatible(clf.shard_info, spec.shard_info, data_uri)
 
     corruption = ec.corruption
@@ -83,38 +141,18 @@ def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
         params["pad_token_id"] = int((clf.shard_info.tokenizer or {}).get("pad_token_id") or 0)
     generator = corruption_generator(corruption)
     corrupted = corruption.kind != "none"
-
-    target_key = TARGET_COLUMNS[clf.task]
-    columns = list(FEATURE_COLUMNS) + [target_key]
-    clean_scores, bad_scores, targets = [], [], []
     t0 = time.perf_counter()
-    for uri in spec.files:
-        fs, path = rfs.resolve(uri, cfg.storage)
-        with fs.open(path, "rb") as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=ec.batch_size, columns=columns):
-                arrays = _prepare_batch(
-                    pa.Table.from_batches([record_batch]), info=spec.info, classes=clf.classes, task=clf.task,
-                    split=ec.split, val_fraction=val_fraction,
-                )
-                if not len(arrays["video_id"]):
-                    continue
-                batch = to_torch(arrays, clf.device)
-                clean_scores.append(clf.scores_from_logits(clf.logits(batch)))
-                if corrupted:
-                    noisy = apply_corruption(batch, corruption.kind, generator=generator, **params)
-                    bad_scores.append(clf.scores_from_logits(clf.logits(noisy)))
-                targets.append(arrays[target_key])
-    if not targets:
-        raise DataError(f"no labelled rows of split {ec.split!r} with the model's classes in {data_uri!r}")
-    y = np.concatenate(targets)
-    clean = np.concatenate(clean_scores)
+    clean, noisy_scores, y, _ = score_split(
+        clf, spec, split, cfg.storage, batch_size=ec.batch_size,
+        corrupt=(lambda b: apply_corruption(b, corruption.kind, generator=generator, **params)) if corrupted else None,
+    )
     report: dict[str, Any] = {
         "model_uri": ec.model_uri,
         "model_name": clf.model_name,
         "model_version": clf.model_version,
         "model_arch": clf.arch,
         "data": data_uri,
-        "split": ec.split,
+        "split": split,
         "num_rows": int(len(y)),
         "corruption": {"kind": corruption.kind, **corruption.params(), "seed": corruption.seed},
         "metrics": compute_metrics(clean, y, task=clf.task, classes=clf.classes, prefix="eval/"),
@@ -122,7 +160,6 @@ def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
     }
     scores_for_artifacts = clean
     if corrupted:
-        noisy_scores = np.concatenate(bad_scores)
         report["corrupted_metrics"] = compute_metrics(
             noisy_scores, y, task=clf.task, classes=clf.classes, prefix=f"eval_{corruption.kind}/"
         )
@@ -132,7 +169,7 @@ def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
             if not k.endswith("/n")
         }
         scores_for_artifacts = noisy_scores
-    logger.info("eval %s on %s (%s, %d rows): %s", ec.model_uri, data_uri, ec.split, len(y), _summary(report))
+    logger.info("eval %s on %s (%s, %d rows): %s", ec.model_uri, data_uri, split, len(y), _summary(report))
     if ec.output:
         fs, path = rfs.resolve(ec.output, cfg.storage)
         rfs.atomic_write_bytes(fs, path, json.dumps(report, indent=1).encode())

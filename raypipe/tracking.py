@@ -246,6 +246,32 @@ def register_run_model(cfg: Any, *, run_id: str) -> str | None:
     return str(mv.version)
 
 
+TEST_METRICS_TAG = "raypipe.test_metrics"  # on the run and the registered version: JSON, or "none"
+TEST_METRICS_FILE = "test_metrics.json"
+
+
+def record_test_metrics(
+    cfg: Any, *, run_id: str, version: str | None, report: Mapping[str, Any]
+) -> None:
+    """Put a run's held-out test result on the MLflow run (``test/*`` metrics, ``test_metrics.json``, a tag) and
+    on its registered version (one tag per metric plus the JSON), so whoever compares versions reads test
+    numbers, not the val numbers the epoch was chosen on. ``report["metrics"]`` is empty when the run had no
+    test rows: the tag then says ``none`` and no metric is claimed."""
+    client = make_client(cfg.tracking)
+    metrics = dict(report.get("metrics") or {})
+    summary = json.dumps(report, default=float) if metrics else "none"
+    if metrics:
+        RunLogger(cfg.tracking, run_id).log_metrics(metrics, step=0)
+        client.log_text(run_id, json.dumps(report, indent=1, default=float), TEST_METRICS_FILE)
+    client.set_tag(run_id, TEST_METRICS_TAG, summary[:5000])
+    if version is None:
+        return
+    name = cfg.tracking.registered_model_name
+    client.set_model_version_tag(name, version, TEST_METRICS_TAG, summary[:5000])
+    for key, value in metrics.items():
+        client.set_model_version_tag(name, version, mlflow_metric_name(key), f"{float(value):.6g}")
+
+
 # ------------------------------------------------------------------------------------------ artifacts
 
 

@@ -93,6 +93,10 @@ class TrainResult:
     model_uri: str | None = None  # the logged MLflow model (models:/m-...)
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_epoch: int = 0  # > 0 when the last attempt started from a checkpoint (restart or re-run)
+    # The best (val-chosen) checkpoint scored once on the held-out test split; empty when there are no test rows.
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    num_test: int = 0
+    best_epoch: int | None = None
 
     @property
     def best_value(self) -> float | None:
@@ -196,6 +200,26 @@ def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:
         logger.debug("meta-device build of %r skipped: %s", name, exc)
 
 
+def check_text_encoder(name: str, kwargs: dict[str, Any], spec: DataSpec) -> None:
+    """A pretrained text tower must read the vocabulary the shards were tokenised with (one line otherwise)."""
+    import inspect
+
+    from raypipe.models.layers import check_text_tokenizer
+    from raypipe.models.registry import get_builder
+
+    defaults = {k: p.default for k, p in inspect.signature(get_builder(name)).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    eff = {**defaults, **kwargs}
+    path = eff.get("text_encoder_path")
+    reads_tokens = "text" in eff.get("modalities", ("text",)) and eff.get("text_source", "tokens") == "tokens"
+    if not path or not reads_tokens:
+        return
+    try:
+        check_text_tokenizer(path, spec.shard_info.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config error: model.params.text_encoder_path: {exc}".replace("\n", " ")) from None
+
+
 def check_metric_for_classes(cfg: RaypipeConfig, classes: list[str]) -> None:
     from raypipe.metrics import is_wbdc_code
 
@@ -231,6 +255,7 @@ def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]
             cfg.train.data,
             task=cfg.train.task,
             val_fraction=cfg.train.val_fraction,
+            test_fraction=cfg.train.test_fraction,
             taxonomy=cfg.train.taxonomy,
             storage=cfg.storage,
         )
@@ -242,7 +267,11 @@ def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]
         raise ConfigError(
             f"config error: train.val_fraction: no validation rows among {spec.num_train} labelled rows; raise it"
         )
+    if spec.num_test == 0:
+        logger.warning("no test rows (train.test_fraction=%g): this run will report no test metrics",
+                       cfg.train.test_fraction)
     kwargs = model_kwargs(cfg, spec)
+    check_text_encoder(cfg.model.name, kwargs, spec)
     check_model_builds(cfg.model.name, kwargs)
     return cfg, spec, kwargs
 
@@ -599,6 +628,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 "data.num_classes": str(len(spec.classes)),
                 "data.num_train": str(spec.num_train),
                 "data.num_val": str(spec.num_val),
+                "data.num_test": str(spec.num_test),
                 "data.shard_info": json.dumps({k: spec.info[k] for k in ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")}),
                 "run.world_size": str(world),
                 "run.name": loop_config["run_name"],
@@ -706,6 +736,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 "task": t.task,
                 "shard_info": spec.info,
                 "val_fraction": spec.val_fraction,
+                "test_fraction": spec.test_fraction,
+                "has_split_column": spec.has_split_column,
                 "epoch": epoch,
                 "metrics": metrics,
                 "history": history,
@@ -726,6 +758,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else:
             ray.train.report(metrics, checkpoint=None)
         _maybe_inject_fault(loop_config.get("fault"), epoch, rank, world, cfg.storage)
+        if should_stop_early(history, t.metric, t.mode, t.early_stopping_patience):
+            # Every rank holds the same (broadcast) val metrics, so every rank stops after the same epoch.
+            logger.info("early stop after epoch %d: %s has not improved for %d epochs", epoch, t.metric,
+                        t.early_stopping_patience)
+            break
 
     if rank != 0:
         return None
@@ -733,6 +770,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if run_logger is not None:
         summary.update(_log_final(run_logger, cfg, spec, history, example_rows))
     return summary
+
+
+def best_epoch(history: list[dict[str, float]], metric: str, mode: str) -> int | None:
+    """The epoch with the best ``metric`` (first one on ties), as the checkpoint choice makes it; None if unseen."""
+    seen = [h for h in history if metric in h and math.isfinite(float(h[metric]))]
+    if not seen:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return int(max(seen, key=lambda h: (sign * float(h[metric]), -float(h["epoch"])))["epoch"])
+
+
+def should_stop_early(history: list[dict[str, float]], metric: str, mode: str, patience: int | None) -> bool:
+    """True when the last ``patience`` epochs did not beat the best epoch before them (reads val metrics only)."""
+    if not patience or not history:
+        return False
+    best = best_epoch(history, metric, mode)
+    return best is not None and int(history[-1]["epoch"]) - best >= patience
 
 
 def _optimizer_step(model: Any, optimizer: Any, scheduler: Any, scaler: Any, grad_clip: float | None) -> None:
@@ -887,10 +941,45 @@ def fit(
         history=list(summary.get("history", [])),
         resumed_from_epoch=int(summary.get("resumed_from_epoch", 0)),
     )
+    out.best_epoch = int(best_metrics["epoch"]) if "epoch" in best_metrics else None
+    spec = DataSpec.from_dict(loop_config["spec"])
+    report = score_test_split(run_cfg, spec, out.best_checkpoint)
+    out.test_metrics, out.num_test = dict(report["metrics"]), int(report["num_rows"])
     if mlflow_run_id and run_cfg.train.register_model and out.model_uri:
         out.registered_model_version = register_run_model(run_cfg, run_id=mlflow_run_id)
         out.registered_model_name = run_cfg.tracking.registered_model_name
+    if mlflow_run_id:
+        from raypipe.tracking import record_test_metrics
+
+        record_test_metrics(run_cfg, run_id=mlflow_run_id, version=out.registered_model_version, report=report)
     return out
+
+
+def score_test_split(cfg: RaypipeConfig, spec: DataSpec, checkpoint: str | None) -> dict[str, Any]:
+    """The held-out test metrics of the best checkpoint, computed once after training (driver side).
+
+    Only here is the test split read: epochs were chosen and training stopped on val, so these numbers are the
+    run's unbiased estimate. With no test rows (or no checkpoint) the report says why and holds no metrics.
+    """
+    from raypipe.evaluate import score_split
+    from raypipe.metrics import compute_metrics
+    from raypipe.tracking import load_classifier
+
+    report: dict[str, Any] = {"split": "test", "num_rows": spec.num_test, "metrics": {},
+                              "test_fraction": spec.test_fraction, "checkpoint": checkpoint}
+    if spec.num_test == 0 or checkpoint is None:
+        report["reason"] = "no test rows" if spec.num_test == 0 else "no checkpoint"
+        return report
+    try:
+        clf = load_classifier(checkpoint, cfg.storage)
+        scores, _, y, _ = score_split(clf, spec, "test", cfg.storage, batch_size=64)
+    except (OSError, DataError) as exc:  # the model is trained and registered; say why there is no test number
+        logger.error("could not score the test split with checkpoint %s: %s", checkpoint, exc)
+        report["reason"] = f"test scoring failed: {exc}"
+        return report
+    report["metrics"] = compute_metrics(scores, y, task=clf.task, classes=clf.classes, prefix="test/")
+    report["epoch"] = int(clf.meta.get("epoch", 0))
+    return report
 
 
 def run(cfg: RaypipeConfig) -> int:
@@ -902,9 +991,15 @@ def run(cfg: RaypipeConfig) -> int:
         return 2
     value = result.best_value
     logger.info(
-        "trained %s: best %s=%s, checkpoint %s%s",
-        result.run_name, result.metric, f"{value:.4f}" if value is not None else "n/a", result.best_checkpoint,
+        "trained %s: best %s=%s (epoch %s), checkpoint %s%s",
+        result.run_name, result.metric, f"{value:.4f}" if value is not None else "n/a", result.best_epoch,
+        result.best_checkpoint,
         f", registered {result.registered_model_name} v{result.registered_model_version}"
         if result.registered_model_version else "",
     )
+    if result.test_metrics:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items() if not k.endswith("/n"))
+        logger.info("held-out test split (%d rows, read once after training): %s", result.num_test, shown)
+    else:
+        logger.info("no test rows (train.test_fraction=%g): no test metrics claimed", cfg.train.test_fraction)
     return 0

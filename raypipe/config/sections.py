@@ -72,6 +72,9 @@ class CorpusConfig(StrictModel):
     # (see raypipe.corpus_webdataset); the loose files stay.
     format: Literal["files", "webdataset"] = "files"
     samples_per_shard: int = Field(default=16, ge=1)
+    # Evidence layout (raypipe.corpus.LAYOUTS): which modality carries which part of the label, per-modality noise,
+    # missing audio. "split" is the original scheme (frames: level 1; audio and text: the level-2 index).
+    layout: Literal["split", "text_rich", "weak_text", "no_audio"] = "split"
 
     @model_validator(mode="after")
     def _durations(self) -> CorpusConfig:

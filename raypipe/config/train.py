@@ -36,7 +36,7 @@ class OptimConfig(StrictModel):
     """AdamW with its own learning rate for the text encoder (fine-tuned BERT wants ~5e-5, fresh heads ~1e-3);
     linear warm-up over ``warmup_steps`` optimizer steps, then cosine decay to 0 at the last step."""
 
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=3e-4, gt=0)
     text_lr: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
@@ -67,6 +67,12 @@ class TrainConfig(StrictModel):
     find_unused_parameters: bool = False
     seed: int = 0
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # Held-out test split (by the same video_id hash, or the shards' ``split`` column): never read while training;
+    # the best epoch (chosen on val) is scored on it once at the end -> ``test/*`` in MLflow and on the registered
+    # version. 0 = no test split (the run then claims no test metrics).
+    test_fraction: float = Field(default=0.2, ge=0, lt=1)
+    # Stop when train.metric has not improved for this many epochs (on val; None = run every epoch).
+    early_stopping_patience: int | None = Field(default=None, ge=1)
     # Rows held in the per-worker shuffle buffer (seeded per epoch); 0 streams in shard order.
     shuffle_buffer: int = Field(default=256, ge=0)
     # Read and prepare the feature shards once (on the driver) into Ray's object store instead of streaming them
@@ -100,6 +106,11 @@ class TrainConfig(StrictModel):
             raise ValueError(f"metric {self.metric!r} is a loss: set train.mode=min")
         if name != "loss" and self.mode != "max":
             raise ValueError(f"metric {self.metric!r} is a score (higher is better): set train.mode=max")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves under 10% of the "
+                "rows for training; lower one of them"
+            )
         if self.loss.classification == 0:
             raise ValueError("loss.classification=0 trains no classifier head; keep it > 0")
         return self
@@ -111,8 +122,9 @@ class EvalConfig(StrictModel):
     # models:/<name>@<alias>, models:/<name>/<version>, or a checkpoint folder (local or s3://).
     model_uri: ModelUri = "models:/raypipe-classifier@candidate"
     data: PathStr | None = None  # None: train.data
-    # "val": the hash split the model was trained with (its val_fraction); "all": every labelled row.
-    split: Literal["all", "train", "val"] = "val"
+    # The hash split the model was trained with (its val_fraction / test_fraction). "auto": the test split when
+    # the model was trained with one (epochs were chosen on val, so val scores are optimistic), else val.
+    split: Literal["auto", "all", "train", "val", "test"] = "auto"
     batch_size: int = Field(default=64, ge=1)
     # "auto": a GPU when one is visible (raypipe eval runs in the driver, outside Ray's GPU assignment), else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"

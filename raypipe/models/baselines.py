@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raypipe.models.layers import MLPHead, NeXtVLAD, build_aggregator, build_text_encoder, text_hidden_states
+from raypipe.models.layers import (
+    PACKAGED_TEXT_ENCODER,
+    MLPHead,
+    NeXtVLAD,
+    build_aggregator,
+    build_text_encoder,
+    text_hidden_states,
+)
 from raypipe.models.registry import register_model
 
 
@@ -42,6 +49,7 @@ class WBDCBaseline(nn.Module):
         text_hidden: int,
         text_layers: int,
         text_heads: int,
+        text_freeze_layers: int,
         dropout: float,
     ) -> None:
         super().__init__()
@@ -53,6 +61,7 @@ class WBDCBaseline(nn.Module):
             layers=text_layers,
             heads=text_heads,
             dropout=dropout,
+            freeze_layers=text_freeze_layers,
         )
         hidden = int(self.text_encoder.config.hidden_size)
         self.drop = nn.Dropout(dropout)
@@ -109,6 +118,7 @@ class TextOnly(nn.Module):
         text_hidden: int,
         text_layers: int,
         text_heads: int,
+        text_freeze_layers: int,
         hidden: int,
         dropout: float,
     ) -> None:
@@ -130,6 +140,7 @@ class TextOnly(nn.Module):
                 layers=text_layers,
                 heads=text_heads,
                 dropout=dropout,
+                freeze_layers=text_freeze_layers,
             )
             in_dim = int(self.text_encoder.config.hidden_size)
         self.head = MLPHead(in_dim, hidden, num_classes, dropout=dropout)
@@ -154,10 +165,11 @@ def wbdc_baseline(
     groups: int = 8,
     expansion: int = 2,
     nextvlad_out: int = 1024,
-    text_encoder_path: str | None = None,
+    text_encoder_path: str | None = PACKAGED_TEXT_ENCODER,
     text_hidden: int = 768,
     text_layers: int = 12,
     text_heads: int = 12,
+    text_freeze_layers: int = 0,
     dropout: float = 0.2,
 ) -> WBDCBaseline:
     """WBDC 2022 baseline sizes: NeXtVLAD 64 clusters, 8 groups, expansion 2, 1024-d output; BERT-base text."""
@@ -174,6 +186,7 @@ def wbdc_baseline(
         text_hidden=text_hidden,
         text_layers=text_layers,
         text_heads=text_heads,
+        text_freeze_layers=text_freeze_layers,
         dropout=dropout,
     )
 
@@ -245,10 +258,11 @@ def text_only(
     text_dim: int = 0,
     vocab_size: int = 0,
     text_source: str = "emb",
-    text_encoder_path: str | None = None,
+    text_encoder_path: str | None = PACKAGED_TEXT_ENCODER,
     text_hidden: int = 256,
     text_layers: int = 4,
     text_heads: int = 4,
+    text_freeze_layers: int = 0,
     hidden: int = 512,
     dropout: float = 0.2,
 ) -> TextOnly:
@@ -262,6 +276,7 @@ def text_only(
         text_hidden=text_hidden,
         text_layers=text_layers,
         text_heads=text_heads,
+        text_freeze_layers=text_freeze_layers,
         hidden=hidden,
         dropout=dropout,
     )

@@ -6,7 +6,8 @@
     (audio_feats (B,T,Da) -> proj + pos -> appended to the frame tokens, only if "audio" is switched on)
     input_ids (B,L)      -> BERT ------------------------------------------------> F_t (B,L,H)
 
-    F_v[:,0], F_t[:,0] -> proj -> con_video, con_text           (MIL-NCE, learnable tau)   [contrastive]
+    F_v[:,0], K text candidates -> proj -> con_video (B,P), con_text (B*K,P)  (MIL-NCE, learnable tau) [contrastive]
+              (candidates: F_t[:,0] and the mean of each of K-1 contiguous windows of the real tokens)
 
     text_as_query=True (paper prose, Fig. 2):   x = F_t;  N x { x += CA(LN x, LN F_v); x += FFN(LN x) }
     text_as_query=False (Eq. 4, F_vt^0 = F_v):  x = F_v;  N x { x += CA(LN x, LN F_t); x += FFN(LN x) }
@@ -27,6 +28,21 @@ Choices where the paper is open, and why:
 * The frame stream gets a learned [VCLS] token: it is "the classification head of the last unimodal layer"
   the paper feeds to MIL-NCE, the fused first token in Eq. 4 mode, and it keeps a video with no real frames
   finite. Frames get learned position embeddings (the paper's frame encoder would be order-blind otherwise).
+* Text tower. The paper fine-tunes a public pretrained Chinese BERT-base (12 layers, 768 wide) on Chinese
+  titles/ASR/OCR at lr 5e-5. Here the default is the packaged all-MiniLM-L6-v2 (``text_encoder_path="minilm"``: a
+  6-layer, 384-wide BERT distilled from a pretrained English BERT; its tokenizer is the one ``raypipe embed``
+  uses, so the shards' ``input_ids`` are in its vocabulary). Same role, a smaller pretrained BERT: what matters
+  on small data is that the text tower starts pretrained (a random one made DMAFNet lose to a text-only MLP
+  over MiniLM sentence embeddings). The paper-size model is a folder away (``text_encoder_path`` = a local or
+  ``s3://`` Hugging Face folder, e.g. a Chinese BERT-base, with shards embedded by that folder's tokenizer);
+  ``None`` builds a random BERT of ``text_hidden``/``text_layers`` (tests only). ``text_freeze_layers`` freezes
+  the embeddings and lower layers; the trainer gives the tower its own learning rate (``train.optim.text_lr``).
+* MIL-NCE candidates. The MIL-NCE paper gives each clip K positive narrations (neighbouring ASR windows), and
+  the loss only differs from symmetric NCE when K > 1. The text here is one "title ASR OCR" sequence, so the K
+  candidates (``milnce_candidates``, default 3) are the [CLS] state of the whole text plus the mean hidden state
+  of each of K-1 contiguous windows of its real tokens (roughly title / speech / on-screen text, in that order):
+  the video must match at least one part of its own text, not necessarily the whole. A window with no tokens
+  (a short text) repeats the [CLS] state. ``milnce_candidates=1`` is the plain [CLS] symmetric NCE.
 * MLM runs a second text pass on the masked ids, as ALBEF does, so classification, contrastive and VTM see the
   clean text. MLM and VTM are training-time objectives: in eval mode the model returns logits (and the
   contrastive outputs), never random masks or random negatives.
@@ -44,6 +60,7 @@ from torch import Tensor, nn
 
 from raypipe.losses import MAX_LOGIT_SCALE, MIN_LOGIT_SCALE, mask_tokens, sample_hard_negatives, vtm_targets
 from raypipe.models.layers import (
+    PACKAGED_TEXT_ENCODER,
     CrossAttentionLayer,
     MLPHead,
     ModalityEmbedding,
@@ -79,6 +96,7 @@ class DMAFNet(nn.Module):
         text_hidden: int,
         text_layers: int,
         text_heads: int,
+        text_freeze_layers: int,
         text_as_query: bool,
         dropout: float,
         proj_dim: int,
@@ -89,6 +107,7 @@ class DMAFNet(nn.Module):
         mask_token_id: int | None,
         special_token_ids: Sequence[int] | None,
         mlm_probability: float,
+        milnce_candidates: int,
     ) -> None:
         super().__init__()
         self.modalities = check_modalities(modalities, MODALITIES)
@@ -113,6 +132,9 @@ class DMAFNet(nn.Module):
         self.mask_token_id = mask_token_id
         self.special_token_ids = tuple(special_token_ids or ())
         self.mlm_probability = mlm_probability
+        if milnce_candidates < 1:
+            raise ValueError(f"milnce_candidates must be >= 1, got {milnce_candidates}")
+        self.milnce_candidates = milnce_candidates
         self.vocab_size = vocab_size
 
         hidden = text_hidden
@@ -124,6 +146,7 @@ class DMAFNet(nn.Module):
                 layers=text_layers,
                 heads=text_heads,
                 dropout=dropout,
+                freeze_layers=text_freeze_layers,
             )
             hidden = int(self.text_encoder.config.hidden_size)
         self.hidden = hidden
@@ -213,7 +236,8 @@ class DMAFNet(nn.Module):
 
         if self.contrastive:
             out["con_video"] = self.con_video_proj(video[:, 0])  # (B, P)
-            out["con_text"] = self.con_text_proj(text[:, 0])  # (B, P), K = 1 positive per clip
+            cands = text_candidates(text, text_mask, self.milnce_candidates)  # (B, K, H)
+            out["con_text"] = self.con_text_proj(cands).flatten(0, 1)  # (B*K, P): clip i's K rows are i*K..i*K+K-1
             out["logit_scale"] = self.logit_scale.exp()  # ()
         if self.training and self.mlm:
             out.update(self._mlm(batch, video, video_mask))
@@ -249,7 +273,8 @@ class DMAFNet(nn.Module):
         b = text.shape[0]
         with torch.no_grad():
             if self.contrastive:
-                v, t = F.normalize(out["con_video"], dim=-1), F.normalize(out["con_text"], dim=-1)
+                cls_text = out["con_text"].view(b, self.milnce_candidates, -1)[:, 0]  # (B, P) whole-text candidate
+                v, t = F.normalize(out["con_video"], dim=-1), F.normalize(cls_text, dim=-1)
                 # The temperature the contrastive loss uses (clamped there), so negatives are drawn as sharply.
                 scale = out["logit_scale"].clamp(MIN_LOGIT_SCALE, MAX_LOGIT_SCALE)
             else:
@@ -267,6 +292,25 @@ class DMAFNet(nn.Module):
         return {"vtm_logits": logits, "vtm_labels": vtm_targets(b, device=logits.device)}
 
 
+def text_candidates(text: Tensor, mask: Tensor, k: int) -> Tensor:
+    """``(B, K, H)``: the [CLS] state, then the mean of each of ``k - 1`` contiguous windows of the real tokens
+    after [CLS] (a window that gets no token repeats [CLS])."""
+    cls = text[:, :1]  # (B, 1, H)
+    if k == 1:
+        return cls
+    b, length, _ = text.shape
+    real = mask.bool().clone()
+    real[:, 0] = False  # [CLS] is candidate 0
+    n = real.sum(1, keepdim=True).clamp(min=1)  # (B, 1) real tokens after [CLS]
+    rank = real.long().cumsum(1) - 1  # (B, L) 0-based index among the real tokens
+    window = (rank * (k - 1)) // n  # (B, L) in [0, k-1)
+    onehot = F.one_hot(window.clamp(0, k - 2), k - 1).to(text.dtype) * real.unsqueeze(-1)  # (B, L, K-1)
+    counts = onehot.sum(1)  # (B, K-1)
+    means = torch.einsum("blk,blh->bkh", onehot, text) / counts.clamp(min=1).unsqueeze(-1)  # (B, K-1, H)
+    means = torch.where((counts > 0).unsqueeze(-1), means, cls.expand(-1, k - 1, -1))
+    return torch.cat([cls, means], dim=1)  # (B, K, H)
+
+
 @register_model("dmafnet")
 def dmafnet(
     *,
@@ -280,10 +324,11 @@ def dmafnet(
     frame_heads: int = 12,
     fusion_layers: int = 6,
     fusion_heads: int = 12,
-    text_encoder_path: str | None = None,
+    text_encoder_path: str | None = PACKAGED_TEXT_ENCODER,
     text_hidden: int = 768,
     text_layers: int = 12,
     text_heads: int = 12,
+    text_freeze_layers: int = 0,
     text_as_query: bool = True,
     dropout: float = 0.1,
     proj_dim: int = 256,
@@ -294,6 +339,7 @@ def dmafnet(
     mask_token_id: int | None = None,
     special_token_ids: Sequence[int] | None = None,
     mlm_probability: float = 0.15,
+    milnce_candidates: int = 3,
 ) -> DMAFNet:
     """Paper defaults: 12 frame layers, N = 6 multimodal layers, BERT-base text, frames + text (audio off).
 
@@ -315,6 +361,7 @@ def dmafnet(
         text_hidden=text_hidden,
         text_layers=text_layers,
         text_heads=text_heads,
+        text_freeze_layers=text_freeze_layers,
         text_as_query=text_as_query,
         dropout=dropout,
         proj_dim=proj_dim,
@@ -325,4 +372,5 @@ def dmafnet(
         mask_token_id=mask_token_id,
         special_token_ids=special_token_ids,
         mlm_probability=mlm_probability,
+        milnce_candidates=milnce_candidates,
     )

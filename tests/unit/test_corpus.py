@@ -312,3 +312,29 @@ def test_each_modality_carries_its_evidence(signal: tuple[CorpusInfo, CorpusConf
         acc = float(np.mean(hits))
         assert abs(acc - (1 - cfg.noise_rate)) <= 0.15, (name, acc)
         assert acc < 1.0, (name, "noise_rate > 0 must corrupt some videos")
+
+
+def test_evidence_layouts_change_what_each_modality_shows(tmp_path: Path) -> None:
+    """Plans only (no encoding): each layout's per-modality evidence rates, and split unchanged by layouts."""
+    from raypipe.config import CorpusConfig
+    from raypipe.corpus import LAYOUTS, LEVEL1_NAMES, _plan_video
+
+    def plans(layout: str) -> list:
+        cfg = CorpusConfig(out=str(tmp_path), videos=400, seed=11, layout=layout, num_level1=3, num_level2_per_level1=4)
+        return [_plan_video(cfg, index=i, video_id=f"v{i}", label_idx=i % 12, duration_s=3.0, videos_dir=tmp_path)
+                for i in range(400)]
+
+    def rate(ps: list, ok) -> float:
+        return float(np.mean([ok(p.spec) for p in ps]))
+
+    split, rich, weak, no_audio = (plans(k) for k in ("split", "text_rich", "weak_text", "no_audio"))
+    assert set(LAYOUTS) == {"split", "text_rich", "weak_text", "no_audio"}
+    text_right = lambda s: s.text_index == int(s.label[2:]) - 1  # noqa: E731
+    assert rate(split, text_right) > 0.78 and rate(weak, text_right) < 0.6
+    assert all(p.spec.text_l1 is None for p in split)
+    assert 0.75 < rate(rich, lambda s: s.text_l1 == s.label_l1) < 0.95
+    named = [p for p in rich if p.spec.text_l1 is not None]
+    assert all(LEVEL1_NAMES[int(p.spec.text_l1) - 1] in p.annotation["asr"].split() for p in named)
+    assert rate(no_audio, lambda s: s.has_audio) < 0.4 < rate(split, lambda s: s.has_audio)
+    # The layout draws use their own stream: everything but the evidence is as in the split corpus.
+    assert [p.spec.width for p in rich] == [p.spec.width for p in split]

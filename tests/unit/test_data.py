@@ -21,6 +21,7 @@ from raypipe.data import (
     shape_columns,
     split_hash,
     split_mask,
+    split_of,
 )
 from raypipe.schema import ShardInfo, error_schema, feature_schema
 
@@ -145,6 +146,57 @@ def test_split_is_a_stable_hash_of_the_id() -> None:
     assert split_mask(ids[:100], "val", 0.2).tolist() == split_mask(list(reversed(ids[:100])), "val", 0.2)[::-1].tolist()
 
 
+def test_three_way_split_is_disjoint_stable_and_pinned() -> None:
+    ids = [f"v{i}" for i in range(3000)]
+    masks = {s: split_mask(ids, s, 0.2, 0.15) for s in ("train", "val", "test")}
+    assert (masks["train"].astype(int) + masks["val"] + masks["test"] == 1).all()  # disjoint and complete
+    assert 0.17 < masks["val"].mean() < 0.23 and 0.12 < masks["test"].mean() < 0.18
+    # A test split never moves a val row: val is the same hash range with or without one.
+    assert (masks["val"] == split_mask(ids, "val", 0.2)).all()
+    # Pinned values: if these change, every trained model would be scored on rows it trained on.
+    assert split_hash("vid_0001") == pytest.approx(0.009668661775740701, abs=1e-15)
+    assert split_hash("vid_0007") == pytest.approx(0.29434315132165867, abs=1e-15)
+    assert split_hash("vid_0000") == pytest.approx(0.7387908371979142, abs=1e-15)
+    assert [split_of(f"vid_{i:04d}", 0.2, 0.2) for i in range(8)] == [
+        "train", "val", "train", "train", "train", "train", "train", "test"]
+
+
+def test_split_column_overrides_the_hash(tmp_path: Path) -> None:
+    ids = ["vid_0000", "vid_0001", "vid_0007", "vid_0005"]
+    given = ["test", None, "train", "bogus"]  # None / unknown values fall back to the hash
+    assert split_mask(ids, "test", 0.2, 0.2, given).tolist() == [True, False, False, False]
+    assert split_mask(ids, "val", 0.2, 0.2, given).tolist() == [False, True, False, False]
+    assert split_mask(ids, "train", 0.2, 0.2, given).tolist() == [False, False, True, True]
+    root = write_shards(tmp_path / "f", 20, num_files=1)
+    table = pq.read_table(root / "part-00000.parquet")
+    column = ["test" if i < 5 else "train" for i in range(20)]
+    pq.write_table(table.append_column("split", pa.array(column)), root / "part-00000.parquet")
+    spec = prepare_data(str(root), task="single_label", val_fraction=0.2, test_fraction=0.0)
+    labelled_first5 = sum(1 for i in range(5) if i % 11 != 10)
+    assert spec.has_split_column and spec.num_test == labelled_first5 and spec.num_val == 0
+
+
+def test_prepare_counts_train_val_test(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "f", 60)
+    spec = prepare_data(str(root), task="single_label", val_fraction=0.2, test_fraction=0.2)
+    labelled = [f"vid{i:05d}" for i in range(60) if i % 11 != 10]
+    assert spec.num_test == int(split_mask(labelled, "test", 0.2, 0.2).sum()) > 0
+    assert spec.num_train + spec.num_val + spec.num_test == len(labelled)
+    none = prepare_data(str(root), task="single_label", val_fraction=0.2)
+    assert none.num_test == 0 and none.num_val == spec.num_val
+
+
+def test_early_stopping_reads_only_the_history_of_the_selection_metric() -> None:
+    from raypipe.train import best_epoch, should_stop_early
+
+    hist = [{"epoch": e, "val/f_sco": v} for e, v in enumerate([0.2, 0.5, 0.5, 0.4, 0.45], start=1)]
+    assert best_epoch(hist, "val/f_sco", "max") == 2  # the first of equal scores
+    assert not should_stop_early(hist[:4], "val/f_sco", "max", 3)
+    assert should_stop_early(hist, "val/f_sco", "max", 3)
+    assert not should_stop_early(hist, "val/f_sco", "max", None)
+    assert best_epoch([{"epoch": 1, "val/loss": 2.0}, {"epoch": 2, "val/loss": 1.0}], "val/loss", "min") == 2
+
+
 def test_shape_and_collate_from_arrow_and_numpy_agree(tmp_path: Path) -> None:
     root = write_shards(tmp_path / "features", 6, num_files=1)
     table = pq.read_table(root / "part-00000.parquet")
@@ -257,7 +309,7 @@ def test_text_encoder_gets_its_own_lr_and_no_decay_on_norms() -> None:
     from raypipe.train import param_groups
 
     cfg = load_config("test", ["train.optim.lr=1e-3", "train.optim.text_lr=5e-5"])
-    model = create_model("dmafnet", num_classes=3, frame_dim=6, vocab_size=50, frame_layers=1, frame_heads=2,
+    model = create_model("dmafnet", num_classes=3, frame_dim=6, vocab_size=50, text_encoder_path=None, frame_layers=1, frame_heads=2,
                          fusion_layers=1, fusion_heads=2, text_hidden=8, text_layers=1, text_heads=2)
     groups = {g["name"]: g for g in param_groups(model, cfg)}
     assert groups["text"]["lr"] == 5e-5 and groups["main"]["lr"] == 1e-3

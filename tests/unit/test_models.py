@@ -30,6 +30,7 @@ TINY: dict[str, dict[str, Any]] = {
         frame_heads=2,
         fusion_layers=1,
         fusion_heads=2,
+        text_encoder_path=None,  # a random 1-layer BERT: the packaged MiniLM is tested in test_layers_text_tower
         text_hidden=16,
         text_layers=1,
         text_heads=2,
@@ -38,10 +39,10 @@ TINY: dict[str, dict[str, Any]] = {
     "mfb": dict(k=2, o=8, clusters=2, dbof_size=8, nextvlad_out=8),
     "bilstm_attn": dict(lstm_hidden=8, text_categories=3),
     "cavnet": dict(dim=16, heads=2, gate_hidden=8, proj_dim=8),
-    "wbdc_baseline": dict(clusters=4, groups=2, nextvlad_out=8, text_hidden=16, text_layers=1, text_heads=2),
+    "wbdc_baseline": dict(clusters=4, groups=2, nextvlad_out=8, text_encoder_path=None, text_hidden=16, text_layers=1, text_heads=2),
     "frames_only": dict(clusters=4, nextvlad_out=8, hidden=16),
     "audio_only": dict(clusters=4, nextvlad_out=8, hidden=16),
-    "text_only": dict(text_hidden=16, text_layers=1, text_heads=2, hidden=16),
+    "text_only": dict(text_encoder_path=None, text_hidden=16, text_layers=1, text_heads=2, hidden=16),
 }
 ALL_AUX = {"classification": 1.0, "contrastive": 1.0, "mlm": 0.25, "vtm": 0.25}
 CLS_ONLY = {"classification": 1.0, "contrastive": 0.0, "mlm": 0.0, "vtm": 0.0}
@@ -183,8 +184,7 @@ def test_every_model_builds_on_the_meta_device() -> None:
             "dmafnet",
             num_classes=C,
             **{**DIMS, "vocab_size": 30522},
-            **{**TINY["dmafnet"], "fusion_heads": 4, "frame_heads": 4},
-            text_encoder_path=gt.get_model_path(),
+            **{**TINY["dmafnet"], "fusion_heads": 4, "frame_heads": 4, "text_encoder_path": gt.get_model_path()},
         )
     assert model.hidden == 384 and next(model.text_encoder.parameters()).device.type == "meta"
 
@@ -482,6 +482,7 @@ def test_dmafnet_paper_size_forward_backward_on_cpu() -> None:
         vtm=True,
         mask_token_id=103,
         special_token_ids=[0, 100, 101, 102, 103],
+        text_encoder_path=None,  # a BERT-base-sized random tower stands in for a paper-size pretrained folder
     ).train()
     assert len(model.video_encoder) == 12 and len(model.fusion) == 6
     assert model.text_encoder.config.num_hidden_layers == 12 and model.hidden == 768
@@ -563,3 +564,45 @@ def test_overfits_a_tiny_fixed_batch(name: str, params: dict[str, Any]) -> None:
         loss.backward()
         opt.step()
     assert loss.item() < 0.05, f"{name} did not fit 8 examples: loss {loss.item():.3f}"
+
+
+# --------------------------------------------------------------------------- pretrained text tower, MIL-NCE K>1
+
+
+def test_token_models_default_to_the_packaged_minilm_with_freezing_and_a_vocabulary_check() -> None:
+    from raypipe.models.layers import check_text_tokenizer
+
+    model = create_model("dmafnet", num_classes=C, **{**DIMS, "vocab_size": 30522}, frame_layers=1, frame_heads=2,
+                         fusion_layers=1, fusion_heads=2, proj_dim=8, text_freeze_layers=2)
+    assert model.hidden == 384 and len(model.text_encoder.encoder.layer) == 6  # MiniLM-L6, not a random BERT
+    frozen = [not p.requires_grad for p in model.text_encoder.encoder.layer[1].parameters()]
+    trained = [p.requires_grad for p in model.text_encoder.encoder.layer[2].parameters()]
+    assert all(frozen) and all(trained)
+    assert not model.text_encoder.embeddings.word_embeddings.weight.requires_grad
+    wbdc = create_model("wbdc_baseline", num_classes=C, **{**DIMS, "vocab_size": 30522}, clusters=2, groups=2,
+                        nextvlad_out=8)
+    assert wbdc.text_encoder.config.hidden_size == 384
+    minilm_tok = {"name": "minilm", "vocab_size": 30522, "pad_token_id": 0, "cls_token_id": 101,
+                  "sep_token_id": 102, "mask_token_id": 103, "unk_token_id": 100}
+    check_text_tokenizer("minilm", minilm_tok)  # the shards' own tokenizer: fine
+    with pytest.raises(ValueError, match="another vocabulary.*mask_token_id 4 \\(encoder: 103\\)"):
+        check_text_tokenizer("minilm", {**minilm_tok, "name": "xlm", "mask_token_id": 4})
+
+
+def test_dmafnet_gives_milnce_k_text_candidates_per_clip() -> None:
+    from raypipe.models.dmafnet import text_candidates
+
+    torch.manual_seed(0)
+    model = build("dmafnet", {**CLS_ONLY, "contrastive": 1.0}).train()
+    batch = make_batch()
+    out = model(batch)
+    b = batch["frame_feats"].shape[0]
+    assert model.milnce_candidates == 3 and out["con_text"].shape == (3 * b, out["con_video"].shape[1])
+    loss, terms = FusionObjective(contrastive=1.0, mlm=0.0, vtm=0.0)(out, batch)
+    assert torch.isfinite(terms["contrastive"])
+    # Windows: row 0 has [CLS] + 4 real tokens -> windows {1,2} and {3,4}; row 1 only [CLS] -> windows repeat it.
+    text = torch.arange(2 * 6, dtype=torch.float32).view(2, 6, 1)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]])
+    got = text_candidates(text, mask, 3)[..., 0]
+    assert got.tolist() == [[0.0, 1.5, 3.5], [6.0, 6.0, 6.0]]
+    assert text_candidates(text, mask, 1).shape == (2, 1, 1)
