@@ -8,6 +8,7 @@ from datetime import date
 from pydantic import Field, field_validator
 
 from raypipe.config.base import StrictModel
+from raypipe.config.paths import PathStr
 
 
 class PromoteConfig(StrictModel):
@@ -26,7 +27,7 @@ class PromoteConfig(StrictModel):
     guard_metrics: list[str] | None = None
     # A named evaluation feature set (shards written by `raypipe embed`); None: the feature shards the
     # challenger was trained on (its own train.data).
-    data: str | None = None
+    data: PathStr | None = None
     # Which rows of that set: None is raypipe.data.EVALUATION_SPLIT (the held-out split).
     split: str | None = None
     batch_size: int = Field(default=64, ge=1)
@@ -34,7 +35,7 @@ class PromoteConfig(StrictModel):
     force: bool = False
     to_version: int | None = Field(default=None, ge=1)
     # One JSON report per decision (<output>/<timestamp>-v<champion>-v<challenger>.json, and latest.json).
-    output: str = "demo_out/promotion"
+    output: PathStr = "raypipe_runs/promotion"
     log_mlflow: bool = True
 
 
@@ -49,7 +50,7 @@ class NightlyConfig(StrictModel):
     # Embed the new videos of embed.source into embed.output (the next retrain's training data).
     embed: bool = True
     # Per-night state (steps done) and summary.json under <output>/<night>/.
-    output: str = "demo_out/nightly"
+    output: PathStr = "raypipe_runs/nightly"
 
     @field_validator("night", mode="before")
     @classmethod

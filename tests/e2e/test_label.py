@@ -338,8 +338,8 @@ def _summary_version(cfg: Any) -> str:
     from raypipe.tracking import make_client
 
     client = make_client(cfg.tracking)
-        return str(client.get_model_version_by_alias(cfg.tracking.registered_model_name,
-                                                 cfg.tracking.champion_alias).version)
+    return str(client.get_model_version_by_alias(cfg.tracking.registered_model_name,
+                                             cfg.tracking.champion_alias).version)
 
 
 def test_force_drops_this_versions_predictions_and_labels_again(first_run) -> None:
