@@ -27,6 +27,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("raypipe.evaluate", "evaluate a model on feature shards, optionally under corruption"),
     "tune": ("raypipe.tune", "sweep hyperparameters with Ray Tune, every trial in MLflow"),
     "label": ("raypipe.label", "label a video corpus with a registered model, incrementally"),
+    "promote": ("raypipe.promote", "compare champion and challenger on one evaluation set; promote, force or roll back"),
+    "nightly": ("raypipe.nightly", "the night's work: embed new videos, optionally retrain + promote, label"),
     "demo": ("raypipe.demo", "run the whole pipeline on a generated corpus (embedded defaults)"),
     "bench": ("raypipe.bench", "run the benchmarks in bench/"),
     "doctor": ("raypipe.doctor", "show what raypipe sees (Ray, GPUs, MLflow, storage, codecs) and each stage's plan"),
@@ -56,6 +58,14 @@ SHORTHANDS: list[tuple[str, str, str, dict]] = [
     ("label", "--model-uri", "label.model_uri", {}),
     ("label", "--output", "label.output", {}),
     ("tune", "--name", "tune.name", {}),
+    ("promote", "--force", "promote.force", {"action": "store_const", "const": True}),
+    ("promote", "--to-version", "promote.to_version", {"type": int}),
+    ("promote", "--data", "promote.data", {}),
+    ("promote", "--metric", "promote.metric", {}),
+    ("nightly", "--night", "nightly.night", {}),
+    ("nightly", "--retrain", "nightly.retrain", {"action": "store_const", "const": True}),
+    ("nightly", "--source", "embed.source.uri", {}),
+    ("nightly", "--annotations", "embed.source.annotations", {}),
 ]
 
 

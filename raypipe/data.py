@@ -551,6 +551,97 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
     return ds
 
 
+# ------------------------------------------------------------------------------------------- evaluation set
+
+# The held-out rows a promotion compares models on: the test split, on which no model selected its best epoch.
+# A model trained without a test split (train.test_fraction=0, no split column) falls back to "val": see
+# :func:`held_out_split`.
+EVALUATION_SPLIT: Split = "test"
+
+
+def held_out_split(test_fraction: float, has_split_column: bool) -> Split:
+    """The split that a model's evaluation uses: "test" when its data had one, else "val" (with less guarantee)."""
+    return EVALUATION_SPLIT if test_fraction > 0 or has_split_column else "val"
+
+
+@dataclass
+class EvaluationSet:
+    """Rows of one split, shaped like a model batch and sorted by ``video_id``, with a content fingerprint.
+
+    ``fingerprint`` is a SHA-256 over the feature dims and embedders (ShardInfo), and every row's video id,
+    label and feature bytes: two scorings with the same fingerprint saw exactly the same inputs.
+    """
+
+    uri: str
+    split: str
+    info: ShardInfo
+    classes: list[str]
+    task: Task
+    arrays: dict[str, np.ndarray]  # shape_columns() keys + video_id + the encoded target column
+    fingerprint: str
+
+    @property
+    def video_ids(self) -> list[str]:
+        return [str(v) for v in self.arrays["video_id"]]
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.arrays[TARGET_COLUMNS[self.task]]
+
+
+def fingerprint_rows(arrays: Mapping[str, np.ndarray], info: ShardInfo) -> str:
+    """SHA-256 of the ShardInfo dims/embedders and every array (row order included), keys in sorted order."""
+    h = hashlib.sha256()
+    meta = {k: getattr(info, k) for k in _DIM_FIELDS} | {"embedders": info.embedders}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for key in sorted(arrays):
+        arr = np.asarray(arrays[key])
+        h.update(key.encode())
+        if arr.dtype == object:
+            h.update("\x1f".join(str(v) for v in arr).encode())
+        else:
+            h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def evaluation_rows(
+    uri: str,
+    *,
+    task: Task,
+    classes: Sequence[str],
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    split: Split = EVALUATION_SPLIT,
+    storage: StorageConfig | None = None,
+) -> EvaluationSet:
+    """The labelled rows of ``split`` under ``uri`` whose labels are in ``classes`` (what models are compared on).
+
+    The split is the same video-id hash (or split column) the model was trained with, so ``val_fraction`` and
+    ``test_fraction`` must be the ones the rows' model used (its checkpoint meta records them). Read on the driver with pyarrow: evaluation sets are
+    small, and a promotion must not need a cluster.
+    """
+    fs, files = find_shard_files(uri, storage)
+    info = read_shard_info(fs, files)
+    columns = list(FEATURE_COLUMNS) + [TARGET_COLUMNS[task]]
+    parts = []
+    for p in files:
+        with fs.open(p, "rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+            table = pq.read_table(f, columns=columns + [SPLIT_COLUMN] * (SPLIT_COLUMN in names))
+        part = _prepare_batch(table, info=asdict(info), classes=list(classes), task=task, split=split,
+                              val_fraction=val_fraction, test_fraction=test_fraction)
+        if len(part["video_id"]):
+            parts.append(part)
+    if not parts:
+        raise DataError(f"no labelled rows of split {split!r} with the model's classes in {uri!r}")
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(arrays["video_id"].astype(str), kind="stable")
+    arrays = {k: v[order] for k, v in arrays.items()}
+    return EvaluationSet(uri=uri, split=split, info=info, classes=list(classes), task=task, arrays=arrays,
+                         fingerprint=fingerprint_rows(arrays, info))
+
+
 def ray_datasets(spec: DataSpec, *, materialize: bool = False) -> dict[str, ray.data.Dataset]:
     """Both splits: streamed by Ray Data read tasks every epoch, or with ``materialize`` (``train.cache_data``)
     read once and held in the object store."""

@@ -106,7 +106,7 @@ def run_demo(cfg: RaypipeConfig) -> dict[str, Any]:
     label_cfg.embed.source.uri = str(new_corpus.videos_dir)
     label_cfg.embed.source.annotations = str(new_corpus.annotations_path)
     label_cfg.label.model_uri = (
-        f"models:/{cfg.tracking.registered_model_name}@{cfg.tracking.alias}"
+        f"models:/{cfg.tracking.registered_model_name}@{cfg.tracking.champion_alias}"
         if trained.get("registered_model_version")
         else str(trained["best_checkpoint"])
     )
@@ -142,7 +142,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"  training run      {train.get('run_name')} (MLflow run {train.get('mlflow_run_id')})",
         f"  validation        {headline or 'n/a'}  (the epoch was chosen on these)",
         f"  held-out test     {test_line}",
-        f"  registered model  {train.get('registered_model_name')} v{train.get('registered_model_version')}",
+        f"  registered model  {train.get('registered_model_name')} v{train.get('registered_model_version')} "
+        "(@challenger; a model's first version is also @champion, later ones wait for `raypipe promote`)",
+        f"  labelled with     version {(label.get('model') or {}).get('version')} "
+        f"({(label.get('model') or {}).get('requested_uri')})",
         f"  labelled corpus   {report['label_corpus']}",
         f"  predictions       {label.get('output')}",
         f"  labelling         {label.get('labelled', 0)} labelled, {label.get('skipped', 0)} skipped, "

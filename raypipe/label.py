@@ -418,8 +418,12 @@ def _check_embedders(model_embedders: dict[str, Any], live_embedders: dict[str, 
         raise ValueError("label: the model's embedders differ from embed.* (" + "; ".join(bad) + ")")
 
 
-def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
-    """Label every video of ``embed.source`` not yet labelled by this model version; returns the run summary."""
+def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, Any]:
+    """Label every video of ``embed.source`` not yet labelled by this model version; returns the run summary.
+
+    ``run_id`` (default: a new timestamped id) is stamped on every row; the nightly job passes one per night so
+    that the rows of a night resumed after a crash all carry the same id and can be counted together.
+    """
     import ray
 
     from raypipe.embed.pipeline import build_feature_dataset, feature_info
@@ -432,7 +436,7 @@ def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
     ensure_ray(cfg)
     cfg, plan = planned(cfg, "label")
     lc = cfg.label
-    run_id = _new_run_id()
+    run_id = run_id or _new_run_id()
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     clf = load_classifier(lc.model_uri, cfg.storage, tracking_uri=tracking_uri)
     model_name, model_version = str(clf.model_name), str(clf.model_version)
@@ -459,6 +463,7 @@ def label_videos(cfg: RaypipeConfig) -> dict[str, Any]:
     if lc.force and fs.exists(vroot):
         log.warning("label.force: dropping the earlier predictions of %s v%s in %s", model_name, model_version, vroot)
         fs.rm(vroot, recursive=True)
+    _forget_if_superseded(store, lc.output, cfg.storage, model_name=model_name, model_version=model_version)
     done = store.done_keys(include_errors=not lc.retry_failed)
     refs = list_videos(cfg.embed.source, cfg.storage)
     todo = [r for r in refs if r.video_id not in done]
@@ -550,6 +555,29 @@ def _consume(cfg: RaypipeConfig, preds: Any, store: ShardStore, common: dict[str
         finally:
             progress.close()
     _write_parts(store, ok_rows, failed_rows)
+
+
+def _forget_if_superseded(store: ShardStore, output: str, storage: StorageConfig | None, *, model_name: str,
+                          model_version: str) -> None:
+    """Labelling with a version whose earlier labels were since replaced by another version's (the champion was
+    rolled back to it): drop that version's old predictions so that it labels everything again.
+
+    Without this the rows it committed before would count as done, and readers, who take each video's latest
+    row, would keep showing the newer version's labels although the job now labels with this one.
+    """
+    fs, vroot = store.fs_path
+    if not fs.exists(join(vroot, MANIFEST)):
+        return
+    latest = read_predictions(output, storage)
+    ids = latest.column("video_id").to_pylist()
+    names, versions = latest.column("model_name").to_pylist(), latest.column("model_version").to_pylist()
+    newer = {v for v, n, ver in zip(ids, names, versions, strict=True) if n == model_name and ver != model_version}
+    mine = store.done_keys(include_errors=True)
+    if newer & mine:
+        log.warning("label: %d videos labelled by %s v%s were relabelled by another version since (a rollback to "
+                    "v%s): relabelling everything with v%s", len(newer & mine), model_name, model_version,
+                    model_version, model_version)
+        fs.rm(vroot, recursive=True)
 
 
 def _write_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: list[dict[str, Any]]) -> None:

@@ -9,7 +9,9 @@ Who logs what (Train V2 has no MLflow callback, and Tune trials only call ``trai
   (``step=epoch``), and at the end the artifacts (config YAML, training curves, the best epoch's confusion
   matrix and per-class report) and the best checkpoint as an MLflow pyfunc model with an input example;
 * :func:`register_run_model` registers a run's logged model under ``tracking.registered_model_name`` and
-  points ``tracking.alias`` at the new version (used by ``raypipe train`` and by the sweep for its best trial).
+  points the challenger alias (``tracking.alias``) at the new version (used by ``raypipe train`` and by the
+  sweep for its best trial); the champion alias (``tracking.champion_alias``, what the nightly job labels with)
+  is only set there for a model's first version, and otherwise only moved by :mod:`raypipe.promote`.
 
 :func:`load_classifier` is what ``raypipe eval`` and the labelling job use: it accepts ``models:/name@alias``,
 ``models:/name/version`` or a checkpoint folder, and always rebuilds the same torch model from the checkpoint
@@ -226,24 +228,63 @@ def _pip_requirements() -> list[str]:
 
 def register_run_model(cfg: Any, *, run_id: str) -> str | None:
     """Register the model logged by ``run_id`` as a new version of ``tracking.registered_model_name`` and point
-    ``tracking.alias`` at it. Returns the version, or None when the run logged no model."""
+    the challenger alias (``tracking.alias``) at it. Returns the version, or None when the run logged no model.
+
+    Never moves the champion (only :mod:`raypipe.promote` does), except that a model without a champion (its
+    first version ever) gets one: the new version. Idempotent: a run registered before (a rerun after a crash)
+    gets its existing version back instead of a duplicate.
+    """
     import mlflow
 
     tracking: TrackingConfig = cfg.tracking
     client = make_client(tracking)
+    name = tracking.registered_model_name
     model_uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
     if not model_uri:
         logger.warning("MLflow run %s has no logged model (tag %s); nothing registered", run_id, MODEL_URI_TAG)
         return None
-    mlflow.set_tracking_uri(absolute_tracking_uri(tracking.tracking_uri))
-    mlflow.set_registry_uri(absolute_tracking_uri(tracking.tracking_uri))
-    mv = mlflow.register_model(model_uri, tracking.registered_model_name, tags={"raypipe.run_id": run_id})
-    client.set_registered_model_alias(tracking.registered_model_name, tracking.alias, mv.version)
+    version = _version_of_run(client, name, run_id)
+    if version is None:
+        mlflow.set_tracking_uri(absolute_tracking_uri(tracking.tracking_uri))
+        mlflow.set_registry_uri(absolute_tracking_uri(tracking.tracking_uri))
+        version = str(mlflow.register_model(model_uri, name, tags={REGISTERED_RUN_TAG: run_id}).version)
+    client.set_registered_model_alias(name, tracking.alias, version)
+    first = alias_version(client, name, tracking.champion_alias) is None
+    if first:
+        client.set_registered_model_alias(name, tracking.champion_alias, version)
     logger.info(
-        "registered %s version %s (alias %r) from run %s",
-        tracking.registered_model_name, mv.version, tracking.alias, run_id,
+        "registered %s version %s (alias %r%s) from run %s", name, version, tracking.alias,
+        f", and {tracking.champion_alias!r}: the model had no champion yet" if first else "", run_id,
     )
-    return str(mv.version)
+    return version
+
+
+REGISTERED_RUN_TAG = "raypipe.run_id"  # on a model version: the MLflow run whose model it is
+
+
+def _version_of_run(client: MlflowClient, name: str, run_id: str) -> str | None:
+    """The version already registered from ``run_id`` (None when there is none, or no such model yet)."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:  # no registered model of that name yet
+        return None
+    mine = [v for v in versions if (v.tags or {}).get(REGISTERED_RUN_TAG) == run_id]
+    return str(min(int(v.version) for v in mine)) if mine else None
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version ``name@alias`` points at, or None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(tracking: TrackingConfig, alias: str, version: str) -> None:
+    """Point ``registered_model_name@alias`` at ``version`` (the one place promotion moves an alias)."""
+    make_client(tracking).set_registered_model_alias(tracking.registered_model_name, alias, str(version))
 
 
 TEST_METRICS_TAG = "raypipe.test_metrics"  # on the run and the registered version: JSON, or "none"

@@ -815,7 +815,7 @@ def _local_out_dir(path: str) -> str:
 
 
 def _register_best(cfg: RaypipeConfig, best: TrialSummary) -> str | None:
-    """Register the best trial's model under ``tracking.registered_model_name`` with ``tracking.alias``."""
+    """Register the best trial's model as the challenger (``tracking.alias``); the champion stays (see promote)."""
     if not best.mlflow_run_id:
         log.warning("best trial %s has no MLflow run; nothing to register", best.trial_id)
         return None

@@ -76,6 +76,8 @@ def test_config_factory(tmp_path_factory: pytest.TempPathFactory):
             f"train.storage_path={root / 'ray_results'}",
             f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
             f"label.output={root / 'labels'}",
+            f"promote.output={root / 'promotion'}",
+            f"nightly.output={root / 'nightly'}",
         ]
         return load_config("test", base + list(overrides))
 
@@ -134,8 +136,8 @@ def moto_s3():
 
 @pytest.fixture(scope="session")
 def registered_model(feature_shards, corpus, test_config_factory):
-    """A tiny CAV-Net trained on the session shards (2 epochs) and registered in MLflow under
-    ``tracking.registered_model_name@tracking.alias``; returns the config that labels the session corpus with it.
+    """A tiny CAV-Net trained on the session shards (2 epochs) and registered in MLflow (its registry's first
+    version: both ``@challenger`` and ``@champion``); returns the config that labels the session corpus with it.
 
     Shared by the labelling tests and the `ray job submit` test (both only read the registry entry it makes,
     except where a test registers a further version on purpose).
@@ -154,9 +156,8 @@ def registered_model(feature_shards, corpus, test_config_factory):
         "train.loss.mlm=0",
         "train.loss.vtm=0",
         f"label.class_names={corpus.class_names_path}",
-        "label.model_uri=models:/raypipe-classifier-test@candidate",
+        "label.model_uri=models:/raypipe-classifier-test@champion",
         "tracking.registered_model_name=raypipe-classifier-test",
-        "tracking.alias=candidate",
         name="registered",
     )
     assert train_run(cfg) == 0, "training the shared test model failed"
@@ -206,3 +207,59 @@ def assert_injected_actor_death():
         raise AssertionError(f"not the injected actor death: {type(exc).__name__}: {str(exc)[:2000]}")
 
     return check
+
+
+@pytest.fixture(scope="session")
+def register_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """Log a torch model made outside Ray Train (e.g. on other feature dims) as an MLflow run's model, in the
+    checkpoint layout training writes, and register it through the same ``register_run_model`` training calls.
+
+    ``make(cfg, model_name=..., info=ShardInfo, classes=[...], data=features_uri)`` -> the registered version.
+    """
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+    import torch
+
+    from raypipe.models import builder_params, create_model
+    from raypipe.tracking import (
+        META_FILE,
+        MODEL_FILE,
+        RunLogger,
+        example_from_shaped,
+        experiment_id,
+        make_client,
+        register_run_model,
+    )
+
+    def make(cfg, *, model_name: str, info, classes: list[str], data: str, val_fraction: float, seed: int = 0,
+             params: dict | None = None, test_fraction: float = 0.0) -> str:
+        derived = {"num_classes": len(classes), "frame_dim": info.frame_dim, "audio_dim": info.audio_dim,
+                   "text_dim": info.text_dim}
+        kwargs = {k: v for k, v in derived.items() if k in builder_params(model_name)} | dict(params or {})
+        torch.manual_seed(seed)
+        model = create_model(model_name, **kwargs)
+        ckpt = tmp_path_factory.mktemp("handmade_ckpt")
+        torch.save(model.state_dict(), ckpt / MODEL_FILE)
+        meta = {"model_name": model_name, "model_kwargs": kwargs, "classes": list(classes), "task": "single_label",
+                "shard_info": asdict(info), "val_fraction": val_fraction, "test_fraction": test_fraction, "epoch": 0, "metrics": {},
+                "config": {"train": {"data": data}}}
+        (ckpt / META_FILE).write_text(json.dumps(meta))
+        t, n = info.max_frames, 2
+        example = example_from_shaped({
+            "frame_feats": np.zeros((n, t, info.frame_dim), np.float32), "frame_mask": np.ones((n, t), bool),
+            "audio_feats": np.zeros((n, t, info.audio_dim), np.float32), "audio_mask": np.ones((n, t), bool),
+            "input_ids": np.ones((n, info.text_len), np.int32), "attention_mask": np.ones((n, info.text_len), np.int32),
+            "text_emb": np.zeros((n, info.text_dim), np.float32),
+        })
+        client = make_client(cfg.tracking)
+        run = client.create_run(experiment_id(client, cfg.tracking), run_name=f"handmade-{model_name}")
+        run_logger = RunLogger(cfg.tracking, run.info.run_id)
+        run_logger.log_model(str(ckpt), example)
+        run_logger.finish()
+        version = register_run_model(cfg, run_id=run.info.run_id)
+        assert version is not None
+        return version
+
+    return make

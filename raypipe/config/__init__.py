@@ -27,8 +27,9 @@ from raypipe.config.base import (
 from raypipe.config.embed import DecodeConfig, EmbedConfig, SourceConfig
 from raypipe.config.label import LabelConfig
 from raypipe.config.model import ModelConfig
+from raypipe.config.promote import NightlyConfig, PromoteConfig
 from raypipe.config.sections import CorpusConfig, DemoConfig, RayConfig, StorageConfig, TrackingConfig
-from raypipe.config.train import EvalConfig, LossConfig, OptimConfig, TrainConfig
+from raypipe.config.train import TASK_METRICS, EvalConfig, LossConfig, OptimConfig, TrainConfig
 from raypipe.config.tune import TuneConfig
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "LabelConfig",
     "LossConfig",
     "ModelConfig",
+    "NightlyConfig",
+    "PromoteConfig",
     "OptimConfig",
     "SourceConfig",
     "StorageConfig",
@@ -69,6 +72,8 @@ class RaypipeConfig(StrictModel):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
@@ -77,6 +82,10 @@ class RaypipeConfig(StrictModel):
             raise ValueError(
                 f"train.amp={self.train.amp!r} needs train.use_gpu=true (mixed precision is a GPU path; use amp=none on CPU)"
             )
+        allowed = [m for m in TASK_METRICS[self.train.task] if m != "loss"]
+        if self.promote.metric is not None and self.promote.metric not in allowed:
+            raise ValueError(f"promote.metric {self.promote.metric!r} is not a metric of task "
+                             f"{self.train.task!r}; choose one of {', '.join(allowed)}")
         return self
 
 

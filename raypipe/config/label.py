@@ -18,7 +18,7 @@ class LabelConfig(StrictModel):
     """
 
     # models:/<name>@<alias>, models:/<name>/<version>, or a checkpoint path (local or s3://).
-    model_uri: ModelUri = "models:/raypipe-classifier@candidate"
+    model_uri: ModelUri = "models:/raypipe-classifier@champion"
     output: PathStr | None = None  # required by label (--output)
     # "classify": the model's own head. "zero_shot": open vocabulary by similarity to embedded class names
     # (CAV-Net style; the model must provide zero_shot_logits).

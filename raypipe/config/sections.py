@@ -100,10 +100,22 @@ class TrackingConfig(StrictModel):
     artifact_location: PathStr | None = None
     experiment: str = "raypipe"
     registered_model_name: str = "raypipe-classifier"
-    alias: str = "candidate"
+    # Training and sweeps point this alias at every version they register; they never touch champion_alias,
+    # which only `raypipe promote` moves (or the first version ever registered, which becomes the champion).
+    alias: str = "challenger"
+    champion_alias: str = "champion"  # what the nightly label job labels with
     enabled: bool = True
     # Set by a sweep: every trial logs a nested child run under this parent run.
     parent_run_id: str | None = None
+
+    @model_validator(mode="after")
+    def _aliases(self) -> TrackingConfig:
+        if self.alias == self.champion_alias:
+            raise ValueError(
+                f"tracking.alias ({self.alias!r}) must differ from tracking.champion_alias: training registers "
+                "challengers, only `raypipe promote` moves the champion"
+            )
+        return self
 
 
 class DemoConfig(StrictModel):

@@ -86,7 +86,7 @@ class TrainConfig(StrictModel):
     run_name: str = "raypipe-train"
     # Ray Train run folders (checkpoints, results); a neutral folder in the working directory by default.
     storage_path: PathStr = "raypipe_runs/ray_results"
-    # Register the best checkpoint in MLflow (tracking.registered_model_name @ tracking.alias) after training.
+    # Register the best checkpoint in MLflow (tracking.registered_model_name @ tracking.alias, the challenger).
     register_model: bool = True
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -120,7 +120,7 @@ class EvalConfig(StrictModel):
     """``raypipe eval``: score a trained model on feature shards, optionally under a corruption."""
 
     # models:/<name>@<alias>, models:/<name>/<version>, or a checkpoint folder (local or s3://).
-    model_uri: ModelUri = "models:/raypipe-classifier@candidate"
+    model_uri: ModelUri = "models:/raypipe-classifier@champion"
     data: PathStr | None = None  # None: train.data
     # The hash split the model was trained with (its val_fraction / test_fraction). "auto": the test split when
     # the model was trained with one (epochs were chosen on val, so val scores are optimistic), else val.

@@ -93,7 +93,8 @@ class TuneConfig(StrictModel):
     max_failures: int = Field(default=0, ge=0)  # retries of a failing trial before it is recorded as errored
     resume: bool = True  # re-running a sweep of the same name continues it instead of starting over
     restart_errored: bool = False  # on resume, run errored trials again from scratch
-    register_best: bool = False  # register the best trial's model in MLflow under tracking.alias
+    # Register the best trial's model in MLflow as the challenger (tracking.alias); `raypipe promote` decides.
+    register_best: bool = True
 
     @field_validator("name")
     @classmethod

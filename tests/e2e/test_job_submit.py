@@ -306,3 +306,95 @@ def test_the_token_auth_commands_of_the_operations_guide(local_cluster: LocalClu
     no_token = script.replace(f'"$(cat {token_file})"', '""')
     denied = subprocess.run(["bash", "-ec", no_token + "\n"], env=env, capture_output=True, text=True, timeout=120)
     assert denied.returncode != 0 and "token" in (denied.stdout + denied.stderr).lower(), denied.stdout + denied.stderr
+
+
+def _submit_no_wait(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path) -> str:
+    runtime_env = {"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}}
+    deadline = time.monotonic() + 120
+    while True:
+        res = cluster.job("submit", "--no-wait", "--working-dir", str(working_dir), "--runtime-env-json",
+                          json.dumps(runtime_env), "--", *entrypoint, timeout=300, cwd=working_dir)
+        out = res.stdout + res.stderr
+        if "No available agent to submit job" not in out or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    match = re.search(r"Job '(raysubmit_\w+)'", out)
+    assert match, f"no job id in submit output:\n{out[-4000:]}"
+    return match.group(1)
+
+
+def _job_logs(cluster: LocalCluster, job_id: str) -> str:
+    req = urllib.request.Request(f"{cluster.address}/api/jobs/{job_id}/logs",
+                                 headers={"Authorization": f"Bearer {cluster.token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read()).get("logs", "")
+
+
+def _wait_status(cluster: LocalCluster, job_id: str, done: set[str], timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := cluster.job_info(job_id)["status"]) not in done:
+        assert time.monotonic() < deadline, f"job {job_id} still {status}"
+        time.sleep(0.5)
+    return status
+
+
+def test_nightly_job_killed_mid_label_and_resubmitted_labels_every_video_once(
+    local_cluster: LocalCluster, registered_model, tmp_path: Path
+) -> None:
+    """`ray job submit -- python jobs/nightly.py`: embed the new videos, label them with the champion; the job is
+    stopped (`ray job stop`) once its label step has started, and the resubmitted night skips the
+    embedding, finishes the labelling and ends with every video labelled exactly once."""
+    from raypipe.config import CorpusConfig
+    from raypipe.corpus import generate_corpus
+    from raypipe.label import read_predictions
+
+    cfg = registered_model
+    corpus = generate_corpus(CorpusConfig(out=str(tmp_path / "corpus"), videos=6, seed=21, bad_inputs=False,
+                                          min_duration_s=2.0, max_duration_s=4.0, long_fraction=0.0, id_prefix="nite"))
+    ids = {v.video_id for v in corpus.videos}
+    night, out, nightly = "2026-01-31", tmp_path / "labels", tmp_path / "nightly"
+    sets = {
+        "embed.source.uri": corpus.videos_dir, "embed.source.annotations": corpus.annotations_path,
+        "embed.output": tmp_path / "features", "label.output": out, "nightly.output": nightly,
+        "promote.output": tmp_path / "promotion", "tracking.tracking_uri": cfg.tracking.tracking_uri,
+        "tracking.registered_model_name": cfg.tracking.registered_model_name, "label.class_names": cfg.label.class_names,
+        "label.batch_size": 1, "label.write_batch_size": 1,
+    }
+    entry = ["python", "jobs/nightly.py", "-c", "test", "--night", night]
+    for key, value in sets.items():
+        entry += ["--set", f"{key}={value}"]
+
+    job = _submit_no_wait(local_cluster, entry, working_dir=REPO)
+    # Stop it as soon as the label step has listed its work (a dozen seconds before its rows are committed).
+    deadline = time.monotonic() + 600
+    while "raypipe.label: label: " not in (logs := _job_logs(local_cluster, job)):
+        status = local_cluster.job_info(job)["status"]
+        if status not in ("PENDING", "RUNNING"):
+            pytest.fail(f"job ended ({status}) before labelling started:\n{logs[-6000:]}")
+        assert time.monotonic() < deadline, "labelling never started"
+        time.sleep(0.3)
+    stop = local_cluster.job("stop", job, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert _wait_status(local_cluster, job, {"STOPPED", "SUCCEEDED", "FAILED"}) == "STOPPED"
+    state = json.loads((nightly / night / "state.json").read_text())
+    assert "embed" in state["steps"] and "label" not in state["steps"] and state["attempts"] == 1
+    assert not (nightly / night / "summary.json").exists()
+    assert read_predictions(str(out)).num_rows == 0  # nothing committed yet: readers see no half night
+
+    status, logs = _submit(local_cluster, entry, working_dir=REPO, timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "step embed already done in an earlier attempt" in logs
+    summary = json.loads((nightly / night / "summary.json").read_text())
+    assert summary["attempts"] == 2 and summary["status"] == "ok" and summary["labelled_tonight"] == len(ids)
+    assert summary["steps"]["embed"]["videos_ok"] == len(ids) and "train" not in summary["steps"]
+    rows = read_predictions(str(out), latest_only=False).to_pylist()
+    assert sorted(r["video_id"] for r in rows) == sorted(ids)  # every video exactly once
+    assert {r["run_id"] for r in rows} == {f"nightly-{night}"} and {r["status"] for r in rows} == {"ok"}
+    champion = make_champion_version(cfg)
+    assert {r["model_version"] for r in rows} == {champion} == {summary["champion_version"]}
+
+
+def make_champion_version(cfg) -> str:
+    from raypipe.tracking import alias_version, make_client
+
+    return alias_version(make_client(cfg.tracking), cfg.tracking.registered_model_name, cfg.tracking.champion_alias)

@@ -259,7 +259,7 @@ def test_new_model_version_relabels_all_and_threshold_fails_the_job(first_run, c
 
     _, cfg = first_run
     client = make_client(cfg.tracking)
-    name, alias = cfg.tracking.registered_model_name, cfg.tracking.alias
+    name, alias = cfg.tracking.registered_model_name, cfg.tracking.champion_alias  # what the label job uses
     old = client.get_model_version_by_alias(name, alias)
     new = client.create_model_version(name, source=old.source, run_id=old.run_id)
     client.set_registered_model_alias(name, alias, new.version)
@@ -338,7 +338,8 @@ def _summary_version(cfg: Any) -> str:
     from raypipe.tracking import make_client
 
     client = make_client(cfg.tracking)
-    return str(client.get_model_version_by_alias(cfg.tracking.registered_model_name, cfg.tracking.alias).version)
+    return str(client.get_model_version_by_alias(cfg.tracking.registered_model_name,
+                                             cfg.tracking.champion_alias).version)
 
 
 def test_force_drops_this_versions_predictions_and_labels_again(first_run) -> None:

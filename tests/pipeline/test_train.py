@@ -206,6 +206,8 @@ def test_mlflow_run_has_params_metrics_artifacts_and_a_loadable_registered_model
     name, alias = cfg.tracking.registered_model_name, cfg.tracking.alias
     assert res.registered_model_name == name and res.registered_model_version is not None
     assert str(client.get_model_version_by_alias(name, alias).version) == res.registered_model_version
+    # the first version of a model is also its champion (later ones are only challengers until promoted)
+    assert str(client.get_model_version_by_alias(name, cfg.tracking.champion_alias).version) == res.registered_model_version
 
     clf = load_classifier(f"models:/{name}@{alias}", tracking_uri=uri)
     assert clf.model_name == name and clf.model_version == res.registered_model_version

@@ -222,6 +222,7 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
     # register_best: the best trial's own logged model, under the alias, loadable by models:/
     from raypipe.tracking import load_classifier
 
+    assert cfg.tracking.alias == "challenger"  # a sweep's best trial is a challenger too; promote decides
     version = client.get_model_version_by_alias("sweep4-best", cfg.tracking.alias)
     assert result.registered_version == str(version.version) and version.tags["raypipe.run_id"] == result.best.mlflow_run_id
     assert load_classifier("models:/sweep4-best@" + cfg.tracking.alias, tracking_uri=cfg.tracking.tracking_uri).model_version == str(version.version)

@@ -53,6 +53,7 @@ NOT_PATHS = {
     "train.metric", "train.run_name",
     "tune.name", "tune.metric",
     "tracking.experiment", "tracking.registered_model_name", "tracking.alias", "tracking.parent_run_id",
+    "tracking.champion_alias", "promote.metric", "promote.split", "promote.guard_metrics", "nightly.night",
     # containers with string keys or items
     "embed.source.extensions", "model.params", "tune.search_space",
     "ray.runtime_env",  # passed to Ray as it is; Ray resolves its working_dir against the driver's cwd itself
