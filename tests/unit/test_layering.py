@@ -14,6 +14,7 @@ modules together. Imports under ``if TYPE_CHECKING:`` do not, since they never r
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import raypipe
@@ -54,7 +55,8 @@ def _runtime_nodes(tree: ast.AST):
         stack.extend(ast.iter_child_nodes(node))
 
 
-def imports_of(name: str) -> set[str]:
+@cache
+def imports_of(name: str) -> frozenset[str]:
     """Absolute dotted names imported (at runtime) by module ``name``; ``from pkg import sub`` names ``pkg.sub``."""
     path, is_pkg = MODULES[name]
     out: set[str] = set()
@@ -70,7 +72,7 @@ def imports_of(name: str) -> set[str]:
                 mod = node.module or ""
             for a in node.names:
                 out.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod)
-    return out
+    return frozenset(out)
 
 
 def _owner(dotted: str) -> str | None:
