@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raypipe.corpus import CorpusInfo
 from raypipe.io.fs import resolve
 from raypipe.io.webdataset import write_shard
+
+if TYPE_CHECKING:  # annotation only: raypipe.corpus imports this module (format=webdataset), never the reverse
+    from raypipe.corpus import CorpusInfo
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The feature-shard contract between embed, train and label (pure Python + pyarrow, no Ray, no torch).
+"""The feature-shard contract between embed, train and label (pure Python + numpy + pyarrow, no Ray, no torch).
 
 One Parquet row per video. Tensors are stored flat (row-major) in list columns so that any Parquet reader can
 load them; their shapes are fixed per dataset and recorded in the file metadata under ``raypipe``:
@@ -25,7 +25,9 @@ label_l1           string (nullable)   level-1 code (first two digits of a WBDC 
 labels             list<string>        multi-label corpora (YouTube-8M); empty otherwise
 =================  ==================  ==========================================================
 
-Failed videos never appear here: they go to the errors table (:data:`ERROR_COLUMNS`).
+Failed videos never appear here: they go to the errors table (:data:`ERROR_COLUMNS`). :func:`to_feature_tables`
+turns a batch of fixed-shape arrays (the embed job's and the importers' rows) into both tables, so the columns
+above are written in this one place.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -107,3 +110,56 @@ def level1_of(label: str | None) -> str | None:
     if label is None:
         return None
     return label[:2] if len(label) == 4 and label.isdigit() else None
+
+
+def _list_col(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """(B, ...) fixed-shape array -> list<typ> of the flattened rows."""
+    b = arr.shape[0]
+    n = int(np.prod(arr.shape[1:]))
+    flat = np.ascontiguousarray(arr).reshape(b, n)  # n, not -1: a batch may hold no ok row at all (b = 0)
+    offsets = pa.array(np.arange(b + 1, dtype=np.int32) * n)  # n may be 0 (no audio features at all)
+    return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1), type=typ))
+
+
+def _opt(values: Any) -> list[str | None]:
+    return [str(v) if v not in (None, "") else None for v in values]
+
+
+def to_feature_tables(batch: dict[str, np.ndarray], info: ShardInfo) -> tuple[pa.Table, pa.Table]:
+    """Split a pipeline batch into (feature rows of the ok videos, error rows of the failed ones)."""
+    status = np.asarray(batch["status"]).astype(str)
+    ok = np.flatnonzero(status == "ok")
+    bad = np.flatnonzero(status != "ok")
+    errors = pa.table(
+        {c: pa.array([str(np.asarray(batch[c])[i]) for i in bad], pa.string()) for c in ERROR_COLUMNS},
+        schema=error_schema(),
+    )
+
+    def col(name: str) -> np.ndarray:
+        return np.asarray(batch[name])[ok]
+
+    table = pa.table(
+        {
+            "video_id": pa.array(col("video_id").astype(str).tolist(), pa.string()),
+            "source_uri": pa.array(col("source_uri").astype(str).tolist(), pa.string()),
+            "duration_s": pa.array(col("duration_s").astype(np.float64)),
+            "num_frames": pa.array(col("num_frames").astype(np.int32)),
+            "frame_times": _list_col(col("frame_times").astype(np.float32), pa.float32()),
+            "frame_emb": _list_col(col("frame_emb").astype(np.float16), pa.float16()),
+            "frame_mask": _list_col(col("frame_mask").astype(bool), pa.bool_()),
+            "audio_emb": _list_col(col("audio_emb").astype(np.float16), pa.float16()),
+            "audio_mask": _list_col(col("audio_mask").astype(bool), pa.bool_()),
+            "title": pa.array(col("title").astype(str).tolist(), pa.string()),
+            "asr": pa.array(col("asr").astype(str).tolist(), pa.string()),
+            "ocr": pa.array(col("ocr").astype(str).tolist(), pa.string()),
+            "text": pa.array(col("text").astype(str).tolist(), pa.string()),
+            "input_ids": _list_col(col("input_ids").astype(np.int32), pa.int32()),
+            "attention_mask": _list_col(col("attention_mask").astype(np.int32), pa.int32()),
+            "text_emb": _list_col(col("text_emb").astype(np.float16), pa.float16()),
+            "label": pa.array(_opt(col("label")), pa.string()),
+            "label_l1": pa.array(_opt(col("label_l1")), pa.string()),
+            "labels": pa.array([json.loads(s) if s else [] for s in col("labels")], pa.list_(pa.string())),
+        },
+        schema=feature_schema(info),
+    )
+    return table, errors

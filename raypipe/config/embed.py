@@ -8,6 +8,8 @@ fields that only change speed or placement do not, so a rerun with more actors s
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -180,3 +182,20 @@ def feature_hash_fields(cfg: EmbedConfig, compute: dict | None = None) -> dict:
         "audio": cfg.audio.model_dump(exclude={"batch_size"}),
         "text": cfg.text.model_dump(exclude={"batch_size"}),
     }
+
+
+def compute_fields(e: EmbedConfig) -> dict[str, str] | None:
+    """Planned device class and precision per encoder (GPU actors autocast to fp16, CPU ones stay fp32); None
+    while the pools are still ``auto`` (not planned)."""
+    pools = {"frames": e.frame_pool, "audio": e.frame_pool if e.fuse_encoders is True else e.audio_pool,
+             "text": e.frame_pool if e.fuse_encoders is True else e.text_pool}
+    if any(p.num_gpus == "auto" for p in pools.values()):
+        return None
+    return {k: "gpu-fp16" if float(p.num_gpus) > 0 else "cpu-fp32" for k, p in pools.items()}
+
+
+def config_hash(e: EmbedConfig) -> str:
+    """Short fingerprint of :func:`feature_hash_fields` (with the planned compute): two runs may share an output
+    folder only when theirs are equal (:meth:`raypipe.io.shards.ShardStore.check_config`)."""
+    blob = json.dumps(feature_hash_fields(e, compute_fields(e)), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]

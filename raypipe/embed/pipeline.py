@@ -16,12 +16,11 @@ Nothing is materialised: the driver only sees one small status row per video. Ro
 :func:`build_feature_dataset` (reused by the labelling job, which appends its classify stage) carry the feature
 columns as fixed-shape tensors plus ``status`` / ``stage`` / ``reason`` / ``error``; failed rows keep zero
 tensors. In that dataset ``labels`` is a JSON-encoded list and missing ``label`` / ``label_l1`` are ``""`` (so
-every block has the same Arrow types); :func:`to_feature_tables` turns them back into the shard schema.
+every block has the same Arrow types); :func:`raypipe.schema.to_feature_tables` turns them back into the shard schema.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,35 +29,19 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 import raypipe
 from raypipe.config import RaypipeConfig, StorageConfig
-from raypipe.config.embed import DecodeConfig, EmbedConfig, PoolConfig, feature_hash_fields
+from raypipe.config.embed import DecodeConfig, EmbedConfig, PoolConfig, compute_fields, config_hash
 from raypipe.io.decode import decode_video
 from raypipe.io.fs import atomic_write_bytes, join, resolve
 from raypipe.io.shards import ShardStore, shard_of
 from raypipe.io.sources import VideoRef, detect_kind, list_videos
 from raypipe.resources import StagePlan
 from raypipe.runtime import Progress, StallError, Watchdog, ensure_ray, planned
-from raypipe.schema import ERROR_COLUMNS, ShardInfo, error_schema, feature_schema
+from raypipe.schema import ShardInfo, feature_schema, to_feature_tables
 
 log = logging.getLogger(__name__)
-
-
-def compute_fields(e: EmbedConfig) -> dict[str, str] | None:
-    """Planned device class and precision per encoder (GPU actors autocast to fp16, CPU ones stay fp32); None
-    while the pools are still ``auto`` (not planned)."""
-    pools = {"frames": e.frame_pool, "audio": e.frame_pool if e.fuse_encoders is True else e.audio_pool,
-             "text": e.frame_pool if e.fuse_encoders is True else e.text_pool}
-    if any(p.num_gpus == "auto" for p in pools.values()):
-        return None
-    return {k: "gpu-fp16" if float(p.num_gpus) > 0 else "cpu-fp32" for k, p in pools.items()}
-
-
-def config_hash(cfg: RaypipeConfig) -> str:
-    blob = json.dumps(feature_hash_fields(cfg.embed, compute_fields(cfg.embed)), sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def feature_info(cfg: RaypipeConfig) -> ShardInfo:
@@ -80,7 +63,7 @@ def feature_info(cfg: RaypipeConfig) -> ShardInfo:
         max_frames=e.decode.max_frames, tokenizer=tok,
         embedders={"frames": frames, "audio": audio, "text": text, "decode": e.decode.model_dump(),
                    "compute": compute_fields(e) or {}},
-        config_hash=config_hash(cfg), raypipe_version=raypipe.__version__,
+        config_hash=config_hash(e), raypipe_version=raypipe.__version__,
     )
 
 
@@ -199,59 +182,6 @@ class FusedEncoder:
         return batch
 
 
-def _list_col(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
-    """(B, ...) fixed-shape array -> list<typ> of the flattened rows."""
-    b = arr.shape[0]
-    n = int(np.prod(arr.shape[1:]))
-    flat = np.ascontiguousarray(arr).reshape(b, n)  # n, not -1: a batch may hold no ok row at all (b = 0)
-    offsets = pa.array(np.arange(b + 1, dtype=np.int32) * n)  # n may be 0 (no audio features at all)
-    return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1), type=typ))
-
-
-def _opt(values: Any) -> list[str | None]:
-    return [str(v) if v not in (None, "") else None for v in values]
-
-
-def to_feature_tables(batch: dict[str, np.ndarray], info: ShardInfo) -> tuple[pa.Table, pa.Table]:
-    """Split a pipeline batch into (feature rows of the ok videos, error rows of the failed ones)."""
-    status = np.asarray(batch["status"]).astype(str)
-    ok = np.flatnonzero(status == "ok")
-    bad = np.flatnonzero(status != "ok")
-    errors = pa.table(
-        {c: pa.array([str(np.asarray(batch[c])[i]) for i in bad], pa.string()) for c in ERROR_COLUMNS},
-        schema=error_schema(),
-    )
-
-    def col(name: str) -> np.ndarray:
-        return np.asarray(batch[name])[ok]
-
-    table = pa.table(
-        {
-            "video_id": pa.array(col("video_id").astype(str).tolist(), pa.string()),
-            "source_uri": pa.array(col("source_uri").astype(str).tolist(), pa.string()),
-            "duration_s": pa.array(col("duration_s").astype(np.float64)),
-            "num_frames": pa.array(col("num_frames").astype(np.int32)),
-            "frame_times": _list_col(col("frame_times").astype(np.float32), pa.float32()),
-            "frame_emb": _list_col(col("frame_emb").astype(np.float16), pa.float16()),
-            "frame_mask": _list_col(col("frame_mask").astype(bool), pa.bool_()),
-            "audio_emb": _list_col(col("audio_emb").astype(np.float16), pa.float16()),
-            "audio_mask": _list_col(col("audio_mask").astype(bool), pa.bool_()),
-            "title": pa.array(col("title").astype(str).tolist(), pa.string()),
-            "asr": pa.array(col("asr").astype(str).tolist(), pa.string()),
-            "ocr": pa.array(col("ocr").astype(str).tolist(), pa.string()),
-            "text": pa.array(col("text").astype(str).tolist(), pa.string()),
-            "input_ids": _list_col(col("input_ids").astype(np.int32), pa.int32()),
-            "attention_mask": _list_col(col("attention_mask").astype(np.int32), pa.int32()),
-            "text_emb": _list_col(col("text_emb").astype(np.float16), pa.float16()),
-            "label": pa.array(_opt(col("label")), pa.string()),
-            "label_l1": pa.array(_opt(col("label_l1")), pa.string()),
-            "labels": pa.array([json.loads(s) if s else [] for s in col("labels")], pa.list_(pa.string())),
-        },
-        schema=feature_schema(info),
-    )
-    return table, errors
-
-
 def _write_parts(batch: dict[str, np.ndarray], *, store: ShardStore, info: ShardInfo) -> dict[str, np.ndarray]:
     table, errors = to_feature_tables(batch, info)
     if table.num_rows:
@@ -324,7 +254,7 @@ def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
     e = cfg.embed
     kind = detect_kind(e.source)
     if kind in ("wbdc_features", "yt8m"):
-        from raypipe.io.importers import import_features
+        from raypipe.embed.importers import import_features
 
         return import_features(cfg)
     t0 = time.monotonic()

@@ -89,7 +89,9 @@ def load_annotations(uri: str, storage: StorageConfig | None = None) -> dict[str
     return {str(a["id"]): a for a in data if isinstance(a, dict) and "id" in a}
 
 
-def _ref_from_annotation(video_id: str, uri: str, ann: dict[str, Any] | None) -> VideoRef:
+def ref_from_annotation(video_id: str, uri: str, ann: dict[str, Any] | None) -> VideoRef:
+    """A VideoRef carrying one WBDC-style annotation (title/asr/ocr/category_id); shared by the video listing
+    and the feature importers (:mod:`raypipe.embed.importers`) so both read annotations the same way."""
     if not ann:
         return VideoRef(video_id=video_id, source_uri=uri)
     label = _label_str(ann.get("category_id"))
@@ -301,7 +303,7 @@ def list_videos(source_cfg: SourceConfig, storage: StorageConfig | None = None) 
         for r in refs:
             ann = anns.get(r.video_id) or anns.get(posixpath.basename(r.video_id))
             if ann is not None:
-                j = _ref_from_annotation(r.video_id, r.source_uri, ann)
+                j = ref_from_annotation(r.video_id, r.source_uri, ann)
                 j.label = j.label or r.label
                 j.label_l1 = j.label_l1 or level1_of(j.label)
                 j.labels = r.labels

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raypipe.config import load_config
-from raypipe.io.importers import dequantize, import_features
+from raypipe.embed.importers import dequantize, import_features
 from raypipe.io.shards import read_errors, read_shards
 from raypipe.io.tfrecord import (
     crc32c,

@@ -137,14 +137,14 @@ def test_decode_resource_only_when_some_node_defines_it() -> None:
 
 
 def test_device_and_precision_are_in_the_feature_fingerprint() -> None:
-    from raypipe.embed.pipeline import config_hash
+    from raypipe.config.embed import config_hash
 
     cfg = load_config(None)
     cpu = apply_plan(cfg, stage_plan(cfg, "embed", Cluster.single(8)))
     gpu = apply_plan(cfg, stage_plan(cfg, "embed", Cluster.single(8, 1)))
-    assert config_hash(cpu) != config_hash(gpu)
+    assert config_hash(cpu.embed) != config_hash(gpu.embed)
     # placement alone (more actors, other CPU shares) does not change features: same hash, so reruns resume
-    assert config_hash(cpu) == config_hash(apply_plan(cfg, stage_plan(cfg, "embed", Cluster.single(16))))
+    assert config_hash(cpu.embed) == config_hash(apply_plan(cfg, stage_plan(cfg, "embed", Cluster.single(16))).embed)
 
 
 def test_num_cpus_is_only_for_a_local_instance(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,8 @@
 """Import pre-extracted feature corpora into the same shard schema: WBDC 2022 and YouTube-8M frame-level.
 
+A part of the embed stage, not of :mod:`raypipe.io`: it runs the text encoder (stages own models, io owns bytes;
+the split NeMo Curator makes), so io never imports a stage.
+
 Neither has decodable videos, so they skip decode and the frame/audio encoders; text (WBDC title/ASR/OCR) is
 tokenised and embedded with the configured text encoder so the rows are complete. Rows go through the same
 :class:`~raypipe.io.shards.ShardStore` (parts -> atomic shards -> manifest), so reruns skip imported ids.
@@ -25,11 +28,12 @@ import numpy as np
 
 import raypipe
 from raypipe.config import RaypipeConfig
+from raypipe.config.embed import config_hash
 from raypipe.io.fs import atomic_write_bytes, join, resolve
 from raypipe.io.shards import ShardStore, read_errors
-from raypipe.io.sources import _ref_from_annotation, load_annotations
+from raypipe.io.sources import detect_kind, load_annotations, ref_from_annotation
 from raypipe.io.text import build_text
-from raypipe.schema import ShardInfo, error_schema, feature_schema
+from raypipe.schema import ShardInfo, error_schema, feature_schema, to_feature_tables
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ def _wbdc_items(cfg: RaypipeConfig) -> Iterator[dict[str, Any]]:
     with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         names = {n.rsplit("/", 1)[-1][: -len(".npy")]: n for n in zf.namelist() if n.endswith(".npy")}
         for vid in sorted(anns):
-            ref = _ref_from_annotation(vid, f"{src.uri}#{vid}.npy", anns[vid])
+            ref = ref_from_annotation(vid, f"{src.uri}#{vid}.npy", anns[vid])
             item = {"ref": ref, "frames": None, "audio": None, "reason": "", "error": ""}
             if vid not in names:
                 item.update(reason="missing_features", error=f"{vid}.npy not in {src.uri}")
@@ -92,9 +96,7 @@ def _yt8m_items(cfg: RaypipeConfig) -> Iterator[dict[str, Any]]:
 
 def import_features(cfg: RaypipeConfig) -> dict[str, Any]:
     """Import the configured WBDC / YouTube-8M corpus into ``embed.output``; returns the run summary."""
-    from raypipe.embed.pipeline import config_hash, to_feature_tables
-    from raypipe.embed.text import TextEncoder, text_encoder_info
-    from raypipe.io.sources import detect_kind
+    from raypipe.embed.text import TextEncoder, text_encoder_info  # torch: only when a corpus is imported
 
     t0 = time.monotonic()
     e = cfg.embed
@@ -108,7 +110,7 @@ def import_features(cfg: RaypipeConfig) -> dict[str, Any]:
         embedders={"frames": {"name": f"{kind}/precomputed", "dim": frame_dim},
                    "audio": {"name": f"{kind}/precomputed" if audio_dim else "none", "dim": audio_dim},
                    "text": text_info},
-        config_hash=f"{kind}-{config_hash(cfg)}", raypipe_version=raypipe.__version__,
+        config_hash=f"{kind}-{config_hash(e)}", raypipe_version=raypipe.__version__,
     )
     store = ShardStore(e.output, cfg.storage, num_shards=e.num_shards, schema=feature_schema(info))
     store.check_config(info.config_hash, overwrite=e.overwrite)
