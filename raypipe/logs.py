@@ -62,6 +62,7 @@ def setup_logging(verbosity: int = 0, stage: str | None = None) -> str | None:
     _state["verbose"] = verbosity > 0
     if not verbosity:  # MLflow attaches its own stderr handler on import unless told not to
         os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+        _quiet_mlflow_handler()
     level = getattr(logging, os.environ.get("RAYPIPE_LOG_LEVEL", "").upper(), logging.INFO)
     console = logging.StreamHandler(_CurrentStderr())
     console.setLevel(logging.DEBUG if verbosity > 1 else max(level, logging.INFO))
@@ -88,6 +89,17 @@ def setup_logging(verbosity: int = 0, stage: str | None = None) -> str | None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _state["log_file"] = str(path) if path else None
     return _state["log_file"]  # type: ignore[return-value]
+
+
+def _quiet_mlflow_handler() -> None:
+    """MLflow imported before the CLI set up logging (a test session, a notebook, a job driver that imported it)
+    already has its own stderr handler, which would print its INFO lines ("Creating initial MLflow database
+    tables...") past the console filter: drop it and let its records reach the handlers set up here."""
+    mlflow_log = logging.getLogger("mlflow")
+    for handler in list(mlflow_log.handlers):
+        if type(handler) is logging.StreamHandler:
+            mlflow_log.removeHandler(handler)
+    mlflow_log.propagate = True
 
 
 def quiet_ray_data() -> None:

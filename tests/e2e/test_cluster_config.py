@@ -151,39 +151,19 @@ def _docs_ops_config() -> dict[str, Any]:
     return ops[0]
 
 
-def stage_request_shapes(cfg: Any) -> dict[str, dict[str, float]]:
-    """What every stage asks Ray for, per task / actor / worker, read from the stage configs.
-
-    ``num_gpus: auto`` counts as 1 (what it asks for on a cluster with GPUs). Memory is left out: the launcher
-    fills node memory in from the instance type, and decode's 256 MB fits any of them.
-    """
-    e, lab, t, res = cfg.embed, cfg.label, cfg.train, cfg.tune.resources
-
-    def gpus(p: Any) -> float:
-        return 1.0 if p.num_gpus == "auto" else float(p.num_gpus)
-
-    shapes = {"embed.decode": {"CPU": e.decode_num_cpus}, "embed.write": {"CPU": 0.25}}
-    pools = {"frame_pool": e.frame_pool} if e.fuse_encoders else {
-        "frame_pool": e.frame_pool, "audio_pool": e.audio_pool, "text_pool": e.text_pool}
-    for name, p in pools.items():
-        shapes[f"embed.{name}"] = {"CPU": p.num_cpus, "GPU": gpus(p)}
-    shapes["label.classify"] = {"CPU": 1.0, "GPU": 1.0 if lab.use_gpu else 0.0}
-    train_gpu = float(getattr(t, "gpus_per_worker", 1.0)) if t.use_gpu else 0.0
-    shapes["train.worker"] = {"CPU": t.cpus_per_worker, "GPU": train_gpu}
-    shapes["tune.trial_driver"] = {"CPU": res.driver_cpus}
-    tune_gpu = train_gpu if res.gpus_per_worker is None else float(res.gpus_per_worker)
-    shapes["tune.worker"] = {"CPU": res.cpus_per_worker or t.cpus_per_worker, "GPU": tune_gpu}
-    return {k: {r: v for r, v in s.items() if v > 0} for k, s in shapes.items()}
-
-
 def _fits(shape: dict[str, float], node: dict[str, float]) -> bool:
     return all(node.get(r, 0) >= v for r, v in shape.items())
 
 
 @pytest.mark.parametrize("source", ["demo", "test", "docs-ops"])
 def test_every_request_shape_fits_a_node_type(cluster_cfg: dict[str, Any], source: str, tmp_path: Path) -> None:
-    """A request no node type can hold stays pending forever, and the autoscaler never starts a node for it."""
+    """A request no node type can hold stays pending forever, and the autoscaler never starts a node for it.
+
+    The shapes are the resource planner's own (raypipe.runtime.stage_plan), planned for this cluster.yaml as a
+    cold autoscaling cluster: what each stage would ask for on the real cluster."""
     from raypipe.config import load_config
+    from raypipe.resources import check, cluster_from_yaml
+    from raypipe.runtime import stage_plan
 
     if source == "docs-ops":
         path = tmp_path / "prod.yaml"
@@ -191,9 +171,16 @@ def test_every_request_shape_fits_a_node_type(cluster_cfg: dict[str, Any], sourc
         cfg = load_config(path)
     else:
         cfg = load_config(source)
-    nodes = {n: t.get("resources", {}) for n, t in _ray_validate(cluster_cfg)["available_node_types"].items()}
-    shapes = stage_request_shapes(cfg)
-    unplaceable = {s: shape for s, shape in shapes.items() if not any(_fits(shape, r) for r in nodes.values())}
-    assert not unplaceable, f"no node type of cluster.yaml holds {unplaceable} (nodes: {nodes})"
+    cluster = cluster_from_yaml(_ray_validate(cluster_cfg))
+    nodes = {n.name: n.resources for n in cluster.nodes}
+    asked_gpu = False
+    for stage in ("embed", "label", "train", "tune"):
+        plan = check(stage_plan(cfg, stage, cluster), cluster)  # the planner's one-line ResourceError otherwise
+        for r in plan.requests:
+            shape = {k: v for k, v in r.shape.items() if k != "memory" and v > 0}
+            asked_gpu |= shape.get("GPU", 0) > 0
+            assert any(_fits(shape, res) for res in nodes.values()), f"{stage}: no node type holds {r.what} {shape}"
+    # a cold cluster (GPU group at 0 nodes) is still planned with GPUs, so the autoscaler has a GPU request to act on
+    assert asked_gpu
     # The check is real: a shape bigger than every node is reported.
     assert not any(_fits({"CPU": 1, "GPU": 2}, r) for r in nodes.values())
