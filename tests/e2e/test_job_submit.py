@@ -261,32 +261,65 @@ def test_label_job_over_the_failure_threshold_is_failed(local_cluster: LocalClus
     assert sorted(r["video_id"] for r in preds if r["status"] == "ok") == sorted(b.video_id for b in bad if b.expect_ok)
 
 
-def test_embed_train_and_tune_jobs(local_cluster: LocalCluster, registered_model, corpus, tmp_path: Path) -> None:
-    """jobs/embed.py, jobs/train.py and jobs/tune.py as Ray jobs (one submission runs the three in turn)."""
+def _ops_config(tmp_path: Path, corpus) -> Path:
+    """docs/OPERATIONS.md's production config (``base: demo``) with only its locations moved to this machine.
+
+    Everything else is the documented file: the demo preset it inherits (the one that once set ``ray.num_cpus``
+    and crashed ``ray.init`` on every joined cluster), its label failure threshold, its registered model name.
+    ``ray.cluster_yaml`` is dropped: this one-node cluster is not cluster.yaml's (planning against those node
+    types is tests/e2e/test_cluster_config.py's job; the bucket and MLflow server are the services tests').
+    """
+    import yaml
+
+    text = (REPO / "docs" / "OPERATIONS.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if re.search(r"^base: demo$", b, re.M))
+    cfg = yaml.safe_load(block)
+    assert cfg["base"] == "demo"
+    name = cfg["tracking"]["registered_model_name"]
+    cfg["embed"].update(source={"uri": str(corpus.videos_dir), "annotations": str(corpus.annotations_path)},
+                        output=str(tmp_path / "features"))
+    cfg["train"].update(data=str(tmp_path / "features"), storage_path=str(tmp_path / "ray"),
+                        taxonomy=str(corpus.taxonomy_path))
+    cfg["label"].update(model_uri=f"models:/{name}@challenger", output=str(tmp_path / "labels"),
+                        class_names=str(corpus.class_names_path))
+    cfg["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    del cfg["ray"]["cluster_yaml"]
+    path = tmp_path / "prod.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_every_job_with_the_documented_ops_config(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    """jobs/embed.py, train.py, tune.py and label_nightly.py as Ray jobs with the operations guide's config
+    (one submission runs them in turn): embed a fresh corpus, train and register a model, sweep, label with it."""
     import shlex
 
+    from raypipe.config import CorpusConfig
+    from raypipe.corpus import generate_corpus
     from raypipe.io.shards import read_manifest
+    from raypipe.label import read_predictions
     from raypipe.tune import BEST_CONFIG_NAME
 
-    shards = registered_model.train.data
-    track = ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    runs = ["--set", f"train.storage_path={tmp_path / 'ray'}"]
+    corpus = generate_corpus(CorpusConfig(out=str(tmp_path / "corpus"), videos=10, seed=23, bad_inputs=False,
+                                          min_duration_s=2.0, max_duration_s=4.0, long_fraction=0.0, id_prefix="ops"))
+    ops = str(_ops_config(tmp_path, corpus))
     steps = [
-        ["python", "jobs/embed.py", "-c", "test", "--source", str(corpus.videos_dir), "--annotations",
-         str(corpus.annotations_path), "--output", str(tmp_path / "features"), "--set", "embed.source.limit=3", *track],
-        ["python", "jobs/train.py", "-c", "test", "--data", shards, "--epochs", "1", "--run-name", "job-train",
-         "--set", "train.num_workers=1", "--set", "train.register_model=false", *track, *runs],
-        ["python", "jobs/tune.py", "-c", "test", "--name", "job-sweep", "--set", f"train.data={shards}",
-         "--set", "train.epochs=1", "--set", "tune.num_samples=1",
-         "--set", 'tune.search_space={"train.optim.lr": {"choice": [0.001]}}', *track, *runs],
+        ["python", "jobs/embed.py", "-c", ops],
+        ["python", "jobs/train.py", "-c", ops, "--epochs", "1", "--run-name", "job-train"],
+        ["python", "jobs/tune.py", "-c", ops, "--name", "job-sweep", "--set", "train.epochs=1",
+         "--set", "tune.num_samples=1", "--set", 'tune.search_space={"train.optim.lr": {"choice": [0.001]}}'],
+        ["python", "jobs/label_nightly.py", "-c", ops],
     ]
     script = " && ".join(shlex.join(step) for step in steps)
     status, logs = _submit(local_cluster, ["bash", "-c", script], working_dir=REPO, timeout=900)
     assert status == "SUCCEEDED", logs[-6000:]
-    assert read_manifest(str(tmp_path / "features"))["rows"] == 3
+    assert "num_cpus" not in logs  # the joined cluster is never asked to start with a CPU count
+    assert read_manifest(str(tmp_path / "features"))["rows"] == len(corpus.videos)
     assert list((tmp_path / "ray" / "job-train").rglob("model.pt")), "jobs/train.py left no checkpoint"
-    best = tmp_path / "ray" / "job-sweep" / BEST_CONFIG_NAME
-    assert best.is_file() and "best trial" in logs
+    assert (tmp_path / "ray" / "job-sweep" / BEST_CONFIG_NAME).is_file() and "best trial" in logs
+    rows = read_predictions(str(tmp_path / "labels")).to_pylist()
+    assert sorted(r["video_id"] for r in rows) == sorted(v.video_id for v in corpus.videos)
+    assert {r["status"] for r in rows} == {"ok"} and {r["model_version"] for r in rows} == {"1"}
 
 
 def test_the_token_auth_commands_of_the_operations_guide(local_cluster: LocalCluster, tmp_path: Path) -> None:
