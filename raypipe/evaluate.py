@@ -1,7 +1,7 @@
 """``raypipe eval``: metrics of a trained model on feature shards, clean and under a corruption.
 
 The model comes from the registry (``models:/name@alias``) or a checkpoint folder, through the same
-:func:`raypipe.tracking.load_classifier` the labelling job uses. Rows are selected with the same hash split the
+:func:`raypipe.classifier.load_classifier` the labelling job uses. Rows are selected with the same hash split the
 model was trained with (the model's own ``val_fraction`` / ``test_fraction``), so "val" and "test" really are data
 the model never trained on. The default ``eval.split=auto`` scores the test split when the model has one: the
 training run chose its epoch on val, so val scores are optimistic; a model trained without a test split is
@@ -120,9 +120,10 @@ def score_split(
 def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
     """Score ``eval.model_uri`` on ``eval.data`` (default ``train.data``) -> report dict with ``metrics``
     (clean, keyed ``eval/...``) and, under a corruption, ``corrupted_metrics`` and ``delta``."""
+    from raypipe.classifier import load_classifier
+    from raypipe.config.paths import absolute_tracking_uri
     from raypipe.corruptions import apply_corruption, corruption_generator
     from raypipe.metrics import compute_metrics
-    from raypipe.tracking import absolute_tracking_uri, load_classifier
 
     ec = cfg.eval
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
@@ -187,16 +188,14 @@ def _summary(report: dict[str, Any]) -> str:
 
 def _log_eval_run(cfg: RaypipeConfig, report: dict[str, Any], scores: np.ndarray, y: np.ndarray, clf: Any) -> str:
     """One MLflow run per evaluation: params (model, data, corruption), metrics, report JSON, tables."""
-    from raypipe.tracking import RunLogger, evaluation_artifacts, experiment_id, flatten_config, make_client
+    from raypipe.reports import evaluation_artifacts
+    from raypipe.tracking import flatten_config, start_stage_run
 
-    client = make_client(cfg.tracking)
-    tags = {"raypipe.stage": "eval", "raypipe.model_uri": report["model_uri"]}
     name = f"eval-{clf.model_name}-v{clf.model_version}-{report['corruption']['kind']}"
-    run = client.create_run(experiment_id(client, cfg.tracking), run_name=name, tags=tags)
-    run_logger = RunLogger(cfg.tracking, run.info.run_id)
-    run_logger.log_params(
-        flatten_config({"model_uri": report["model_uri"], "model_version": report["model_version"],
-                        "data": report["data"], "split": report["split"], "corruption": report["corruption"]})
+    run_logger = start_stage_run(
+        cfg.tracking, stage="eval", run_name=name, tags={"raypipe.model_uri": report["model_uri"]},
+        params=flatten_config({"model_uri": report["model_uri"], "model_version": report["model_version"],
+                               "data": report["data"], "split": report["split"], "corruption": report["corruption"]}),
     )
     run_logger.log_metrics({**report["metrics"], **report.get("corrupted_metrics", {})}, step=0)
     run_logger.log_text(json.dumps(report, indent=1), "eval_report.json")
@@ -205,7 +204,7 @@ def _log_eval_run(cfg: RaypipeConfig, report: dict[str, Any], scores: np.ndarray
                                       title=f"{name} ({report['split']})"):
             run_logger.log_file(Path(p))
     run_logger.finish("FINISHED")
-    return run.info.run_id
+    return run_logger.run_id
 
 
 def run(cfg: RaypipeConfig) -> int:

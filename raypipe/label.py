@@ -16,7 +16,6 @@ Two modes: ``classify`` uses the model's own head; ``zero_shot`` (CAV-Net) embed
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
@@ -35,6 +34,8 @@ import pyarrow as pa
 from raypipe.config import RaypipeConfig, StorageConfig
 from raypipe.io.fs import atomic_write_bytes, join, resolve
 from raypipe.io.shards import MANIFEST, ShardStore, read_errors, read_manifest, read_shards
+from raypipe.reports import label_summary_table as format_table
+from raypipe.reports import plot_label_distribution as plot_distribution
 from raypipe.schema import error_schema, level1_of
 
 log = logging.getLogger(__name__)
@@ -218,53 +219,6 @@ class LabelStats:
         return self.failed / done if done else 0.0
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """A few lines a person reads in the job log or in summary.txt."""
-    s = summary
-    names = s.get("class_names") or {}
-    lines = [
-        f"raypipe label run {s['run_id']}: model {s['model']['name']} version {s['model']['version']} ({s['mode']})",
-        f"{'videos seen':<24}{s['videos_seen']:>8}",
-        f"{'skipped (already done)':<24}{s['skipped']:>8}",
-        f"{'labelled':<24}{s['labelled']:>8}",
-        f"{'failed':<24}{s['failed']:>8}   ({s['failure_rate']:.1%}, threshold {s['max_failure_rate']:.1%})",
-    ]
-    for reason, n in sorted(s["failed_by_reason"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {reason:<22}{n:>8}")
-    if s["label_distribution"]:
-        lines.append("label distribution (top-1):")
-        for label, n in sorted(s["label_distribution"].items(), key=lambda kv: (-kv[1], kv[0])):
-            name = names.get(label, "")
-            lines.append(f"  {label:<10}{name[:28]:<30}{n:>6}")
-    lines.append(f"status: {s['status']}")
-    return "\n".join(lines)
-
-
-def plot_distribution(counts: dict[str, int], names: dict[str, str], title: str) -> bytes:
-    """A horizontal bar chart of the top-1 labels as PNG bytes (Agg: no display on cluster nodes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    labels = [f"{k} {names.get(k, '')}".strip() for k, _ in items] or ["(none)"]
-    values = [v for _, v in items] or [0]
-    fig, ax = plt.subplots(figsize=(7, max(2.0, 0.35 * len(labels) + 1)))
-    try:
-        ax.barh(range(len(values)), values, color="#4C72B0")
-        ax.set_yticks(range(len(labels)), labels=labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("videos")
-        ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -310,8 +264,8 @@ class _Classify:
     ) -> None:
         import torch
 
+        from raypipe.classifier import load_classifier
         from raypipe.device import pick_device
-        from raypipe.tracking import load_classifier
 
         torch.set_num_threads(1)
         self.clf = load_classifier(model_uri, storage, tracking_uri=tracking_uri)
@@ -426,10 +380,11 @@ def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, 
     """
     import ray
 
+    from raypipe.classifier import load_classifier
+    from raypipe.config.paths import absolute_tracking_uri
     from raypipe.embed.pipeline import build_feature_dataset, feature_info
     from raypipe.io.sources import list_videos
     from raypipe.runtime import ensure_ray, planned
-    from raypipe.tracking import absolute_tracking_uri, load_classifier
 
     t0 = time.monotonic()
     # Planned first: the encoders' device class is part of the feature fingerprint compared below.
@@ -629,20 +584,17 @@ def _log_to_mlflow(cfg: RaypipeConfig, summary: dict[str, Any]) -> str | None:
     import tempfile
     from pathlib import Path
 
-    from raypipe.tracking import RunLogger, experiment_id, make_client
+    from raypipe.tracking import start_stage_run
 
     try:
-        client = make_client(cfg.tracking)
-        run = client.create_run(
-            experiment_id(client, cfg.tracking), run_name=f"label-{summary['run_id']}",
-            tags={"raypipe.stage": "label", "raypipe.label_run": summary["run_id"]},
+        logger = start_stage_run(
+            cfg.tracking, stage="label", run_name=f"label-{summary['run_id']}",
+            tags={"raypipe.label_run": summary["run_id"]}, params={
+                "model_name": summary["model"]["name"], "model_version": summary["model"]["version"],
+                "model_uri": summary["model"]["uri"], "mode": summary["mode"], "source": summary["source"],
+                "output": summary["output"],
+            },
         )
-        logger = RunLogger(cfg.tracking, run.info.run_id)
-        logger.log_params({
-            "model_name": summary["model"]["name"], "model_version": summary["model"]["version"],
-            "model_uri": summary["model"]["uri"], "mode": summary["mode"], "source": summary["source"],
-            "output": summary["output"],
-        })
         logger.log_metrics({k: float(summary[k]) for k in
                             ("videos_seen", "skipped", "labelled", "failed", "failure_rate", "duration_s")}, step=0)
         fs, _ = resolve(cfg.label.output, cfg.storage)
@@ -652,7 +604,7 @@ def _log_to_mlflow(cfg: RaypipeConfig, summary: dict[str, Any]) -> str | None:
                 local.write_bytes(fs.cat_file(path))
                 logger.log_file(local, "label")
         logger.finish("FINISHED" if summary["status"] == "ok" else "FAILED")
-        return run.info.run_id
+        return logger.run_id
     except Exception:  # tracking is a side channel: the predictions are already committed
         log.exception("label: MLflow logging failed (predictions are committed; continuing)")
         return None

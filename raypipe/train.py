@@ -54,12 +54,6 @@ from raypipe.config import paths as config_paths
 from raypipe.config.train import TASK_METRICS
 from raypipe.data import DataError, DataSpec, prepare_data
 from raypipe.io import fs as rfs
-from raypipe.tracking import (
-    META_FILE,
-    MODEL_FILE,
-    TRAIN_STATE_FILE,
-    VAL_PREDICTIONS_FILE,
-)
 
 if TYPE_CHECKING:
     import torch
@@ -417,32 +411,6 @@ def _steps_per_epoch(spec: DataSpec, cfg: RaypipeConfig, world: int) -> int:
     return max(1, math.ceil(batches / cfg.train.optim.grad_accum))
 
 
-def _write_checkpoint(
-    directory: str,
-    *,
-    model: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    scaler: Any,
-    meta: dict[str, Any],
-    val_scores: np.ndarray,
-    val_targets: np.ndarray,
-    val_ids: np.ndarray,
-) -> None:
-    import torch
-
-    d = Path(directory)
-    torch.save(model.state_dict(), d / MODEL_FILE)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-        d / TRAIN_STATE_FILE,
-    )
-    (d / META_FILE).write_text(json.dumps(meta, indent=1, default=float))
-    np.savez_compressed(
-        d / VAL_PREDICTIONS_FILE, scores=val_scores.astype(np.float32), targets=val_targets, video_id=val_ids.astype(str)
-    )
-
-
 def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int, world: int, storage: Any) -> None:
     if not fault or epoch != fault["crash_at_epoch"] or rank != world - 1:
         return
@@ -521,6 +489,7 @@ def _validate(
     import torch
     import torch.distributed as dist
 
+    from raypipe.classifier import scores_from_logits
     from raypipe.data import to_torch
 
     mine: list[tuple[int, Any, np.ndarray, np.ndarray, Any]] = []
@@ -536,7 +505,7 @@ def _validate(
             with autocast():
                 logits = model(batch)["logits"].float()
             loss, _ = objective({"logits": logits}, batch)
-            probs = torch.softmax(logits, -1) if task == "single_label" else torch.sigmoid(logits)
+            probs = scores_from_logits(logits, task)
             mine.append((i, probs, np.asarray(np_batch[target_key]), np.asarray(np_batch["video_id"]),
                          loss.detach().double() * len(logits)))
     # One device->host copy of this rank's predictions and losses (not one sync per batch).
@@ -567,6 +536,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import torch
     import torch.distributed as dist
 
+    from raypipe.classifier import read_train_state, write_checkpoint
     from raypipe.data import to_torch
     from raypipe.losses import FusionObjective
     from raypipe.metrics import compute_metrics
@@ -591,9 +561,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     start_epoch, history, train_state = 1, [], None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
-            train_state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
-            meta = json.loads((Path(d) / META_FILE).read_text())
+            train_state, meta = read_train_state(d, model)
         start_epoch, history = int(meta["epoch"]) + 1, list(meta["history"])
         logger.info("rank %d: resuming from epoch %d checkpoint", rank, start_epoch - 1)
 
@@ -746,7 +714,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 "config": loop_config["cfg"],
             }
             with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
-                _write_checkpoint(
+                write_checkpoint(
                     tmp, model=core, optimizer=optimizer, scheduler=scheduler, scaler=scaler, meta=meta,
                     val_scores=val_scores, val_targets=val_targets, val_ids=val_ids,
                 )
@@ -820,8 +788,9 @@ def _log_final(
     example_rows: dict[str, np.ndarray] | None,
 ) -> dict[str, Any]:
     """Rank 0 after the last epoch: artifacts of the best epoch and the best checkpoint as the MLflow model."""
+    from raypipe.classifier import example_from_shaped, read_val_predictions
     from raypipe.data import shape_columns
-    from raypipe.tracking import evaluation_artifacts, example_from_shaped, plot_training_curves
+    from raypipe.reports import evaluation_artifacts, plot_training_curves
 
     t = cfg.train
     out: dict[str, Any] = {}
@@ -839,7 +808,7 @@ def _log_final(
     out["best_metrics"] = {k: float(v) for k, v in best_metrics.items() if isinstance(v, int | float)}
     out["best_checkpoint"] = checkpoint.path
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="raypipe-artifacts-") as tmp:
-        preds = np.load(Path(d) / VAL_PREDICTIONS_FILE)
+        preds = read_val_predictions(d)
         title = f"{cfg.model.name} epoch {int(best_metrics.get('epoch', 0))} ({t.metric}={best_metrics.get(t.metric, float('nan')):.3f})"
         for p in evaluation_artifacts(tmp, scores=preds["scores"], targets=preds["targets"], classes=spec.classes,
                                       task=t.task, title=title):
@@ -961,9 +930,9 @@ def score_test_split(cfg: RaypipeConfig, spec: DataSpec, checkpoint: str | None)
     Only here is the test split read: epochs were chosen and training stopped on val, so these numbers are the
     run's unbiased estimate. With no test rows (or no checkpoint) the report says why and holds no metrics.
     """
+    from raypipe.classifier import load_classifier
     from raypipe.evaluate import score_split
     from raypipe.metrics import compute_metrics
-    from raypipe.tracking import load_classifier
 
     report: dict[str, Any] = {"split": "test", "num_rows": spec.num_test, "metrics": {},
                               "test_fraction": spec.test_fraction, "checkpoint": checkpoint}

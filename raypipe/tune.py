@@ -20,10 +20,8 @@ Why this shape (Ray 2.60, Train V2):
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -43,6 +41,9 @@ from raypipe.config.base import apply_override
 from raypipe.config.paths import resolve_paths
 from raypipe.config.tune import SEARCH_KINDS
 from raypipe.io import fs as rfs
+from raypipe.reports import plot_trials
+from raypipe.reports import trials_csv as table_csv
+from raypipe.reports import trials_table as format_table
 
 log = logging.getLogger(__name__)
 
@@ -407,77 +408,6 @@ def pick_best(trials: Sequence[TrialSummary], mode: str) -> TrialSummary | None:
         if best is None or _is_better(t.best_metric, best.best_metric, mode):  # type: ignore[arg-type]
             best = t
     return best
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def format_table(trials: Sequence[TrialSummary], *, metric: str, best_id: str | None) -> str:
-    """A plain-text table a person reads at the end of a sweep (also logged to MLflow)."""
-    keys = sorted({k for t in trials for k in t.params})
-    header = ["trial", *keys, f"best {metric}", "epochs", "early stop", "status"]
-    body = []
-    for t in trials:
-        mark = " *" if t.trial_id == best_id else ""
-        body.append(
-            [
-                t.trial_id + mark,
-                *(_fmt(t.params.get(k, "")) for k in keys),
-                _fmt(t.best_metric) if t.best_metric is not None else "-",
-                str(t.epochs_run),
-                "yes" if t.stopped_early else "no",
-                t.status if not t.error else f"{t.status}: {t.error[:60]}",
-            ]
-        )
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def table_csv(trials: Sequence[TrialSummary], *, metric: str) -> str:
-    keys = sorted({k for t in trials for k in t.params})
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["trial_id", *keys, f"best_{metric}", "epochs_run", "stopped_early", "status", "error", "mlflow_run_id"])
-    for t in trials:
-        w.writerow(
-            [t.trial_id, *(t.params.get(k, "") for k in keys), t.best_metric, t.epochs_run, t.stopped_early,
-             t.status, t.error or "", t.mlflow_run_id or ""]
-        )
-    return buf.getvalue()
-
-
-def plot_trials(trials: Sequence[TrialSummary], *, metric: str, path: str | Path, best_id: str | None) -> None:
-    """Metric vs epoch, one line per trial; early-stopped trials end in an x, errored ones are dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    for t in trials:
-        if not t.history:
-            continue
-        xs = [e for e, _ in t.history]
-        ys = [v for _, v in t.history]
-        style = "--" if t.status == "ERROR" else "-"
-        width = 2.5 if t.trial_id == best_id else 1.2
-        (line,) = ax.plot(xs, ys, style, marker="o", linewidth=width, markersize=3, label=t.trial_id)
-        if t.stopped_early:
-            ax.plot(xs[-1:], ys[-1:], "x", color=line.get_color(), markersize=10)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per epoch (x: stopped early, bold: best)")
-    ax.grid(True, alpha=0.3)
-    if any(t.history for t in trials):
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(str(path))
 
 
 def best_training_config(cfg: RaypipeConfig, best: TrialSummary) -> dict[str, Any]:

@@ -129,8 +129,9 @@ def first_run(ray_session, registered_model, corpus):
 def test_labels_agree_with_the_classifier_and_failures_are_rows(first_run, corpus) -> None:
     import numpy as np
 
+    from raypipe.classifier import load_classifier
     from raypipe.io.shards import read_shards
-    from raypipe.tracking import load_classifier, make_client
+    from raypipe.tracking import make_client
 
     rc, cfg = first_run
     assert rc == 0
@@ -223,9 +224,9 @@ def test_zero_shot_mode_labels_by_similarity_to_the_class_names(registered_model
     same as scoring the training shards directly against the embedded names."""
     import numpy as np
 
+    from raypipe.classifier import load_classifier
     from raypipe.io.shards import read_shards
     from raypipe.label import _embed_class_names, label_videos, read_class_names
-    from raypipe.tracking import load_classifier
 
     cfg = _with(registered_model, embed={"source": {"limit": 8}},
                 label={"mode": "zero_shot", "output": str(tmp_path / "zs")})
