@@ -170,15 +170,12 @@ def validate_search_space(cfg: RaypipeConfig) -> None:
 
 def _model_param_problem(cfg: RaypipeConfig, name: str) -> str | None:
     """model.params are free-form in the config; the model builder's keyword arguments are the real keys."""
-    from raypipe.models import registry
+    from raypipe.models.resolve import option_problem
 
     try:
-        allowed = registry.builder_params(cfg.model.name)
+        return option_problem(cfg.model.name, name.split(".")[0])
     except KeyError:
         return None  # unknown model name: the trainer reports it with the registry's own message
-    if name.split(".")[0] not in allowed:
-        return f"{name!r} is not an option of model {cfg.model.name!r} (allowed: {', '.join(allowed)})"
-    return None
 
 
 def expected_trials(cfg: RaypipeConfig) -> int:

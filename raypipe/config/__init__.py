@@ -33,6 +33,7 @@ from raypipe.config.train import TASK_METRICS, EvalConfig, LossConfig, OptimConf
 from raypipe.config.tune import TuneConfig
 
 __all__ = [
+    "config_to_dict",
     "ConfigError",
     "CorpusConfig",
     "DecodeConfig",
@@ -87,6 +88,13 @@ class RaypipeConfig(StrictModel):
             raise ValueError(f"promote.metric {self.promote.metric!r} is not a metric of task "
                              f"{self.train.task!r}; choose one of {', '.join(allowed)}")
         return self
+
+
+def config_to_dict(cfg: RaypipeConfig) -> dict[str, Any]:
+    """JSON-able dump that validates back to the same config: only what was set (some sections reject options
+    their mode does not read, so a full dump with every default would not round-trip), and an exported YAML stays
+    short and keeps following the defaults of keys it never named."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
 
 
 def preset_names() -> list[str]:
