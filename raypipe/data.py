@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from raypipe.config import StorageConfig
 from raypipe.io import fs as rfs
-from raypipe.schema import METADATA_KEY, ShardInfo
+from raypipe.schema import METADATA_KEY, SHARD_DIMS, ShardInfo
 
 if TYPE_CHECKING:
     import fsspec
@@ -159,7 +159,6 @@ def _read_schema(fs: fsspec.AbstractFileSystem, path: str) -> pa.Schema:
         return pq.read_schema(f)
 
 
-_DIM_FIELDS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
 
 
 def read_shard_info(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> ShardInfo:
@@ -170,7 +169,7 @@ def read_shard_info(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> Shar
         if first is None:
             first, first_path = info, p
             continue
-        for name in _DIM_FIELDS:
+        for name in SHARD_DIMS:
             if getattr(info, name) != getattr(first, name):
                 raise DataError(
                     f"feature shards disagree on {name}: {getattr(first, name)} in {first_path} vs "
@@ -592,7 +591,7 @@ class EvaluationSet:
 def fingerprint_rows(arrays: Mapping[str, np.ndarray], info: ShardInfo) -> str:
     """SHA-256 of the ShardInfo dims/embedders and every array (row order included), keys in sorted order."""
     h = hashlib.sha256()
-    meta = {k: getattr(info, k) for k in _DIM_FIELDS} | {"embedders": info.embedders}
+    meta = {k: getattr(info, k) for k in SHARD_DIMS} | {"embedders": info.embedders}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for key in sorted(arrays):
         arr = np.asarray(arrays[key])

@@ -35,16 +35,15 @@ import pyarrow.parquet as pq
 from raypipe.config import ConfigError, RaypipeConfig
 from raypipe.data import TARGET_COLUMNS, DataError, DataSpec, _prepare_batch, prepare_data, to_torch
 from raypipe.io import fs as rfs
-from raypipe.schema import ShardInfo
+from raypipe.schema import SHARD_DIMS, ShardInfo
 
 logger = logging.getLogger(__name__)
 
-_DIMS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
 
 
 def check_compatible(model_info: ShardInfo, data_info: ShardInfo, data_uri: str) -> None:
     """The model can only read features with the dims it was trained on."""
-    bad = [f"{d} {getattr(data_info, d)} (model expects {getattr(model_info, d)})" for d in _DIMS
+    bad = [f"{d} {getattr(data_info, d)} (model expects {getattr(model_info, d)})" for d in SHARD_DIMS
            if getattr(model_info, d) != getattr(data_info, d)]
     if bad:
         raise DataError(f"features at {data_uri!r} do not fit the model: {', '.join(bad)}; embed them with the "

@@ -30,10 +30,10 @@ from raypipe.config import ConfigError, RaypipeConfig
 from raypipe.data import DataError, EvaluationSet, evaluation_rows, held_out_split
 from raypipe.io import fs as rfs
 from raypipe.reports import promotion_table as format_table
+from raypipe.schema import SHARD_DIMS
 
 log = logging.getLogger(__name__)
 
-_DIMS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
 
 
 class PromotionError(ValueError):
@@ -103,7 +103,7 @@ def _embedders(info: Any) -> dict[str, dict[str, Any]]:
 
 def feature_differences(model: Any, other: Any, other_name: str) -> list[str]:
     """How the features of ShardInfo ``model`` differ from ``other``'s (dims, then embedders), one item each."""
-    bad = [f"{d} {getattr(model, d)} ({other_name}: {getattr(other, d)})" for d in _DIMS
+    bad = [f"{d} {getattr(model, d)} ({other_name}: {getattr(other, d)})" for d in SHARD_DIMS
            if getattr(model, d) != getattr(other, d)]
     if model.embedders and other.embedders:
         mine, theirs = _embedders(model), _embedders(other)

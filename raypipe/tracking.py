@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raypipe.config import StorageConfig, TrackingConfig
+from raypipe.config.base import flatten
 from raypipe.config.paths import absolute_tracking_uri as _absolute_tracking_uri
 from raypipe.io import fs as rfs
 
@@ -75,16 +76,13 @@ def mlflow_metric_name(name: str) -> str:
     return re.sub(r"[^/\w.\- :]", "_", name.replace("@", "_at_"))
 
 
-def flatten_config(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> ``{"train.optim.lr": "0.001"}``; lists and empty mappings as JSON."""
+def flatten_config(data: Mapping[str, Any]) -> dict[str, str]:
+    """Nested config -> MLflow params ``{"train.optim.lr": "0.001"}`` (dotted keys as in
+    :func:`raypipe.config.base.flatten`); lists and empty mappings as JSON, values cut at MLflow's limit."""
     out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten_config(value, f"{name}."))
-        else:
-            text = json.dumps(value) if isinstance(value, list | tuple | Mapping) else str(value)
-            out[name] = text[:6000]  # MLflow's param value limit
+    for name, value in flatten(data).items():
+        text = json.dumps(value) if isinstance(value, list | tuple | Mapping) else str(value)
+        out[name] = text[:6000]  # MLflow's param value limit
     return out
 
 

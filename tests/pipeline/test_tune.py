@@ -15,9 +15,9 @@ import yaml
 from ray.tune import Callback
 
 from raypipe.config import ConfigError, load_config
+from raypipe.config.base import flatten
 from raypipe.tune import (
     apply_params,
-    flatten,
     format_table,
     sample_values,
     to_param_space,

@@ -32,14 +32,14 @@ def test_cpu_workers_get_gloo_and_no_gpu() -> None:
 
 
 def test_fractional_gpus_for_tune_trials() -> None:
-    from raypipe.tune import _portable_base
+    from raypipe.tune import portable_base
 
     cfg = load_config("test", ["tune.resources.gpus_per_worker=0.25"])
-    train = _portable_base(cfg)["train"]
+    train = portable_base(cfg)["train"]
     assert train["use_gpu"] is True and train["gpus_per_worker"] == 0.25
     trial = load_config("test", [f"train.{k}={v}" for k, v in train.items() if k in ("use_gpu", "gpus_per_worker")])
     assert worker_group_configs(trial.train)[1].resources_per_worker["GPU"] == 0.25
-    assert _portable_base(load_config("test", ["tune.resources.gpus_per_worker=0"]))["train"]["use_gpu"] is False
+    assert portable_base(load_config("test", ["tune.resources.gpus_per_worker=0"]))["train"]["use_gpu"] is False
 
 
 def test_find_unused_parameters_is_off_by_default_and_configurable() -> None:
