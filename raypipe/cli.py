@@ -145,6 +145,10 @@ def run_stage(stage: str, runner: Callable[..., int], cfg: RaypipeConfig, **kwar
         return 130
     except Exception as exc:
         log.debug("%s failed", stage, exc_info=True)
+        code = getattr(exc, "exit_code", None)  # DataError, PromotionError: "cannot run as configured" (2)
+        if isinstance(code, int):
+            log.error("%s: %s", stage, str(exc).strip().replace("\n", "; "))
+            return code
         log.error("raypipe %s failed: %s%s", stage, _one_line(exc), where)
         return 1
 

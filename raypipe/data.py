@@ -79,6 +79,8 @@ BATCH_FEATURE_KEYS = (
 class DataError(ValueError):
     """The feature data cannot be used as asked (no shards, mixed embedders, unknown labels ...)."""
 
+    exit_code = 2  # the CLI's code for "cannot run as configured" (see raypipe.cli.run_stage)
+
 
 # ------------------------------------------------------------------------------------------------ split
 

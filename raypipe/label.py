@@ -547,14 +547,12 @@ def _write_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: 
 
 def _commit(store: ShardStore, common: dict[str, Any]) -> list[str]:
     """Parts -> atomic shard files, errors without videos that have since been labelled, then the manifest."""
-    for shard in store.pending_shards():
-        store.commit_shard(shard)
-    store.commit_errors(drop_keys=store.done_keys(include_errors=False))
-    manifest = store.write_manifest({
+    # done_keys is read before the parts are committed: what the committed shards and the parts hold
+    manifest = store.commit({
         **{k: common[k] for k in ("mode", "model_name", "model_version", "model_uri", "run_id")},
         "embedders": json.loads(common["embedders"]),
         "committed_at": _utcnow().isoformat(),
-    })
+    }, drop_error_keys=store.done_keys(include_errors=False))
     return [join(store.root, s["path"]) for s in manifest["shards"]]
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from raypipe.config import ConfigError, RaypipeConfig
+from raypipe.config import RaypipeConfig
 from raypipe.data import DataError, EvaluationSet, evaluation_rows, held_out_split
 from raypipe.io import fs as rfs
 from raypipe.reports import promotion_table as format_table
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 class PromotionError(ValueError):
     """The promotion cannot be decided as asked (no challenger, incompatible model, unknown version ...)."""
+
+    exit_code = 2  # the CLI's code for "cannot run as configured" (see raypipe.cli.run_stage)
 
 
 @dataclass
@@ -295,11 +297,7 @@ def _log_to_mlflow(cfg: RaypipeConfig, report: dict[str, Any]) -> str:
 
 def run(cfg: RaypipeConfig) -> int:
     """``raypipe promote``: 0 when decided (promoted or not), 2 when it cannot be decided as configured."""
-    try:
-        promote(cfg)
-    except (PromotionError, ConfigError) as err:
-        log.error("promote: %s", err)
-        return 2
+    promote(cfg)  # a PromotionError / ConfigError becomes exit code 2 in raypipe.cli.run_stage
     return 0
 
 

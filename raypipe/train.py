@@ -427,12 +427,8 @@ def score_test_split(cfg: RaypipeConfig, spec: DataSpec, checkpoint: str | None)
 
 
 def run(cfg: RaypipeConfig) -> int:
-    """``raypipe train``: 0 on success, 2 on a config error (printed as one line per problem)."""
-    try:
-        result = fit(cfg)
-    except ConfigError as err:
-        logger.error("%s", err)
-        return 2
+    """``raypipe train``: 0 on success (errors become exit codes in :func:`raypipe.cli.run_stage`)."""
+    result = fit(cfg)  # a ConfigError becomes exit code 2 in raypipe.cli.run_stage
     value = result.best_value
     logger.info(
         "trained %s: best %s=%s (epoch %s), checkpoint %s%s",

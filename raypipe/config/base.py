@@ -24,6 +24,8 @@ class StrictModel(BaseModel):
 class ConfigError(ValueError):
     """A config problem a user can fix; ``str(err)`` is a message naming the offending key."""
 
+    exit_code = 2  # what the CLI (raypipe.cli.run_stage, the one place that maps errors to codes) exits with
+
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
     """Walk ``loc`` through nested pydantic models and return the field names allowed at its parent."""

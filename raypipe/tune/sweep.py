@@ -232,11 +232,7 @@ def _register_best(cfg: RaypipeConfig, best: TrialSummary) -> str | None:
 
 def run(cfg: RaypipeConfig) -> int:
     """``raypipe tune -c sweep_demo``: run or resume the sweep, print the trial table, 0 when a best trial exists."""
-    try:
-        result = tune(cfg)
-    except ConfigError as err:
-        log.error("%s", err)
-        return 2
+    result = tune(cfg)  # a ConfigError becomes exit code 2 in raypipe.cli.run_stage
     log.info("sweep %s (%s%s):\n%s", result.name, result.path, ", resumed" if result.resumed else "", result.table)
     if not result.complete:
         log.warning("sweep %s was interrupted after %d of %d trials; run the same command again to finish it",
