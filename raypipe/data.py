@@ -22,6 +22,9 @@ label encoding inside its read tasks (or once on the driver, for a cached small 
 ready fixed-shape numpy arrays (Ray's tensor columns) and only convert them to torch.
 """
 
+# Long module: the three jobs above share the shard layout and the split rule; keeping them together is what
+# makes train, eval and label read the data the same way.
+
 from __future__ import annotations
 
 import hashlib
@@ -493,7 +496,7 @@ def _pylist(col: Any) -> list[Any]:
 # ------------------------------------------------------------------------------------------- Ray Data
 
 
-def _prepare_batch(
+def prepare_batch(
     table: pa.Table,
     *,
     info: dict[str, Any],
@@ -526,7 +529,7 @@ def _prepare_batch(
 
 
 def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
-    """A Ray Dataset of one split, already shaped and label-encoded (see :func:`_prepare_batch`)."""
+    """A Ray Dataset of one split, already shaped and label-encoded (see :func:`prepare_batch`)."""
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -535,7 +538,7 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
     columns = spec.columns
     ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns)
     ds = ds.map_batches(
-        _prepare_batch,
+        prepare_batch,
         fn_kwargs={
             "info": spec.info,
             "classes": spec.classes,
@@ -630,7 +633,7 @@ def evaluation_rows(
         with fs.open(p, "rb") as f:
             names = pq.ParquetFile(f).schema_arrow.names
             table = pq.read_table(f, columns=columns + [SPLIT_COLUMN] * (SPLIT_COLUMN in names))
-        part = _prepare_batch(table, info=asdict(info), classes=list(classes), task=task, split=split,
+        part = prepare_batch(table, info=asdict(info), classes=list(classes), task=task, split=split,
                               val_fraction=val_fraction, test_fraction=test_fraction)
         if len(part["video_id"]):
             parts.append(part)
@@ -670,7 +673,7 @@ def _cached_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=columns)
         for split, out in blocks.items():
-            batch = _prepare_batch(table, info=spec.info, classes=spec.classes, task=spec.task, split=split,  # type: ignore[arg-type]
+            batch = prepare_batch(table, info=spec.info, classes=spec.classes, task=spec.task, split=split,  # type: ignore[arg-type]
                                    val_fraction=spec.val_fraction, test_fraction=spec.test_fraction)
             if len(batch["video_id"]):
                 out.append(BlockAccessor.batch_to_block(batch))

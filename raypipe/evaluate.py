@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypipe.config import ConfigError, RaypipeConfig
-from raypipe.data import TARGET_COLUMNS, DataError, DataSpec, _prepare_batch, prepare_data, to_torch
+from raypipe.data import TARGET_COLUMNS, DataError, DataSpec, prepare_batch, prepare_data, to_torch
 from raypipe.io import fs as rfs
 from raypipe.schema import SHARD_DIMS, ShardInfo
 
@@ -98,7 +98,7 @@ def score_split(
         fs, path = rfs.resolve(uri, storage)
         with fs.open(path, "rb") as f:
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=spec.columns):
-                arrays = _prepare_batch(
+                arrays = prepare_batch(
                     pa.Table.from_batches([record_batch]), info=spec.info, classes=clf.classes, task=clf.task,
                     split=split, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,  # type: ignore[arg-type]
                 )

@@ -14,6 +14,9 @@ Two modes: ``classify`` uses the model's own head; ``zero_shot`` (CAV-Net) embed
 ``zero_shot_logits``, so classes unseen at training time can be labelled.
 """
 
+# Long module: the labelling stream, its prediction store and its incremental rules are one contract; the
+# reports are in raypipe.reports and the MLflow run in raypipe.tracking.
+
 from __future__ import annotations
 
 import json
@@ -340,7 +343,7 @@ def _finish_row(row: dict[str, Any], common: dict[str, Any], labelled_at: dateti
 # ------------------------------------------------------------------------------------------------------ run
 
 
-def _embed_class_names(cfg: RaypipeConfig, names: dict[str, str]) -> np.ndarray:
+def embed_class_names(cfg: RaypipeConfig, names: dict[str, str]) -> np.ndarray:
     """Class names through the same text encoder as the features' ``text_emb`` -> (C, Dt) float32."""
     from raypipe.embed.text import TextEncoder
     from raypipe.io.text import clean_text
@@ -410,7 +413,7 @@ def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, 
         if not hasattr(clf, "zero_shot_proba"):
             raise ValueError(f"label.mode='zero_shot': model {model_name!r} has no zero-shot head (use CAV-Net)")
         class_codes = list(names)
-        class_text_emb = _embed_class_names(cfg, names)
+        class_text_emb = embed_class_names(cfg, names)
 
     store = prediction_store(lc.output, cfg.storage, model_name=model_name, model_version=model_version,
                              num_shards=lc.num_shards)

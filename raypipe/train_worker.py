@@ -14,6 +14,9 @@ The driver side (validation of the config, building the ``TorchTrainer``, regist
 path, fault injection) is in that module's docstring.
 """
 
+# Long module: the worker's loop and the building blocks only it uses (AMP, optimizer steps, validation
+# gathering, fault injection); each function is short and the pieces are read in loop order.
+
 from __future__ import annotations
 
 import contextlib

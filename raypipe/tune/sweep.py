@@ -80,15 +80,13 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     Tune saves them with the sweep, so a resumed sweep runs with the callbacks it was started with.
     """
     from ray import tune as rt
-    from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raypipe.runtime import ensure_ray, planned
 
     validate_search_space(cfg)
     t = cfg.tune
     path = sweep_path(cfg)
-    storage_root, name = path.rsplit("/", 1)
+    name = path.rsplit("/", 1)[1]
     # Trial resources are planned once here (every trial gets the same), from the cluster seen at start; a trial
     # that could never be placed is refused now instead of pending forever.
     ensure_ray(cfg)
@@ -123,42 +121,54 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
         log.info("resuming sweep %s from %s (finished trials are kept)", name, path)
         tuner = rt.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=t.restart_errored)
     else:
-        if t.scheduler == "asha":
-            scheduler = ResumableASHA(
-                state_uri=rfs.join(path, ASHA_STATE_NAME),
-                storage=cfg.storage,
-                # The trainer reports its epoch: unlike Tune's iteration count, it stays right when a restarted
-                # trial continues its Train run from a checkpoint.
-                time_attr="epoch",
-                max_t=t.asha.max_t or max_epochs,
-                grace_period=t.asha.grace_period,
-                reduction_factor=t.asha.reduction_factor,
-            )
-        else:
-            scheduler = FIFOScheduler()
-        # BasicVariantGenerator limits concurrency itself (Tune's max_concurrent_trials only wraps Searchers)
-        # and, seeded, samples the same trials when a sweep is re-created.
-        search_alg = BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
-        tuner = rt.Tuner(
-            trainable,
-            param_space=to_param_space(t.search_space),
-            tune_config=rt.TuneConfig(
-                metric=metric,
-                mode=mode,
-                num_samples=t.num_samples,
-                scheduler=scheduler,
-                search_alg=search_alg,
-            ),
-            run_config=rt.RunConfig(
-                name=name,
-                storage_path=storage_root,
-                failure_config=rt.FailureConfig(max_failures=t.max_failures, fail_fast=False),
-                callbacks=list(callbacks or []),
-                verbose=0,
-            ),
-        )
+        tuner = _new_tuner(cfg, trainable, path=path, max_epochs=max_epochs, callbacks=callbacks)
     grid = tuner.fit()
     return _finish(cfg, grid.experiment_path, tracker=tracker, max_epochs=max_epochs, resumed=restorable)
+
+
+def _new_tuner(cfg: RaypipeConfig, trainable: Any, *, path: str, max_epochs: int, callbacks: list[Any] | None) -> Any:
+    """A fresh ``Tuner`` for the sweep at ``path``: ASHA (resumable) or FIFO, seeded basic-variant search."""
+    from ray import tune as rt
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    t = cfg.tune
+    metric, mode = sweep_metric(cfg)
+    storage_root, name = path.rsplit("/", 1)
+    if t.scheduler == "asha":
+        scheduler = ResumableASHA(
+            state_uri=rfs.join(path, ASHA_STATE_NAME),
+            storage=cfg.storage,
+            # The trainer reports its epoch: unlike Tune's iteration count, it stays right when a restarted
+            # trial continues its Train run from a checkpoint.
+            time_attr="epoch",
+            max_t=t.asha.max_t or max_epochs,
+            grace_period=t.asha.grace_period,
+            reduction_factor=t.asha.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    # BasicVariantGenerator limits concurrency itself (Tune's max_concurrent_trials only wraps Searchers)
+    # and, seeded, samples the same trials when a sweep is re-created.
+    search_alg = BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
+    return rt.Tuner(
+        trainable,
+        param_space=to_param_space(t.search_space),
+        tune_config=rt.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=t.num_samples,
+            scheduler=scheduler,
+            search_alg=search_alg,
+        ),
+        run_config=rt.RunConfig(
+            name=name,
+            storage_path=storage_root,
+            failure_config=rt.FailureConfig(max_failures=t.max_failures, fail_fast=False),
+            callbacks=list(callbacks or []),
+            verbose=0,
+        ),
+    )
 
 
 def _can_restore(path: str) -> bool:

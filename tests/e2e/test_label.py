@@ -226,7 +226,7 @@ def test_zero_shot_mode_labels_by_similarity_to_the_class_names(registered_model
 
     from raypipe.classifier import load_classifier
     from raypipe.io.shards import read_shards
-    from raypipe.label import _embed_class_names, label_videos, read_class_names
+    from raypipe.label import embed_class_names, label_videos, read_class_names
 
     cfg = _with(registered_model, embed={"source": {"limit": 8}},
                 label={"mode": "zero_shot", "output": str(tmp_path / "zs")})
@@ -240,7 +240,7 @@ def test_zero_shot_mode_labels_by_similarity_to_the_class_names(registered_model
     table, _ = read_shards(cfg.train.data)
     ids = table.column("video_id").to_pylist()
     proba = clf.zero_shot_proba({c: table.column(c) for c in table.column_names},
-                                _embed_class_names(cfg, names))  # (N, C')
+                                embed_class_names(cfg, names))  # (N, C')
     codes = list(names)
     checked = 0
     assert preds and all(r["video_id"] in ids for r in preds)  # every labelled video is in the training shards
