@@ -1,6 +1,6 @@
 """The ``raypipe`` command: one subcommand per stage, each a thin layer over a typed config.
 
-Every subcommand takes ``-c/--config`` (a preset name from ``raypipe/configs`` or a YAML path) and any number
+Every subcommand takes ``-c/--config`` (a preset name from ``raypipe/presets`` or a YAML path) and any number
 of ``--set key.path=value`` overrides; its own flags are shorthands for overrides. The config is validated in
 full before any stage code (and so any Ray work) runs. Each stage module exposes ``run(cfg) -> int``.
 """

@@ -102,7 +102,7 @@ def preset_names() -> list[str]:
 
 
 def _presets_dir() -> Path:
-    return Path(str(resources.files("raypipe") / "configs"))
+    return Path(str(resources.files("raypipe") / "presets"))
 
 
 def _resolve(source: str | Path | None) -> dict[str, Any]:
