@@ -447,7 +447,7 @@ def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, 
             num_gpus=plan.settings["label.num_gpus"], num_cpus=plan.settings["label.num_cpus"],
         )
         _consume(cfg, preds, store, common, stats)
-    shard_paths = _commit(store, common)
+    shard_paths = commit_predictions(store, common)
 
     status = "ok" if stats.failure_rate <= lc.max_failure_rate else "too_many_failures"
     summary: dict[str, Any] = {
@@ -504,15 +504,15 @@ def _consume(cfg: RaypipeConfig, preds: Any, store: ShardStore, common: dict[str
                     failed_rows.append({k: final[k] for k in ("video_id", "source_uri", "reason", "error")}
                                        | {"stage": stage})
                 if len(ok_rows) + len(failed_rows) >= lc.write_batch_size:
-                    _write_parts(store, ok_rows, failed_rows)
+                    write_prediction_parts(store, ok_rows, failed_rows)
         except KeyboardInterrupt:
-            _write_parts(store, ok_rows, failed_rows)
-            _commit(store, common)
+            write_prediction_parts(store, ok_rows, failed_rows)
+            commit_predictions(store, common)
             dog.raise_if_fired()
             raise
         finally:
             progress.close()
-    _write_parts(store, ok_rows, failed_rows)
+    write_prediction_parts(store, ok_rows, failed_rows)
 
 
 def _forget_if_superseded(store: ShardStore, output: str, storage: StorageConfig | None, *, model_name: str,
@@ -538,7 +538,7 @@ def _forget_if_superseded(store: ShardStore, output: str, storage: StorageConfig
         fs.rm(vroot, recursive=True)
 
 
-def _write_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: list[dict[str, Any]]) -> None:
+def write_prediction_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: list[dict[str, Any]]) -> None:
     """Append the buffered rows as part files (the unit of resume) and empty the buffers."""
     if ok_rows:
         store.write_rows(pa.Table.from_pylist(ok_rows, schema=prediction_schema()))
@@ -548,7 +548,7 @@ def _write_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: 
     failed_rows.clear()
 
 
-def _commit(store: ShardStore, common: dict[str, Any]) -> list[str]:
+def commit_predictions(store: ShardStore, common: dict[str, Any]) -> list[str]:
     """Parts -> atomic shard files, errors without videos that have since been labelled, then the manifest."""
     # done_keys is read before the parts are committed: what the committed shards and the parts hold
     manifest = store.commit({
