@@ -1,6 +1,6 @@
 """The ``raypipe`` command: one subcommand per stage, each a thin layer over a typed config.
 
-Every subcommand takes ``-c/--config`` (a preset name from ``raypipe/configs`` or a YAML path) and any number
+Every subcommand takes ``-c/--config`` (a preset name from ``raypipe/presets`` or a YAML path) and any number
 of ``--set key.path=value`` overrides; its own flags are shorthands for overrides. The config is validated in
 full before any stage code (and so any Ray work) runs. Each stage module exposes ``run(cfg) -> int``.
 """
@@ -145,6 +145,10 @@ def run_stage(stage: str, runner: Callable[..., int], cfg: RaypipeConfig, **kwar
         return 130
     except Exception as exc:
         log.debug("%s failed", stage, exc_info=True)
+        code = getattr(exc, "exit_code", None)  # DataError, PromotionError: "cannot run as configured" (2)
+        if isinstance(code, int):
+            log.error("%s: %s", stage, str(exc).strip().replace("\n", "; "))
+            return code
         log.error("raypipe %s failed: %s%s", stage, _one_line(exc), where)
         return 1
 

@@ -47,6 +47,9 @@ root). Generating again with another ``id_prefix`` into the same folder merges t
 the same prefix replaces that batch.
 """
 
+# Long module: one generator whose evidence scheme (the docstring) ties every part together -- taxonomy,
+# per-video plan, frame/audio/text synthesis, encoding, annotations; split only where a part stands alone.
+
 from __future__ import annotations
 
 import colorsys
@@ -409,7 +412,7 @@ def _plan_durations(cfg: CorpusConfig, rng: np.random.Generator) -> list[float]:
     return out
 
 
-def _plan_video(
+def plan_video(
     cfg: CorpusConfig,
     *,
     index: int,
@@ -748,7 +751,7 @@ def _plan_bad(cfg: CorpusConfig, videos_dir: Path) -> tuple[list[_Plan], list[Ba
         has_annotation = kind != "missing_annotation"
         index = 10**6 + j  # own rng streams, disjoint from the good videos'
         if kind in ("tiny_clip", "missing_annotation", "emoji_text", "truncated"):
-            plan = _plan_video(
+            plan = plan_video(
                 cfg,
                 index=index,
                 video_id=vid,
@@ -855,7 +858,7 @@ def generate_corpus(cfg: CorpusConfig) -> CorpusInfo:
     labels = corpus_rng.permutation(np.resize(np.arange(n_classes), cfg.videos))  # balanced classes
     durations = _plan_durations(cfg, corpus_rng)
     plans = [
-        _plan_video(
+        plan_video(
             cfg,
             index=i,
             video_id=f"{cfg.id_prefix}{i:05d}",

@@ -22,6 +22,9 @@ label encoding inside its read tasks (or once on the driver, for a cached small 
 ready fixed-shape numpy arrays (Ray's tensor columns) and only convert them to torch.
 """
 
+# Long module: the three jobs above share the shard layout and the split rule; keeping them together is what
+# makes train, eval and label read the data the same way.
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +41,7 @@ import pyarrow.parquet as pq
 
 from raypipe.config import StorageConfig
 from raypipe.io import fs as rfs
-from raypipe.schema import METADATA_KEY, ShardInfo
+from raypipe.schema import METADATA_KEY, SHARD_DIMS, ShardInfo
 
 if TYPE_CHECKING:
     import fsspec
@@ -78,6 +81,8 @@ BATCH_FEATURE_KEYS = (
 
 class DataError(ValueError):
     """The feature data cannot be used as asked (no shards, mixed embedders, unknown labels ...)."""
+
+    exit_code = 2  # the CLI's code for "cannot run as configured" (see raypipe.cli.run_stage)
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -159,7 +164,6 @@ def _read_schema(fs: fsspec.AbstractFileSystem, path: str) -> pa.Schema:
         return pq.read_schema(f)
 
 
-_DIM_FIELDS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
 
 
 def read_shard_info(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> ShardInfo:
@@ -170,7 +174,7 @@ def read_shard_info(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> Shar
         if first is None:
             first, first_path = info, p
             continue
-        for name in _DIM_FIELDS:
+        for name in SHARD_DIMS:
             if getattr(info, name) != getattr(first, name):
                 raise DataError(
                     f"feature shards disagree on {name}: {getattr(first, name)} in {first_path} vs "
@@ -492,7 +496,7 @@ def _pylist(col: Any) -> list[Any]:
 # ------------------------------------------------------------------------------------------- Ray Data
 
 
-def _prepare_batch(
+def prepare_batch(
     table: pa.Table,
     *,
     info: dict[str, Any],
@@ -525,7 +529,7 @@ def _prepare_batch(
 
 
 def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
-    """A Ray Dataset of one split, already shaped and label-encoded (see :func:`_prepare_batch`)."""
+    """A Ray Dataset of one split, already shaped and label-encoded (see :func:`prepare_batch`)."""
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -534,7 +538,7 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
     columns = spec.columns
     ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns)
     ds = ds.map_batches(
-        _prepare_batch,
+        prepare_batch,
         fn_kwargs={
             "info": spec.info,
             "classes": spec.classes,
@@ -592,7 +596,7 @@ class EvaluationSet:
 def fingerprint_rows(arrays: Mapping[str, np.ndarray], info: ShardInfo) -> str:
     """SHA-256 of the ShardInfo dims/embedders and every array (row order included), keys in sorted order."""
     h = hashlib.sha256()
-    meta = {k: getattr(info, k) for k in _DIM_FIELDS} | {"embedders": info.embedders}
+    meta = {k: getattr(info, k) for k in SHARD_DIMS} | {"embedders": info.embedders}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for key in sorted(arrays):
         arr = np.asarray(arrays[key])
@@ -629,7 +633,7 @@ def evaluation_rows(
         with fs.open(p, "rb") as f:
             names = pq.ParquetFile(f).schema_arrow.names
             table = pq.read_table(f, columns=columns + [SPLIT_COLUMN] * (SPLIT_COLUMN in names))
-        part = _prepare_batch(table, info=asdict(info), classes=list(classes), task=task, split=split,
+        part = prepare_batch(table, info=asdict(info), classes=list(classes), task=task, split=split,
                               val_fraction=val_fraction, test_fraction=test_fraction)
         if len(part["video_id"]):
             parts.append(part)
@@ -669,7 +673,7 @@ def _cached_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=columns)
         for split, out in blocks.items():
-            batch = _prepare_batch(table, info=spec.info, classes=spec.classes, task=spec.task, split=split,  # type: ignore[arg-type]
+            batch = prepare_batch(table, info=spec.info, classes=spec.classes, task=spec.task, split=split,  # type: ignore[arg-type]
                                    val_fraction=spec.val_fraction, test_fraction=spec.test_fraction)
             if len(batch["video_id"]):
                 out.append(BlockAccessor.batch_to_block(batch))

@@ -1,7 +1,7 @@
 """``raypipe eval``: metrics of a trained model on feature shards, clean and under a corruption.
 
 The model comes from the registry (``models:/name@alias``) or a checkpoint folder, through the same
-:func:`raypipe.tracking.load_classifier` the labelling job uses. Rows are selected with the same hash split the
+:func:`raypipe.classifier.load_classifier` the labelling job uses. Rows are selected with the same hash split the
 model was trained with (the model's own ``val_fraction`` / ``test_fraction``), so "val" and "test" really are data
 the model never trained on. The default ``eval.split=auto`` scores the test split when the model has one: the
 training run chose its epoch on val, so val scores are optimistic; a model trained without a test split is
@@ -33,18 +33,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypipe.config import ConfigError, RaypipeConfig
-from raypipe.data import TARGET_COLUMNS, DataError, DataSpec, _prepare_batch, prepare_data, to_torch
+from raypipe.data import TARGET_COLUMNS, DataError, DataSpec, prepare_batch, prepare_data, to_torch
 from raypipe.io import fs as rfs
-from raypipe.schema import ShardInfo
+from raypipe.schema import SHARD_DIMS, ShardInfo
 
 logger = logging.getLogger(__name__)
 
-_DIMS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
 
 
 def check_compatible(model_info: ShardInfo, data_info: ShardInfo, data_uri: str) -> None:
     """The model can only read features with the dims it was trained on."""
-    bad = [f"{d} {getattr(data_info, d)} (model expects {getattr(model_info, d)})" for d in _DIMS
+    bad = [f"{d} {getattr(data_info, d)} (model expects {getattr(model_info, d)})" for d in SHARD_DIMS
            if getattr(model_info, d) != getattr(data_info, d)]
     if bad:
         raise DataError(f"features at {data_uri!r} do not fit the model: {', '.join(bad)}; embed them with the "
@@ -99,7 +98,7 @@ def score_split(
         fs, path = rfs.resolve(uri, storage)
         with fs.open(path, "rb") as f:
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=spec.columns):
-                arrays = _prepare_batch(
+                arrays = prepare_batch(
                     pa.Table.from_batches([record_batch]), info=spec.info, classes=clf.classes, task=clf.task,
                     split=split, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,  # type: ignore[arg-type]
                 )
@@ -120,9 +119,10 @@ def score_split(
 def evaluate(cfg: RaypipeConfig) -> dict[str, Any]:
     """Score ``eval.model_uri`` on ``eval.data`` (default ``train.data``) -> report dict with ``metrics``
     (clean, keyed ``eval/...``) and, under a corruption, ``corrupted_metrics`` and ``delta``."""
+    from raypipe.classifier import load_classifier
+    from raypipe.config.paths import absolute_tracking_uri
     from raypipe.corruptions import apply_corruption, corruption_generator
     from raypipe.metrics import compute_metrics
-    from raypipe.tracking import absolute_tracking_uri, load_classifier
 
     ec = cfg.eval
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
@@ -187,16 +187,14 @@ def _summary(report: dict[str, Any]) -> str:
 
 def _log_eval_run(cfg: RaypipeConfig, report: dict[str, Any], scores: np.ndarray, y: np.ndarray, clf: Any) -> str:
     """One MLflow run per evaluation: params (model, data, corruption), metrics, report JSON, tables."""
-    from raypipe.tracking import RunLogger, evaluation_artifacts, experiment_id, flatten_config, make_client
+    from raypipe.reports import evaluation_artifacts
+    from raypipe.tracking import flatten_config, start_stage_run
 
-    client = make_client(cfg.tracking)
-    tags = {"raypipe.stage": "eval", "raypipe.model_uri": report["model_uri"]}
     name = f"eval-{clf.model_name}-v{clf.model_version}-{report['corruption']['kind']}"
-    run = client.create_run(experiment_id(client, cfg.tracking), run_name=name, tags=tags)
-    run_logger = RunLogger(cfg.tracking, run.info.run_id)
-    run_logger.log_params(
-        flatten_config({"model_uri": report["model_uri"], "model_version": report["model_version"],
-                        "data": report["data"], "split": report["split"], "corruption": report["corruption"]})
+    run_logger = start_stage_run(
+        cfg.tracking, stage="eval", run_name=name, tags={"raypipe.model_uri": report["model_uri"]},
+        params=flatten_config({"model_uri": report["model_uri"], "model_version": report["model_version"],
+                               "data": report["data"], "split": report["split"], "corruption": report["corruption"]}),
     )
     run_logger.log_metrics({**report["metrics"], **report.get("corrupted_metrics", {})}, step=0)
     run_logger.log_text(json.dumps(report, indent=1), "eval_report.json")
@@ -205,14 +203,10 @@ def _log_eval_run(cfg: RaypipeConfig, report: dict[str, Any], scores: np.ndarray
                                       title=f"{name} ({report['split']})"):
             run_logger.log_file(Path(p))
     run_logger.finish("FINISHED")
-    return run.info.run_id
+    return run_logger.run_id
 
 
 def run(cfg: RaypipeConfig) -> int:
     """``raypipe eval``: 0 on success, 2 when the model or data cannot be used as configured."""
-    try:
-        evaluate(cfg)
-    except (ConfigError, DataError) as err:
-        logger.error("eval: %s", err)
-        return 2
+    evaluate(cfg)  # a ConfigError / DataError becomes exit code 2 in raypipe.cli.run_stage
     return 0

@@ -14,9 +14,11 @@ Two modes: ``classify`` uses the model's own head; ``zero_shot`` (CAV-Net) embed
 ``zero_shot_logits``, so classes unseen at training time can be labelled.
 """
 
+# Long module: the labelling stream, its prediction store and its incremental rules are one contract; the
+# reports are in raypipe.reports and the MLflow run in raypipe.tracking.
+
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
@@ -35,6 +37,8 @@ import pyarrow as pa
 from raypipe.config import RaypipeConfig, StorageConfig
 from raypipe.io.fs import atomic_write_bytes, join, resolve
 from raypipe.io.shards import MANIFEST, ShardStore, read_errors, read_manifest, read_shards
+from raypipe.reports import label_summary_table as format_table
+from raypipe.reports import plot_label_distribution as plot_distribution
 from raypipe.schema import error_schema, level1_of
 
 log = logging.getLogger(__name__)
@@ -218,53 +222,6 @@ class LabelStats:
         return self.failed / done if done else 0.0
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """A few lines a person reads in the job log or in summary.txt."""
-    s = summary
-    names = s.get("class_names") or {}
-    lines = [
-        f"raypipe label run {s['run_id']}: model {s['model']['name']} version {s['model']['version']} ({s['mode']})",
-        f"{'videos seen':<24}{s['videos_seen']:>8}",
-        f"{'skipped (already done)':<24}{s['skipped']:>8}",
-        f"{'labelled':<24}{s['labelled']:>8}",
-        f"{'failed':<24}{s['failed']:>8}   ({s['failure_rate']:.1%}, threshold {s['max_failure_rate']:.1%})",
-    ]
-    for reason, n in sorted(s["failed_by_reason"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {reason:<22}{n:>8}")
-    if s["label_distribution"]:
-        lines.append("label distribution (top-1):")
-        for label, n in sorted(s["label_distribution"].items(), key=lambda kv: (-kv[1], kv[0])):
-            name = names.get(label, "")
-            lines.append(f"  {label:<10}{name[:28]:<30}{n:>6}")
-    lines.append(f"status: {s['status']}")
-    return "\n".join(lines)
-
-
-def plot_distribution(counts: dict[str, int], names: dict[str, str], title: str) -> bytes:
-    """A horizontal bar chart of the top-1 labels as PNG bytes (Agg: no display on cluster nodes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    labels = [f"{k} {names.get(k, '')}".strip() for k, _ in items] or ["(none)"]
-    values = [v for _, v in items] or [0]
-    fig, ax = plt.subplots(figsize=(7, max(2.0, 0.35 * len(labels) + 1)))
-    try:
-        ax.barh(range(len(values)), values, color="#4C72B0")
-        ax.set_yticks(range(len(labels)), labels=labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("videos")
-        ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -310,8 +267,8 @@ class _Classify:
     ) -> None:
         import torch
 
+        from raypipe.classifier import load_classifier
         from raypipe.device import pick_device
-        from raypipe.tracking import load_classifier
 
         torch.set_num_threads(1)
         self.clf = load_classifier(model_uri, storage, tracking_uri=tracking_uri)
@@ -386,7 +343,7 @@ def _finish_row(row: dict[str, Any], common: dict[str, Any], labelled_at: dateti
 # ------------------------------------------------------------------------------------------------------ run
 
 
-def _embed_class_names(cfg: RaypipeConfig, names: dict[str, str]) -> np.ndarray:
+def embed_class_names(cfg: RaypipeConfig, names: dict[str, str]) -> np.ndarray:
     """Class names through the same text encoder as the features' ``text_emb`` -> (C, Dt) float32."""
     from raypipe.embed.text import TextEncoder
     from raypipe.io.text import clean_text
@@ -426,10 +383,11 @@ def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, 
     """
     import ray
 
+    from raypipe.classifier import load_classifier
+    from raypipe.config.paths import absolute_tracking_uri
     from raypipe.embed.pipeline import build_feature_dataset, feature_info
     from raypipe.io.sources import list_videos
     from raypipe.runtime import ensure_ray, planned
-    from raypipe.tracking import absolute_tracking_uri, load_classifier
 
     t0 = time.monotonic()
     # Planned first: the encoders' device class is part of the feature fingerprint compared below.
@@ -455,7 +413,7 @@ def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, 
         if not hasattr(clf, "zero_shot_proba"):
             raise ValueError(f"label.mode='zero_shot': model {model_name!r} has no zero-shot head (use CAV-Net)")
         class_codes = list(names)
-        class_text_emb = _embed_class_names(cfg, names)
+        class_text_emb = embed_class_names(cfg, names)
 
     store = prediction_store(lc.output, cfg.storage, model_name=model_name, model_version=model_version,
                              num_shards=lc.num_shards)
@@ -489,7 +447,7 @@ def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, 
             num_gpus=plan.settings["label.num_gpus"], num_cpus=plan.settings["label.num_cpus"],
         )
         _consume(cfg, preds, store, common, stats)
-    shard_paths = _commit(store, common)
+    shard_paths = commit_predictions(store, common)
 
     status = "ok" if stats.failure_rate <= lc.max_failure_rate else "too_many_failures"
     summary: dict[str, Any] = {
@@ -546,15 +504,15 @@ def _consume(cfg: RaypipeConfig, preds: Any, store: ShardStore, common: dict[str
                     failed_rows.append({k: final[k] for k in ("video_id", "source_uri", "reason", "error")}
                                        | {"stage": stage})
                 if len(ok_rows) + len(failed_rows) >= lc.write_batch_size:
-                    _write_parts(store, ok_rows, failed_rows)
+                    write_prediction_parts(store, ok_rows, failed_rows)
         except KeyboardInterrupt:
-            _write_parts(store, ok_rows, failed_rows)
-            _commit(store, common)
+            write_prediction_parts(store, ok_rows, failed_rows)
+            commit_predictions(store, common)
             dog.raise_if_fired()
             raise
         finally:
             progress.close()
-    _write_parts(store, ok_rows, failed_rows)
+    write_prediction_parts(store, ok_rows, failed_rows)
 
 
 def _forget_if_superseded(store: ShardStore, output: str, storage: StorageConfig | None, *, model_name: str,
@@ -580,7 +538,7 @@ def _forget_if_superseded(store: ShardStore, output: str, storage: StorageConfig
         fs.rm(vroot, recursive=True)
 
 
-def _write_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: list[dict[str, Any]]) -> None:
+def write_prediction_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: list[dict[str, Any]]) -> None:
     """Append the buffered rows as part files (the unit of resume) and empty the buffers."""
     if ok_rows:
         store.write_rows(pa.Table.from_pylist(ok_rows, schema=prediction_schema()))
@@ -590,16 +548,14 @@ def _write_parts(store: ShardStore, ok_rows: list[dict[str, Any]], failed_rows: 
     failed_rows.clear()
 
 
-def _commit(store: ShardStore, common: dict[str, Any]) -> list[str]:
+def commit_predictions(store: ShardStore, common: dict[str, Any]) -> list[str]:
     """Parts -> atomic shard files, errors without videos that have since been labelled, then the manifest."""
-    for shard in store.pending_shards():
-        store.commit_shard(shard)
-    store.commit_errors(drop_keys=store.done_keys(include_errors=False))
-    manifest = store.write_manifest({
+    # done_keys is read before the parts are committed: what the committed shards and the parts hold
+    manifest = store.commit({
         **{k: common[k] for k in ("mode", "model_name", "model_version", "model_uri", "run_id")},
         "embedders": json.loads(common["embedders"]),
         "committed_at": _utcnow().isoformat(),
-    })
+    }, drop_error_keys=store.done_keys(include_errors=False))
     return [join(store.root, s["path"]) for s in manifest["shards"]]
 
 
@@ -629,20 +585,17 @@ def _log_to_mlflow(cfg: RaypipeConfig, summary: dict[str, Any]) -> str | None:
     import tempfile
     from pathlib import Path
 
-    from raypipe.tracking import RunLogger, experiment_id, make_client
+    from raypipe.tracking import start_stage_run
 
     try:
-        client = make_client(cfg.tracking)
-        run = client.create_run(
-            experiment_id(client, cfg.tracking), run_name=f"label-{summary['run_id']}",
-            tags={"raypipe.stage": "label", "raypipe.label_run": summary["run_id"]},
+        logger = start_stage_run(
+            cfg.tracking, stage="label", run_name=f"label-{summary['run_id']}",
+            tags={"raypipe.label_run": summary["run_id"]}, params={
+                "model_name": summary["model"]["name"], "model_version": summary["model"]["version"],
+                "model_uri": summary["model"]["uri"], "mode": summary["mode"], "source": summary["source"],
+                "output": summary["output"],
+            },
         )
-        logger = RunLogger(cfg.tracking, run.info.run_id)
-        logger.log_params({
-            "model_name": summary["model"]["name"], "model_version": summary["model"]["version"],
-            "model_uri": summary["model"]["uri"], "mode": summary["mode"], "source": summary["source"],
-            "output": summary["output"],
-        })
         logger.log_metrics({k: float(summary[k]) for k in
                             ("videos_seen", "skipped", "labelled", "failed", "failure_rate", "duration_s")}, step=0)
         fs, _ = resolve(cfg.label.output, cfg.storage)
@@ -652,7 +605,7 @@ def _log_to_mlflow(cfg: RaypipeConfig, summary: dict[str, Any]) -> str | None:
                 local.write_bytes(fs.cat_file(path))
                 logger.log_file(local, "label")
         logger.finish("FINISHED" if summary["status"] == "ok" else "FAILED")
-        return run.info.run_id
+        return logger.run_id
     except Exception:  # tracking is a side channel: the predictions are already committed
         log.exception("label: MLflow logging failed (predictions are committed; continuing)")
         return None

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from raypipe.config import ConfigError, RaypipeConfig
+from raypipe.config import RaypipeConfig
 from raypipe.io import fs as rfs
 
 log = logging.getLogger(__name__)
@@ -188,10 +188,6 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def run(cfg: RaypipeConfig) -> int:
     """``raypipe nightly`` / ``jobs/nightly.py``: 0 when the night finished and labelling stayed under its failure
-    threshold, ``label.failure_exit_code`` when it did not, 2 on a config error."""
-    try:
-        summary = run_night(cfg)
-    except ConfigError as err:
-        log.error("nightly: %s", err)
-        return 2
+    threshold, ``label.failure_exit_code`` when it did not (a config error is exit code 2 in raypipe.cli.run_stage)."""
+    summary = run_night(cfg)
     return 0 if summary["status"] == "ok" else cfg.label.failure_exit_code

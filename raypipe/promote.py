@@ -26,17 +26,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from raypipe.config import ConfigError, RaypipeConfig
+from raypipe.config import RaypipeConfig
 from raypipe.data import DataError, EvaluationSet, evaluation_rows, held_out_split
 from raypipe.io import fs as rfs
+from raypipe.reports import promotion_table as format_table
+from raypipe.schema import SHARD_DIMS
 
 log = logging.getLogger(__name__)
 
-_DIMS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
 
 
 class PromotionError(ValueError):
     """The promotion cannot be decided as asked (no challenger, incompatible model, unknown version ...)."""
+
+    exit_code = 2  # the CLI's code for "cannot run as configured" (see raypipe.cli.run_stage)
 
 
 @dataclass
@@ -84,7 +87,8 @@ def decide(
 
 
 def _load(cfg: RaypipeConfig, version: str, role: str) -> Any:
-    from raypipe.tracking import absolute_tracking_uri, load_classifier
+    from raypipe.classifier import load_classifier
+    from raypipe.config.paths import absolute_tracking_uri
 
     uri = f"models:/{cfg.tracking.registered_model_name}/{version}"
     try:
@@ -101,7 +105,7 @@ def _embedders(info: Any) -> dict[str, dict[str, Any]]:
 
 def feature_differences(model: Any, other: Any, other_name: str) -> list[str]:
     """How the features of ShardInfo ``model`` differ from ``other``'s (dims, then embedders), one item each."""
-    bad = [f"{d} {getattr(model, d)} ({other_name}: {getattr(other, d)})" for d in _DIMS
+    bad = [f"{d} {getattr(model, d)} ({other_name}: {getattr(other, d)})" for d in SHARD_DIMS
            if getattr(model, d) != getattr(other, d)]
     if model.embedders and other.embedders:
         mine, theirs = _embedders(model), _embedders(other)
@@ -246,27 +250,6 @@ def promote(cfg: RaypipeConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- records
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """Both models' metrics side by side, then the decision and why."""
-    champ, chall = report["champion"], report["challenger"]
-    lines = [f"raypipe promote {report['model']} ({report['mode']}): champion v{champ['version']} vs "
-             f"{'target' if report['mode'] == 'rollback' else 'challenger'} v{chall['version']}"]
-    if "evaluation" in report:
-        ev = report["evaluation"]
-        lines.append(f"evaluation set: {ev['rows']} rows, split {ev['split']} of {ev['data']}, "
-                     f"fingerprint {ev['fingerprint'][:16]}")
-        a, b = champ.get("metrics", {}), chall.get("metrics", {})
-        lines.append(f"{'metric':<12}{'champion':>10}{'challenger':>12}{'delta':>9}")
-        for key in sorted(set(a) | set(b), key=lambda k: (k != report["metric"], k)):
-            if key == "n":
-                continue
-            x, y = a.get(key, float("nan")), b.get(key, float("nan"))
-            lines.append(f"{key:<12}{x:>10.4f}{y:>12.4f}{y - x:>+9.4f}" + ("  *" if key == report["metric"] else ""))
-    lines.extend(f"  {r}" for r in report["reasons"])
-    lines.append(f"decision: {report['decision']}")
-    return "\n".join(lines)
-
-
 def _record(cfg: RaypipeConfig, report: dict[str, Any]) -> dict[str, Any]:
     """JSON report (<output>/<stamp>-...json and latest.json), MLflow run, table in the log."""
     pc = cfg.promote
@@ -288,37 +271,33 @@ def _record(cfg: RaypipeConfig, report: dict[str, Any]) -> dict[str, Any]:
 
 def _log_to_mlflow(cfg: RaypipeConfig, report: dict[str, Any]) -> str:
     """One MLflow run per decision: params, both models' metrics (champion/..., challenger/...), the report."""
-    from raypipe.tracking import RunLogger, experiment_id, make_client
+    from raypipe.tracking import start_stage_run
 
-    client = make_client(cfg.tracking)
-    tags = {"raypipe.stage": "promote", "raypipe.decision": report["decision"],
+    tags = {"raypipe.decision": report["decision"],
             "raypipe.evaluation_fingerprint": report.get("evaluation", {}).get("fingerprint", "")}
-    run = client.create_run(experiment_id(client, cfg.tracking),
-                            run_name=f"promote-v{report['challenger']['version']}-{report['decision']}", tags=tags)
-    run_logger = RunLogger(cfg.tracking, run.info.run_id)
-    run_logger.log_params({
-        "model": report["model"], "mode": report["mode"], "metric": report["metric"],
-        "min_improvement": str(report["min_improvement"]), "max_drop": str(report["max_drop"]),
-        "champion_version": str(report["champion"]["version"]), "challenger_version": str(report["challenger"]["version"]),
-        "evaluation_data": str(report.get("evaluation", {}).get("data")),
-        "evaluation_rows": str(report.get("evaluation", {}).get("rows")),
-    })
+    run_logger = start_stage_run(
+        cfg.tracking, stage="promote", run_name=f"promote-v{report['challenger']['version']}-{report['decision']}",
+        tags=tags, params={
+            "model": report["model"], "mode": report["mode"], "metric": report["metric"],
+            "min_improvement": str(report["min_improvement"]), "max_drop": str(report["max_drop"]),
+            "champion_version": str(report["champion"]["version"]),
+            "challenger_version": str(report["challenger"]["version"]),
+            "evaluation_data": str(report.get("evaluation", {}).get("data")),
+            "evaluation_rows": str(report.get("evaluation", {}).get("rows")),
+        },
+    )
     metrics = {f"{role}/{k}": v for role in ("champion", "challenger")
                for k, v in report[role].get("metrics", {}).items()}
     metrics["promoted"] = float(report["promoted"])
     run_logger.log_metrics(metrics, step=0)
     run_logger.log_text(json.dumps(report, indent=1, sort_keys=True), "promotion_report.json")
     run_logger.finish("FINISHED")
-    return run.info.run_id
+    return run_logger.run_id
 
 
 def run(cfg: RaypipeConfig) -> int:
     """``raypipe promote``: 0 when decided (promoted or not), 2 when it cannot be decided as configured."""
-    try:
-        promote(cfg)
-    except (PromotionError, ConfigError) as err:
-        log.error("promote: %s", err)
-        return 2
+    promote(cfg)  # a PromotionError / ConfigError becomes exit code 2 in raypipe.cli.run_stage
     return 0
 
 

@@ -39,6 +39,8 @@ STALL_EXIT_CODE = 4
 class StallError(RuntimeError):
     """A running stage made no progress for ``ray.stall_timeout_s``; ``str()`` is the diagnostic."""
 
+    exit_code = 4  # == STALL_EXIT_CODE: committed work is kept, a rerun resumes
+
 
 class RayUnavailableError(RuntimeError):
     """Ray could not be started or reached (one line: which address, what Ray said)."""

@@ -43,6 +43,8 @@ SCHEMA_VERSION = 1
 MAX_FRAMES = 32
 METADATA_KEY = b"raypipe"
 
+# The ShardInfo fields a model is built for: two feature sets are interchangeable only when all of them match.
+SHARD_DIMS = ("frame_dim", "audio_dim", "text_dim", "text_len", "max_frames")
 ERROR_COLUMNS = ("video_id", "source_uri", "stage", "reason", "error")
 
 

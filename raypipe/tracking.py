@@ -13,19 +13,16 @@ Who logs what (Train V2 has no MLflow callback, and Tune trials only call ``trai
   sweep for its best trial); the champion alias (``tracking.champion_alias``, what the nightly job labels with)
   is only set there for a model's first version, and otherwise only moved by :mod:`raypipe.promote`.
 
-:func:`load_classifier` is what ``raypipe eval`` and the labelling job use: it accepts ``models:/name@alias``,
-``models:/name/version`` or a checkpoint folder, and always rebuilds the same torch model from the checkpoint
-files (``model.pt`` + ``meta.json``). The pyfunc wrapper (``RaypipePyfunc``) wraps the same
-:class:`Classifier`, so ``mlflow.pyfunc.load_model`` gives identical scores.
+* :func:`start_stage_run` is the one way a stage (eval, label, promote) opens its own MLflow run.
 
-Checkpoint folder layout (written by :mod:`raypipe.train`): ``model.pt`` (state dict), ``meta.json`` (model
-name and builder kwargs, classes, task, ShardInfo, epoch, metrics, history), ``train_state.pt`` (optimizer,
-scheduler, scaler; only for resuming) and ``val_predictions.npz`` (the epoch's validation scores/targets).
+The checkpoint format, :class:`~raypipe.classifier.Classifier`, ``load_classifier`` and the pyfunc wrapper live
+in :mod:`raypipe.classifier`; the plots and tables in :mod:`raypipe.reports`. Models registered before that
+split pickled their pyfunc class as ``raypipe.tracking.RaypipePyfunc``: the module ``__getattr__`` below keeps
+that name (and the other moved names, for code written against the old module) resolving.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,27 +30,22 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raypipe.config import StorageConfig, TrackingConfig
+from raypipe.config.base import flatten
 from raypipe.config.paths import absolute_tracking_uri as _absolute_tracking_uri
 from raypipe.io import fs as rfs
-from raypipe.schema import ShardInfo
 
 if TYPE_CHECKING:
-    import torch
     from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
-META_FILE = "meta.json"
-TRAIN_STATE_FILE = "train_state.pt"
-VAL_PREDICTIONS_FILE = "val_predictions.npz"
 RUN_LINK_FILE = "mlflow_run.json"  # in the Ray run folder: which MLflow run this training logs into
 TRAIN_RUN_TAG = "raypipe.train_run"  # the Ray run folder (storage_path/run_name)
 MODEL_URI_TAG = "raypipe.model_uri"  # models:/m-... of the logged best model
@@ -84,16 +76,13 @@ def mlflow_metric_name(name: str) -> str:
     return re.sub(r"[^/\w.\- :]", "_", name.replace("@", "_at_"))
 
 
-def flatten_config(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> ``{"train.optim.lr": "0.001"}``; lists and empty mappings as JSON."""
+def flatten_config(data: Mapping[str, Any]) -> dict[str, str]:
+    """Nested config -> MLflow params ``{"train.optim.lr": "0.001"}`` (dotted keys as in
+    :func:`raypipe.config.base.flatten`); lists and empty mappings as JSON, values cut at MLflow's limit."""
     out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten_config(value, f"{name}."))
-        else:
-            text = json.dumps(value) if isinstance(value, list | tuple | Mapping) else str(value)
-            out[name] = text[:6000]  # MLflow's param value limit
+    for name, value in flatten(data).items():
+        text = json.dumps(value) if isinstance(value, list | tuple | Mapping) else str(value)
+        out[name] = text[:6000]  # MLflow's param value limit
     return out
 
 
@@ -147,6 +136,22 @@ def open_train_run(tracking: TrackingConfig, *, run_name: str, run_dir: str, sto
     return run.info.run_id
 
 
+def start_stage_run(
+    tracking: TrackingConfig, *, stage: str, run_name: str, tags: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> RunLogger:
+    """A new top-level MLflow run of a stage that is not training (``eval``, ``label``, ``promote``): created in
+    ``tracking.experiment`` with the ``raypipe.stage`` tag and ``params`` logged; the caller logs the rest and
+    calls ``finish``."""
+    client = make_client(tracking)
+    run = client.create_run(experiment_id(client, tracking), run_name=run_name,
+                            tags={"raypipe.stage": stage, **(tags or {})})
+    run_logger = RunLogger(tracking, run.info.run_id, client=client)
+    if params:
+        run_logger.log_params(params)
+    return run_logger
+
+
 def end_run(tracking: TrackingConfig, run_id: str, status: str) -> None:
     make_client(tracking).set_terminated(run_id, status=status)
 
@@ -155,10 +160,10 @@ class RunLogger:
     """Rank 0's handle on the training run (a client, never the fluent active-run state, except for
     ``log_model`` which MLflow only offers fluently)."""
 
-    def __init__(self, tracking: TrackingConfig, run_id: str) -> None:
+    def __init__(self, tracking: TrackingConfig, run_id: str, *, client: MlflowClient | None = None) -> None:
         self.tracking = tracking
         self.run_id = run_id
-        self.client = make_client(tracking)
+        self.client = client or make_client(tracking)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         """Log params not logged yet (a resumed run keeps its params; MLflow rejects changed values)."""
@@ -191,11 +196,13 @@ class RunLogger:
         """Log the checkpoint as a pyfunc model (with an input example) and tag its URI on the run."""
         import mlflow
 
+        from raypipe.classifier import inference_files, pip_requirements, pyfunc_class
+
         with tempfile.TemporaryDirectory(prefix="raypipe-model-") as parent:
             # Only what inference needs: the optimizer state would double the model's size in the registry.
             tmp = Path(parent) / "checkpoint"  # the folder name becomes the artifact's name
             tmp.mkdir()
-            for name in (MODEL_FILE, META_FILE):
+            for name in inference_files():
                 shutil.copy2(Path(checkpoint_dir) / name, tmp / name)
             mlflow.set_tracking_uri(absolute_tracking_uri(self.tracking.tracking_uri))
             with mlflow.start_run(run_id=self.run_id, nested=bool(self.tracking.parent_run_id)):
@@ -205,25 +212,13 @@ class RunLogger:
                     artifacts={"checkpoint": str(tmp)},
                     input_example=dict(input_example),
                     # Explicit: MLflow's import capture would run the model in a subprocess just to list them.
-                    pip_requirements=_pip_requirements(),
+                    pip_requirements=pip_requirements(),
                 )
         self.client.set_tag(self.run_id, MODEL_URI_TAG, info.model_uri)
         return info.model_uri
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-
-
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for pkg in ("torch", "numpy", "pyarrow", "mlflow", "transformers", "pydantic", "pyyaml", "fsspec"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            continue
-    return reqs
 
 
 def register_run_model(cfg: Any, *, run_id: str) -> str | None:
@@ -313,303 +308,33 @@ def record_test_metrics(
         client.set_model_version_tag(name, version, mlflow_metric_name(key), f"{float(value):.6g}")
 
 
-# ------------------------------------------------------------------------------------------ artifacts
-
-
-def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | Path, *, metric: str) -> None:
-    """Loss terms and the selection metric per epoch (matplotlib Agg: no display needed on workers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    losses = sorted({k for h in history for k in h if k.startswith(("train/", "val/")) and k.endswith("loss")}
-                    | {k for h in history for k in h if k.startswith("train/loss_")})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key in losses:
-        axes[0].plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
-    axes[0].set_xlabel("epoch")
-    axes[0].set_title("losses")
-    axes[0].legend(fontsize=7)
-    axes[1].plot(epochs, [h.get(metric, np.nan) for h in history], marker="o", color="C3")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_title(metric)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    size = min(4 + 0.35 * n, 30)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    if n <= 60:
-        ax.set_xticks(range(n), [str(c) for c in classes], rotation=90, fontsize=7)
-        ax.set_yticks(range(n), [str(c) for c in classes], fontsize=7)
-        if n <= 30:
-            for i in range(n):
-                for j in range(n):
-                    if cm[i, j]:
-                        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def write_report_csv(report: Mapping[str, Sequence[Any]], path: str | Path) -> None:
-    import csv
-
-    keys = list(report)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys)
-        for row in zip(*(report[k] for k in keys), strict=True):
-            w.writerow(row)
-
-
-def evaluation_artifacts(
-    out_dir: str | Path, *, scores: np.ndarray, targets: np.ndarray, classes: Sequence[str], task: str, title: str
-) -> list[Path]:
-    """Confusion matrix PNG + per-class report CSV (single label) or per-class AP CSV (multi label)."""
-    from raypipe import metrics as M
-
-    out = Path(out_dir)
-    paths = []
-    if task == "single_label":
-        pred = scores.argmax(axis=1)
-        cm = M.confusion_matrix(targets, pred, len(classes))
-        plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=title)
-        write_report_csv(M.per_class_report(targets, pred, classes), out / "per_class_report.csv")
-        paths += [out / "confusion_matrix.png", out / "per_class_report.csv"]
-    else:
-        ap = M.average_precision_per_class(scores, targets)
-        write_report_csv(
-            {"class": list(classes), "ap": ap.tolist(), "support": np.asarray(targets).sum(axis=0).tolist()},
-            out / "per_class_report.csv",
-        )
-        paths.append(out / "per_class_report.csv")
-    return paths
-
-
-# ------------------------------------------------------------------------------------------ classifier
-
-
-class Classifier:
-    """A trained model ready for inference on feature-shard batches (numpy in, numpy out).
-
-    ``predict_proba`` accepts the flat shard columns (as Ray Data / pyarrow / the pyfunc input example give
-    them) or already shaped model arrays; scores are softmax (single label) or sigmoid (multi label).
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        meta: Mapping[str, Any],
-        *,
-        model_name: str,
-        model_version: str,
-        source: str,
-        device: str = "cpu",
-    ) -> None:
-        self.model = model.eval().to(device)
-        self.meta = dict(meta)
-        self.classes: list[str] = list(meta["classes"])
-        self.task: str = meta["task"]
-        self.arch: str = meta["model_name"]
-        self.model_name = model_name
-        self.model_version = model_version
-        self.source = source
-        self.shard_info = ShardInfo(**meta["shard_info"])
-        self.device = device
-
-    def to_device(self, device: Any) -> Classifier:
-        """Move the model; batches are collated straight onto the same device."""
-        self.model.to(device)
-        self.device = str(device)
-        return self
-
-    def _batch(self, np_batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        from raypipe.data import collate
-
-        return collate(np_batch, self.shard_info, device=self.device)
-
-    def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Model logits ``(B, C)`` for a collated (possibly corrupted) torch batch."""
-        import torch
-
-        with torch.inference_mode():
-            return self.model(batch)["logits"].float()
-
-    def scores_from_logits(self, logits: torch.Tensor) -> np.ndarray:
-        import torch
-
-        probs = torch.softmax(logits, dim=-1) if self.task == "single_label" else torch.sigmoid(logits)
-        return probs.cpu().numpy().astype(np.float32)
-
-    def predict_proba(self, np_batch: Mapping[str, Any], *, chunk: int = 256) -> np.ndarray:
-        """``(B, C)`` class scores for a batch of shard rows."""
-        n = len(next(iter(np_batch.values())))
-        if n == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        outs = []
-        for start in range(0, n, chunk):
-            part = {k: v[start : start + chunk] for k, v in np_batch.items()}
-            outs.append(self.scores_from_logits(self.logits(self._batch(part))))
-        return np.concatenate(outs)
-
-    @property
-    def zero_shot_proba(self) -> Any:
-        """Open-vocabulary scores ``(B, C')`` against class-name embeddings ``(C', Dt)``; only for models with a
-        ``zero_shot_logits`` head (CAV-Net built with ``contrastive=True``), otherwise absent (AttributeError)."""
-        if not hasattr(self.model, "zero_shot_logits") or not getattr(self.model, "contrastive", False):
-            raise AttributeError(f"model {self.arch!r} has no zero-shot head (needs CAV-Net with contrastive=True)")
-        return self._zero_shot_proba
-
-    def _zero_shot_proba(self, np_batch: Mapping[str, Any], class_text_emb: np.ndarray) -> np.ndarray:
-        import torch
-
-        batch = self._batch(np_batch)
-        with torch.inference_mode():
-            sims = self.model.zero_shot_logits(batch, torch.as_tensor(np.asarray(class_text_emb), dtype=torch.float32, device=self.device))
-            scale = self.model.logit_scale.exp() if hasattr(self.model, "logit_scale") else 1.0
-            return torch.softmax(sims * scale, dim=-1).cpu().numpy().astype(np.float32)
-
-    def input_example(self, np_batch: Mapping[str, Any], rows: int = 2) -> dict[str, np.ndarray]:
-        """A small pyfunc input example in the flat shard layout (2-d arrays, float32 features)."""
-        from raypipe.data import shape_columns
-
-        shaped = shape_columns({k: v[:rows] for k, v in np_batch.items()}, self.shard_info)
-        return example_from_shaped(shaped)
-
-
-def example_from_shaped(shaped: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Shaped model arrays -> the flat shard layout a pyfunc caller sends (one 2-d array per column)."""
-    n = len(shaped["frame_feats"])
-    return {
-        "frame_emb": np.asarray(shaped["frame_feats"], np.float32).reshape(n, -1),
-        "frame_mask": np.asarray(shaped["frame_mask"], bool),
-        "audio_emb": np.asarray(shaped["audio_feats"], np.float32).reshape(n, -1),
-        "audio_mask": np.asarray(shaped["audio_mask"], bool),
-        "input_ids": np.asarray(shaped["input_ids"], np.int32),
-        "attention_mask": np.asarray(shaped["attention_mask"], np.int32),
-        "text_emb": np.asarray(shaped["text_emb"], np.float32),
-    }
-
-
-def build_model_from_meta(meta: Mapping[str, Any]) -> torch.nn.Module:
-    from raypipe.models import create_model
-
-    return create_model(meta["model_name"], **meta["model_kwargs"])
-
-
-def load_checkpoint_dir(path: str | Path, *, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model of a local checkpoint folder -> ``(model in eval mode, meta)``."""
-    import torch
-
-    p = Path(path)
-    if not (p / META_FILE).is_file() or not (p / MODEL_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a raypipe checkpoint (needs {MODEL_FILE} and {META_FILE})")
-    meta = json.loads((p / META_FILE).read_text())
-    model = build_model_from_meta(meta)
-    state = torch.load(p / MODEL_FILE, map_location=device, weights_only=True)
-    model.load_state_dict(state)
-    return model.eval(), meta
-
-
-def _make_pyfunc_class() -> type:
-    import mlflow.pyfunc
-
-    class RaypipePyfunc(mlflow.pyfunc.PythonModel):
-        """pyfunc wrapper: ``predict`` takes the flat shard columns (dict of 2-d arrays) -> ``(B, C)`` scores."""
-
-        def load_context(self, context: Any) -> None:
-            self.clf = _classifier_from_dir(context.artifacts["checkpoint"], model_name="", model_version="", source="")
-
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 (MLflow reads the hints)
-            if hasattr(model_input, "to_dict") and not isinstance(model_input, dict):  # a pandas DataFrame
-                model_input = {c: np.stack(model_input[c].to_numpy()) for c in model_input.columns}
-            return self.clf.predict_proba(model_input)
-
-    RaypipePyfunc.__module__ = __name__
-    RaypipePyfunc.__qualname__ = "RaypipePyfunc"
-    return RaypipePyfunc
-
-
-def pyfunc_class() -> type:
-    """The ``mlflow.pyfunc.PythonModel`` subclass, created on first use so that importing this module (label
-    actors, eval) does not pay for importing mlflow.pyfunc; pickled by reference as
-    ``raypipe.tracking.RaypipePyfunc`` (resolved by the module ``__getattr__``)."""
-    cls = globals().get("RaypipePyfunc")
-    if cls is None:
-        cls = globals()["RaypipePyfunc"] = _make_pyfunc_class()
-    return cls
+# Names that moved out of this module (see the module docstring). ``RaypipePyfunc`` must resolve here for as long
+# as registered models pickled under this path exist; the rest keep code written against the old module working.
+_MOVED = {
+    "RaypipePyfunc": "raypipe.classifier",
+    "Classifier": "raypipe.classifier",
+    "load_classifier": "raypipe.classifier",
+    "load_checkpoint_dir": "raypipe.classifier",
+    "example_from_shaped": "raypipe.classifier",
+    "pyfunc_class": "raypipe.classifier",
+    "MODEL_FILE": "raypipe.classifier",
+    "META_FILE": "raypipe.classifier",
+    "TRAIN_STATE_FILE": "raypipe.classifier",
+    "VAL_PREDICTIONS_FILE": "raypipe.classifier",
+    "plot_training_curves": "raypipe.reports",
+    "plot_confusion_matrix": "raypipe.reports",
+    "write_report_csv": "raypipe.reports",
+    "evaluation_artifacts": "raypipe.reports",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name == "RaypipePyfunc":
+        from raypipe.classifier import pyfunc_class
+
         return pyfunc_class()
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _classifier_from_dir(path: str, *, model_name: str, model_version: str, source: str) -> Classifier:
-    model, meta = load_checkpoint_dir(path)
-    return Classifier(
-        model, meta, model_name=model_name or meta["model_name"], model_version=model_version, source=source
-    )
-
-
-def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` -> (name, None, alias); ``models:/name/3`` -> (name, "3", None)."""
-    rest = uri[len("models:/") :]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, None, alias
-    if "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        return name, version, None
-    raise ValueError(f"model URI {uri!r} must be models:/<name>@<alias> or models:/<name>/<version>")
-
-
-def load_classifier(uri: str, storage: StorageConfig | None = None, *, tracking_uri: str | None = None) -> Classifier:
-    """A :class:`Classifier` from ``models:/name@alias``, ``models:/name/version`` or a checkpoint folder.
-
-    Registry URIs resolve through the current MLflow tracking/registry URI (``mlflow.set_tracking_uri`` or
-    ``MLFLOW_TRACKING_URI``) unless ``tracking_uri`` is given. ``model_version`` is the registry version, or
-    ``ckpt-<hash>`` of the folder for a checkpoint path, so predictions of different models never mix.
-    """
-    if uri.startswith("models:/"):
-        import mlflow
-        from mlflow import MlflowClient
-
-        if tracking_uri:
-            tracking_uri = absolute_tracking_uri(tracking_uri)
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        name, version, alias = _parse_models_uri(uri)
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        with tempfile.TemporaryDirectory(prefix="raypipe-load-") as tmp:
-            if tracking_uri:
-                mlflow.set_tracking_uri(tracking_uri)
-                mlflow.set_registry_uri(tracking_uri)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp)
-            found = sorted((Path(local) / "artifacts").glob(f"*/{META_FILE}"))
-            ckpt = found[0].parent if found else None
-            if ckpt is None:
-                raise FileNotFoundError(f"{uri}: the registered model has no raypipe checkpoint artifact")
-            return _classifier_from_dir(str(ckpt), model_name=name, model_version=str(mv.version), source=uri)
-    local, tmp = rfs.local_copy(uri, storage)
-    try:
-        digest = hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:10]
-        return _classifier_from_dir(local, model_name="", model_version=f"ckpt-{digest}", source=uri)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)

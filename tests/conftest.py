@@ -222,16 +222,9 @@ def register_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     import numpy as np
     import torch
 
+    from raypipe.classifier import META_FILE, MODEL_FILE, example_from_shaped
     from raypipe.models import builder_params, create_model
-    from raypipe.tracking import (
-        META_FILE,
-        MODEL_FILE,
-        RunLogger,
-        example_from_shaped,
-        experiment_id,
-        make_client,
-        register_run_model,
-    )
+    from raypipe.tracking import RunLogger, experiment_id, make_client, register_run_model
 
     def make(cfg, *, model_name: str, info, classes: list[str], data: str, val_fraction: float, seed: int = 0,
              params: dict | None = None, test_fraction: float = 0.0) -> str:

@@ -33,6 +33,7 @@ from raypipe.config.train import TASK_METRICS, EvalConfig, LossConfig, OptimConf
 from raypipe.config.tune import TuneConfig
 
 __all__ = [
+    "config_to_dict",
     "ConfigError",
     "CorpusConfig",
     "DecodeConfig",
@@ -89,12 +90,19 @@ class RaypipeConfig(StrictModel):
         return self
 
 
+def config_to_dict(cfg: RaypipeConfig) -> dict[str, Any]:
+    """JSON-able dump that validates back to the same config: only what was set (some sections reject options
+    their mode does not read, so a full dump with every default would not round-trip), and an exported YAML stays
+    short and keeps following the defaults of keys it never named."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
 
 
 def _presets_dir() -> Path:
-    return Path(str(resources.files("raypipe") / "configs"))
+    return Path(str(resources.files("raypipe") / "presets"))
 
 
 def _resolve(source: str | Path | None) -> dict[str, Any]:

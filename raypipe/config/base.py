@@ -7,6 +7,7 @@ turns pydantic's report into one line per problem that names the dotted key and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ class StrictModel(BaseModel):
 
 class ConfigError(ValueError):
     """A config problem a user can fix; ``str(err)`` is a message naming the offending key."""
+
+    exit_code = 2  # what the CLI (raypipe.cli.run_stage, the one place that maps errors to codes) exits with
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
@@ -86,6 +89,19 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
             raise ConfigError(f"config error: {'.'.join(path)}: {part} is not a section")
         node = child
     node[path[-1]] = value
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"optim": {"lr": 1e-3}}}`` -> ``{"train.optim.lr": 1e-3}`` (lists and empty mappings are leaves):
+    the dotted keys ``--set``, the sweep's search space and MLflow params all use."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -177,10 +177,8 @@ def import_features(cfg: RaypipeConfig) -> dict[str, Any]:
         if len(chunk) >= 64:
             flush()
     flush()
-    for s in store.pending_shards():
-        store.commit_shard(s)
-    n_errors = store.commit_errors()
-    manifest = store.write_manifest({"config_hash": info.config_hash, "schema_version": info.schema_version})
+    manifest = store.commit({"config_hash": info.config_hash, "schema_version": info.schema_version})
+    n_errors = manifest["errors"]["rows"]
     seconds = time.monotonic() - t0
     summary = {
         "output": e.output, "source_kind": kind, "videos_listed": listed, "videos_skipped": listed - processed,

@@ -274,15 +274,13 @@ def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
         try:
             _stream(cfg, plan, pending, store, info, tally)
         except StallError:
-            for s in store.pending_shards():  # keep what came through; the rerun skips it
-                store.commit_shard(s)
-            store.commit_errors()
+            store.commit()  # keep what came through (no manifest); the rerun skips it
             raise
     statuses, reasons, ok_ids, frames, decode_s = tally.statuses, tally.reasons, tally.ok_ids, tally.frames, tally.decode_s
-    for s in store.pending_shards():  # parts left by an interrupted earlier run
-        store.commit_shard(s)
-    n_errors = store.commit_errors(drop_keys=ok_ids if e.retry_failed else ())
-    manifest = store.write_manifest({"config_hash": info.config_hash, "schema_version": info.schema_version})
+    # also commits parts left by an interrupted earlier run
+    manifest = store.commit({"config_hash": info.config_hash, "schema_version": info.schema_version},
+                            drop_error_keys=ok_ids if e.retry_failed else ())
+    n_errors = manifest["errors"]["rows"]
     seconds = time.monotonic() - t0
     from raypipe.io.shards import read_errors
 

@@ -138,6 +138,19 @@ class ShardStore:
         return sorted({int(posixpath.basename(posixpath.dirname(p)).split("-")[1]) for p in self._list(PARTS) if "/shard-" in p})
 
     # ---------- commit ----------
+    def commit(
+        self, manifest: dict[str, Any] | None = None, *, drop_error_keys: Iterable[str] = ()
+    ) -> dict[str, Any] | None:
+        """The commit sequence of every writer (embed, the importers, label): pending parts -> atomic shard files,
+        then the errors table (minus ``drop_error_keys``: videos that have since succeeded), then, with
+        ``manifest`` (its extra fields), the manifest last, so a reader never trusts a half-committed store.
+        Without ``manifest`` (a stalled run) the parts become shards a rerun skips; the old manifest stays.
+        Returns the manifest written (``manifest["errors"]["rows"]`` counts the error rows)."""
+        for shard in self.pending_shards():
+            self.commit_shard(shard)
+        self.commit_errors(drop_error_keys)
+        return None if manifest is None else self.write_manifest(manifest)
+
     def commit_shard(self, shard: int) -> int:
         """Merge the committed shard with its parts into a new atomic shard file; remove the parts. Row count."""
         fs, root = self.fs_path
@@ -164,9 +177,10 @@ class ShardStore:
             tables.insert(0, self._read(final).cast(error_schema()))
         table = _dedupe_sorted(pa.concat_tables(tables), "video_id") if tables else error_schema().empty_table()
         drop = pa.array(sorted(set(drop_keys)), pa.string())
+        before = table.num_rows
         if len(drop):
             table = table.filter(pc.invert(pc.is_in(table.column("video_id"), value_set=drop)))
-        if parts or not fs.exists(final):
+        if parts or not fs.exists(final) or table.num_rows != before:
             atomic_write_bytes(fs, final, _table_bytes(table))
         for p in parts:
             fs.rm(p)

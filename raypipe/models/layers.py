@@ -20,6 +20,8 @@ Blocks::
     build_text_encoder                         BERT-family encoder: local pretrained folder or small config
 """
 
+# Long module: a catalogue of small independent blocks (listed above) shared by the models; each is short.
+
 from __future__ import annotations
 
 import logging

@@ -66,7 +66,7 @@ def _copy_checkout(dest: Path) -> None:
     for rel in filter(None, listed):
         src, dst = REPO / rel, dest / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():  # ./configs -> raypipe/configs
+        if src.is_symlink():  # ./presets -> raypipe/presets
             if not dst.is_symlink():
                 dst.symlink_to(os.readlink(src))
         elif src.is_file():

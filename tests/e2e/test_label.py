@@ -15,14 +15,14 @@ import pyarrow as pa
 import pytest
 
 from raypipe.label import (
-    _commit,
-    _write_parts,
+    commit_predictions,
     format_table,
     plot_distribution,
     prediction_schema,
     prediction_store,
     read_class_names,
     read_predictions,
+    write_prediction_parts,
 )
 
 
@@ -58,12 +58,12 @@ def test_prediction_store_latest_version_wins_and_failures_are_rows(tmp_path: Pa
     ok = [_row(f"v{i}", "1", t0) for i in range(6)]
     failed = [{"video_id": "bad", "source_uri": "/v/bad.mp4", "stage": "decode", "reason": "corrupt",
                "error": "moov atom not found"}]
-    _write_parts(v1, ok[:3], [])
+    write_prediction_parts(v1, ok[:3], [])
     # an interrupted run leaves parts: they already count as done, but readers see nothing uncommitted
     assert v1.done_keys() == {"v0", "v1", "v2"}
     assert read_predictions(out).num_rows == 0
-    _write_parts(v1, ok[3:], failed)
-    _commit(v1, _common("1"))
+    write_prediction_parts(v1, ok[3:], failed)
+    commit_predictions(v1, _common("1"))
     table = read_predictions(out)
     assert sorted(table.column("video_id").to_pylist()) == ["bad", *[f"v{i}" for i in range(6)]]
     bad = table.filter(pa.compute.equal(table.column("video_id"), "bad")).to_pylist()[0]
@@ -72,15 +72,15 @@ def test_prediction_store_latest_version_wins_and_failures_are_rows(tmp_path: Pa
 
     # version 2 relabels two videos (later): the dedup'ed view shows each video once, v2 where it exists
     v2 = prediction_store(out, None, model_name="m", model_version="2", num_shards=3)
-    _write_parts(v2, [_row("v0", "2", t0 + timedelta(days=1), "0202"), _row("v1", "2", t0 + timedelta(days=1))], [])
-    _commit(v2, _common("2"))
+    write_prediction_parts(v2, [_row("v0", "2", t0 + timedelta(days=1), "0202"), _row("v1", "2", t0 + timedelta(days=1))], [])
+    commit_predictions(v2, _common("2"))
     latest = {r["video_id"]: r for r in read_predictions(out).to_pylist()}
     assert len(latest) == 7
     assert latest["v0"]["model_version"] == "2" and latest["v0"]["label"] == "0202"
     assert latest["v2"]["model_version"] == "1"
     assert read_predictions(out, latest_only=False).num_rows == 9
     # re-committing is idempotent (no duplicate rows per version)
-    _commit(v2, _common("2"))
+    commit_predictions(v2, _common("2"))
     assert read_predictions(out, latest_only=False).num_rows == 9
 
 
@@ -129,8 +129,9 @@ def first_run(ray_session, registered_model, corpus):
 def test_labels_agree_with_the_classifier_and_failures_are_rows(first_run, corpus) -> None:
     import numpy as np
 
+    from raypipe.classifier import load_classifier
     from raypipe.io.shards import read_shards
-    from raypipe.tracking import load_classifier, make_client
+    from raypipe.tracking import make_client
 
     rc, cfg = first_run
     assert rc == 0
@@ -223,9 +224,9 @@ def test_zero_shot_mode_labels_by_similarity_to_the_class_names(registered_model
     same as scoring the training shards directly against the embedded names."""
     import numpy as np
 
+    from raypipe.classifier import load_classifier
     from raypipe.io.shards import read_shards
-    from raypipe.label import _embed_class_names, label_videos, read_class_names
-    from raypipe.tracking import load_classifier
+    from raypipe.label import embed_class_names, label_videos, read_class_names
 
     cfg = _with(registered_model, embed={"source": {"limit": 8}},
                 label={"mode": "zero_shot", "output": str(tmp_path / "zs")})
@@ -239,7 +240,7 @@ def test_zero_shot_mode_labels_by_similarity_to_the_class_names(registered_model
     table, _ = read_shards(cfg.train.data)
     ids = table.column("video_id").to_pylist()
     proba = clf.zero_shot_proba({c: table.column(c) for c in table.column_names},
-                                _embed_class_names(cfg, names))  # (N, C')
+                                embed_class_names(cfg, names))  # (N, C')
     codes = list(names)
     checked = 0
     assert preds and all(r["video_id"] in ids for r in preds)  # every labelled video is in the training shards

@@ -88,7 +88,7 @@ def test_champion_challenger_promotion_rejection_rollback_and_the_label_job(
     assert metric == "f_sco" and chall[metric] - champ[metric] >= 0.05
     assert champ["n"] == chall["n"] == report["evaluation"]["rows"] > 0
     # the evaluation set both were scored on: the challenger's held-out rows, fingerprinted
-    from raypipe.tracking import load_classifier
+    from raypipe.classifier import load_classifier
 
     clf = load_classifier("models:/promote-e2e/2", tracking_uri=cfg.tracking.tracking_uri)
     ev = evaluation_rows(cfg.train.data, task=clf.task, classes=clf.classes, val_fraction=clf.meta["val_fraction"],

@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
+from raypipe.classifier import example_from_shaped, load_classifier
 from raypipe.config import RaypipeConfig
 from raypipe.config.train import OptimConfig
 from raypipe.corruptions import apply_corruption
-from raypipe.data import _prepare_batch, find_shard_files, to_torch
+from raypipe.data import find_shard_files, prepare_batch, to_torch
 from raypipe.metrics import compute_metrics
 from raypipe.models import list_models
-from raypipe.tracking import example_from_shaped, load_classifier
 from raypipe.train import FAULT_ENV, FAULT_MARKER, TrainResult, fit
 
 # Tiny model sizes: every run here is a few seconds of compute per epoch on 2 CPUs.
@@ -179,7 +179,7 @@ def _split_arrays(cfg: RaypipeConfig, classes: list[str], meta: dict[str, Any], 
         with fs.open(f, "rb") as fh:
             table = pq.read_table(fh)
         info = json.loads(table.schema.metadata[b"raypipe"])
-        parts.append(_prepare_batch(table, info=info, classes=classes, task="single_label", split=split,
+        parts.append(prepare_batch(table, info=info, classes=classes, task="single_label", split=split,
                                     val_fraction=meta["val_fraction"], test_fraction=meta["test_fraction"]))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

@@ -15,9 +15,9 @@ import yaml
 from ray.tune import Callback
 
 from raypipe.config import ConfigError, load_config
+from raypipe.config.base import flatten
 from raypipe.tune import (
     apply_params,
-    flatten,
     format_table,
     sample_values,
     to_param_space,
@@ -220,7 +220,7 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
         assert t.trial_id in result.table
 
     # register_best: the best trial's own logged model, under the alias, loadable by models:/
-    from raypipe.tracking import load_classifier
+    from raypipe.classifier import load_classifier
 
     assert cfg.tracking.alias == "challenger"  # a sweep's best trial is a challenger too; promote decides
     version = client.get_model_version_by_alias("sweep4-best", cfg.tracking.alias)

@@ -317,11 +317,11 @@ def test_each_modality_carries_its_evidence(signal: tuple[CorpusInfo, CorpusConf
 def test_evidence_layouts_change_what_each_modality_shows(tmp_path: Path) -> None:
     """Plans only (no encoding): each layout's per-modality evidence rates, and split unchanged by layouts."""
     from raypipe.config import CorpusConfig
-    from raypipe.corpus import LAYOUTS, LEVEL1_NAMES, _plan_video
+    from raypipe.corpus import LAYOUTS, LEVEL1_NAMES, plan_video
 
     def plans(layout: str) -> list:
         cfg = CorpusConfig(out=str(tmp_path), videos=400, seed=11, layout=layout, num_level1=3, num_level2_per_level1=4)
-        return [_plan_video(cfg, index=i, video_id=f"v{i}", label_idx=i % 12, duration_s=3.0, videos_dir=tmp_path)
+        return [plan_video(cfg, index=i, video_id=f"v{i}", label_idx=i % 12, duration_s=3.0, videos_dir=tmp_path)
                 for i in range(400)]
 
     def rate(ps: list, ok) -> float:

@@ -187,7 +187,7 @@ def test_prepare_counts_train_val_test(tmp_path: Path) -> None:
 
 
 def test_early_stopping_reads_only_the_history_of_the_selection_metric() -> None:
-    from raypipe.train import best_epoch, should_stop_early
+    from raypipe.train_worker import best_epoch, should_stop_early
 
     hist = [{"epoch": e, "val/f_sco": v} for e, v in enumerate([0.2, 0.5, 0.5, 0.4, 0.45], start=1)]
     assert best_epoch(hist, "val/f_sco", "max") == 2  # the first of equal scores
@@ -296,7 +296,7 @@ def test_f_sco_needs_wbdc_codes(tmp_path: Path) -> None:
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
-    from raypipe.train import lr_factor
+    from raypipe.train_worker import lr_factor
 
     f = [lr_factor(s, warmup=4, total=20) for s in range(21)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
@@ -306,7 +306,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
 def test_text_encoder_gets_its_own_lr_and_no_decay_on_norms() -> None:
     from raypipe.config import load_config
     from raypipe.models import create_model
-    from raypipe.train import param_groups
+    from raypipe.train_worker import param_groups
 
     cfg = load_config("test", ["train.optim.lr=1e-3", "train.optim.text_lr=5e-5"])
     model = create_model("dmafnet", num_classes=3, frame_dim=6, vocab_size=50, text_encoder_path=None, frame_layers=1, frame_heads=2,

@@ -22,14 +22,14 @@ def test_sweep_trial_config_finds_every_file_from_the_trial_dir(tmp_path: Path, 
     """`raypipe tune -c sweep_demo` from the repository root: each trial runs in its own working directory and
     must still find the demo's taxonomy (it did not: the sweep made train.data absolute but not train.taxonomy)."""
     from raypipe.data import read_taxonomy
-    from raypipe.tune import _portable_base, apply_params
+    from raypipe.tune import apply_params, portable_base
 
     repo, trial_dir = tmp_path / "repo", tmp_path / "trial"
     tax = _taxonomy(repo)
     trial_dir.mkdir()
     monkeypatch.chdir(repo)
     cfg = load_config("sweep_demo")
-    base = _portable_base(cfg)
+    base = portable_base(cfg)
     monkeypatch.chdir(trial_dir)  # Tune runs every trial in a folder of its own
     trial = apply_params(base, {"train.optim.lr": 1e-3})
     assert trial.train.taxonomy == str(tax)

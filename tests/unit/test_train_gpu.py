@@ -10,7 +10,8 @@ import torch
 from test_models import ALL_AUX, build, make_batch, objective
 
 from raypipe.config import load_config
-from raypipe.train import _optimizer_step, amp_setup, forward_backward, restore_scaler, worker_group_configs
+from raypipe.train import worker_group_configs
+from raypipe.train_worker import amp_setup, forward_backward, optimizer_step, restore_scaler
 
 
 def test_gpu_workers_get_nccl_and_one_gpu_each() -> None:
@@ -31,14 +32,14 @@ def test_cpu_workers_get_gloo_and_no_gpu() -> None:
 
 
 def test_fractional_gpus_for_tune_trials() -> None:
-    from raypipe.tune import _portable_base
+    from raypipe.tune import portable_base
 
     cfg = load_config("test", ["tune.resources.gpus_per_worker=0.25"])
-    train = _portable_base(cfg)["train"]
+    train = portable_base(cfg)["train"]
     assert train["use_gpu"] is True and train["gpus_per_worker"] == 0.25
     trial = load_config("test", [f"train.{k}={v}" for k, v in train.items() if k in ("use_gpu", "gpus_per_worker")])
     assert worker_group_configs(trial.train)[1].resources_per_worker["GPU"] == 0.25
-    assert _portable_base(load_config("test", ["tune.resources.gpus_per_worker=0"]))["train"]["use_gpu"] is False
+    assert portable_base(load_config("test", ["tune.resources.gpus_per_worker=0"]))["train"]["use_gpu"] is False
 
 
 def test_find_unused_parameters_is_off_by_default_and_configurable() -> None:
@@ -83,7 +84,7 @@ def test_one_cpu_training_step() -> None:
         model, make_batch(), obj, autocast=autocast, scaler=scaler, grad_accum=1, sync_grads=True
     )
     assert total.dtype == torch.float32 and torch.isfinite(total) and set(terms) >= {"classification"}
-    _optimizer_step(model, optimizer, scheduler, scaler, grad_clip=1.0)
+    optimizer_step(model, optimizer, scheduler, scaler, grad_clip=1.0)
     frozen = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
     assert not frozen, f"parameters that did not move: {frozen}"
 
@@ -117,13 +118,13 @@ def _run_validate(rank: int, world: int) -> tuple:
     from contextlib import nullcontext
 
     from raypipe.losses import FusionObjective
-    from raypipe.train import _validate
+    from raypipe.train_worker import validate_batches
 
     scored: list[int] = []
     model = _TextHead().eval()
     forward = model.forward
     model.forward = lambda b: (scored.append(len(b["label"])), forward(b))[1]
-    val = _validate(
+    val = validate_batches(
         model, _val_stream(), rank=rank, world=world, device=torch.device("cpu"), autocast=nullcontext,
         objective=FusionObjective(task="single_label", classification=1.0, contrastive=0.0, mlm=0.0, vtm=0.0),
         task="single_label", target_key="label", cache=None,
