@@ -19,7 +19,9 @@ The rules (C = CPUs, G = GPUs the cluster has or its node types can provide; "sm
   label classifier pool gets up to an eighth of the CPUs (and at most G).
 - ``decode_num_cpus: auto``: 1; 0.5 on a small cluster (0.25 below 2 CPUs). Decode tasks also ask one unit of
   ``ray.decode_resource`` when some node defines it (the CPU worker group in cluster.yaml), which keeps them off
-  the head and the GPU nodes.
+  the head and the GPU nodes; they ask ``embed.decode_memory_mb`` of memory unless the plan is made from node
+  types that declare no memory (an autoscaler could not match such a request to a node type: it would never
+  start a node for it).
 - Training: ``use_gpu: auto`` = G > 0 (and G >= an explicit ``num_workers``: one GPU per worker); ``num_workers: auto`` = G with GPUs (fewer when each would get under a quarter CPU), else 2 below 16 CPUs and
   ``min(8, C // 8)`` above; ``cpus_per_worker: auto`` = what is left after reserving max(1, C/8) CPUs for data
   reading, split over the workers (0.25 steps, between 0.25 and 1 below 16 CPUs, 8 above). A sweep plans each trial with
@@ -202,11 +204,18 @@ def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pool
                                      {"CPU": ncpu, "GPU": ngpu}, p.min_size))
     dcpu = float(_auto(e.decode_num_cpus, (0.5 if cpus >= 2 else 0.25) if small else 1.0))
     shape = {"CPU": dcpu, "memory": e.decode_memory_mb * 1024 * 1024}
+    if cluster.autoscaling and not cluster.has("memory"):
+        # Node types planned from a cluster.yaml name no memory, and an autoscaler only matches a request that
+        # asks for memory to a node type whose memory its provider fills in (AWS does; the local/fake providers
+        # and others do not): such a decode task would wait forever with "no node type can satisfy it".
+        del shape["memory"]
+        plan.rules.append("decode tasks ask no memory (the cluster's node types declare none)")
     if decode_resource and cluster.has(decode_resource):
         shape[decode_resource] = 1.0
         plan.rules.append(f"decode tasks ask 1 {decode_resource} (CPU worker nodes only)")
     plan.settings["embed.decode_num_cpus"] = dcpu
     plan.settings["embed.decode_resources"] = {k: v for k, v in shape.items() if k not in ("CPU", "memory")}
+    plan.settings["embed.decode_memory"] = shape.get("memory", 0)  # bytes Ray reserves per decode task (0: none)
     plan.requests.append(Request("decode task", ("embed.decode_num_cpus", "embed.decode_memory_mb"), shape))
     return plan
 

@@ -7,6 +7,7 @@ rules that only concern one section live in that section's validator; rules that
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -95,8 +96,11 @@ class CorpusConfig(StrictModel):
 class TrackingConfig(StrictModel):
     """MLflow: a SQLite file by default, any tracking URI (a server) in production."""
 
-    # A SQLite file in a neutral folder of the working directory (the demo preset uses demo_out/mlflow.db).
-    tracking_uri: TrackingUri = "sqlite:///raypipe_runs/mlflow.db"
+    # A SQLite file in a neutral folder of the working directory (the demo preset uses demo_out/mlflow.db), or
+    # MLFLOW_TRACKING_URI when set: a job submitted with `--runtime-env-json '{"env_vars": {...}}'` reaches the
+    # shared server without a --set (a preset's or --set value still wins).
+    tracking_uri: TrackingUri = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///raypipe_runs/mlflow.db")
     artifact_location: PathStr | None = None
     experiment: str = "raypipe"
     registered_model_name: str = "raypipe-classifier"

@@ -114,7 +114,7 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
         _decode_row,
         fn_kwargs={"decode_cfg": e.decode, "image_size": e.frames.image_size, "storage": cfg.storage},
         num_cpus=e.decode_num_cpus,
-        memory=e.decode_memory_mb * 1024 * 1024,
+        memory=plan.settings.get("embed.decode_memory", e.decode_memory_mb * 1024 * 1024) or None,
         **({"resources": plan.settings["embed.decode_resources"]} if plan.settings.get("embed.decode_resources") else {}),
     )
 

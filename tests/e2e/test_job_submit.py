@@ -153,9 +153,11 @@ def local_cluster(registered_model) -> Iterator[LocalCluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path, timeout: float = 900) -> tuple[str, str]:
+def _submit(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path, timeout: float = 900,
+            env_vars: dict[str, str] | None = None) -> tuple[str, str]:
     """Submit and wait (the CLI follows the logs until the job ends); return (status, logs)."""
-    runtime_env = {"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}}
+    runtime_env = {"excludes": EXCLUDES,
+                   "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_vars or {})}}
     deadline = time.monotonic() + 120
     while True:
         res = cluster.job(
@@ -431,3 +433,98 @@ def make_champion_version(cfg) -> str:
     from raypipe.tracking import alias_version, make_client
 
     return alias_version(make_client(cfg.tracking), cfg.tracking.registered_model_name, cfg.tracking.champion_alias)
+
+
+@pytest.fixture
+def mlflow_server(moto_s3, tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server`: SQLite backend file, artifacts in the moto S3 bucket written by the clients
+    (``--no-serve-artifacts``: jobs reach S3 with their own keys and MLFLOW_S3_ENDPOINT_URL, as in production)."""
+    port = _free_ports(1)[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--default-artifact-root", f"s3://{moto_s3.bucket}/mlflow", "--no-serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(tmp_path / "mlflow_server.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not come up:\n{(tmp_path / 'mlflow_server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield uri
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=10)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+
+
+def test_train_promote_and_label_jobs_against_an_mlflow_server_with_s3_artifacts(
+        local_cluster: LocalCluster, registered_model, corpus, moto_s3, mlflow_server: str, tmp_path: Path) -> None:
+    """Issue #15 item 3: the settings reach the jobs only through `runtime_env` env vars (tracking server, S3
+    endpoint and keys); the run, its registered version and aliases and its artifacts are on the server / in S3,
+    and the S3 keys are in no MLflow param or tag, no raypipe log file and not in the job's output."""
+    import shlex
+
+    from mlflow import MlflowClient
+
+    from raypipe.io.fs import resolve
+    from raypipe.label import read_predictions
+
+    key_id, secret = f"AKIA{secrets.token_hex(8).upper()}", secrets.token_urlsafe(30)
+    env_vars = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_S3_ENDPOINT_URL": moto_s3.endpoint_url,
+                "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+    name, cfg = "raypipe-prod", registered_model
+    common = ["-c", "test", "--set", f"tracking.registered_model_name={name}"]
+    steps = [
+        ["python", "jobs/train.py", *common, "--data", cfg.train.data, "--epochs", "1", "--run-name", "prod-train",
+         "--set", "train.num_workers=1", "--set", f"train.storage_path={tmp_path / 'ray'}",
+         "--set", "model.name=cavnet", "--set", "model.params={dim: 32, heads: 2, proj_dim: 16}",
+         "--set", "train.loss.mlm=0", "--set", "train.loss.vtm=0"],
+        ["python", "-m", "raypipe.cli", "promote", *common, "--set", f"embed.output={cfg.train.data}",
+         "--set", f"train.data={cfg.train.data}", "--set", f"promote.output={tmp_path / 'promotion'}", "--set", "promote.split=all"],
+        ["python", "jobs/label_nightly.py", *common, "--model-uri", f"models:/{name}@champion",
+         "--source", str(corpus.videos_dir), "--set", f"embed.source.annotations={corpus.annotations_path}",
+         "--set", "embed.source.limit=4", "--output", str(tmp_path / "labels"),
+         "--set", f"label.class_names={cfg.label.class_names}"],
+    ]
+    script = " && ".join(shlex.join(step) for step in steps)
+    status, logs = _submit(local_cluster, ["bash", "-c", script], working_dir=REPO, timeout=900, env_vars=env_vars)
+    assert status == "SUCCEEDED", logs[-6000:]
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert client.get_model_version_by_alias(name, "challenger").version == champion.version == "1"
+    run = client.get_run(champion.run_id)
+    assert run.info.run_name == "prod-train" and run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith(f"s3://{moto_s3.bucket}/mlflow/"), run.info.artifact_uri
+    fs, _ = resolve(f"s3://{moto_s3.bucket}", moto_s3.storage)
+    stored = fs.find(f"{moto_s3.bucket}/mlflow")
+    assert any(p.endswith("config.yaml") for p in stored) and any("model" in p for p in stored), stored[:20]
+    preds = read_predictions(str(tmp_path / "labels"))
+    assert preds.num_rows == 4 and set(preds.column("model_version").to_pylist()) == {"1"}
+    assert (tmp_path / "promotion" / "latest.json").is_file()
+
+    # The keys: nowhere in MLflow (params, tags of every run), raypipe's log files, the job output, S3 text files.
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 3, [r.info.run_name for r in runs]  # train, promote, label
+    logged = [v for r in runs for v in (*r.data.params.values(), *r.data.tags.values())]
+    log_files = [p for d in local_cluster.temp_dir.rglob("raypipe-logs") for p in d.rglob("*") if p.is_file()]
+    assert log_files, "the jobs wrote no raypipe log file"
+    texts = {str(p): p.read_text(errors="replace") for p in log_files}
+    texts |= {p: fs.cat(p).decode(errors="replace") for p in stored if p.endswith((".yaml", ".json", ".txt"))}
+    for value in (key_id, secret):
+        assert not [v for v in logged if value in v], "an S3 key is in an MLflow param or tag"
+        assert value not in logs, "an S3 key is in the job output"
+        assert not [p for p, t in texts.items() if value in t], "an S3 key is in a log file or an artifact"

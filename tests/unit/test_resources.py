@@ -136,6 +136,18 @@ def test_decode_resource_only_when_some_node_defines_it() -> None:
     assert plan_embed(cfg.embed, two, decode_resource="raypipe_cpu_worker").requests[-1].shape["raypipe_cpu_worker"] == 1
 
 
+def test_decode_asks_memory_only_where_the_node_types_declare_it() -> None:
+    """Issue #15: an autoscaler cannot match a memory request to a node type whose memory it does not know (Ray's
+    fake/local providers: "could not find a node type to satisfy the request"), so a plan made from cluster.yaml's
+    node types (which declare none) asks no memory; alive nodes always report theirs, so there it stays."""
+    cfg = load_config(None)
+    cold = cluster_from_yaml(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    plan = plan_embed(cfg.embed, cold, decode_resource="raypipe_cpu_worker")
+    assert "memory" not in plan.requests[-1].shape and plan.settings["embed.decode_memory"] == 0
+    alive = Cluster((NodeType({"CPU": 16, "memory": 64e9}),))
+    assert plan_embed(cfg.embed, alive).settings["embed.decode_memory"] == cfg.embed.decode_memory_mb * 1024 * 1024
+
+
 def test_device_and_precision_are_in_the_feature_fingerprint() -> None:
     from raypipe.config.embed import config_hash
 

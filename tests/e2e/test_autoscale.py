@@ -1,0 +1,236 @@
+"""An autoscaling Ray cluster built from cluster.yaml's own node types, scaled by raypipe's own requests.
+
+Why: the production cluster's GPU group starts at 0 nodes and must be brought up by what raypipe asks Ray for
+(and given back when idle); its decode group must grow with the backlog. Ray's fake multi-node provider (the
+one behind ``ray.cluster_utils.AutoscalingCluster``) runs the real autoscaler (v1, the one `ray up` starts)
+against nodes that are extra raylets on this host, so that loop is exercised here without a cloud.
+
+The cluster config is derived from cluster.yaml at test time (:func:`fake_config`): the node type names, their
+custom resources, ``min_workers``, which groups have GPUs, the head's CPU count and the ``setup_commands`` are
+read from the file; only what a 2-core host cannot hold is scaled down (CPUs per node, ``max_workers``, the idle
+timeout), and GPUs are Ray's fake GPUs (``num_gpus`` on a node without CUDA: the actors run on the CPU, see
+raypipe.device). ``AutoscalingCluster.start`` itself is not used: it runs ``ray stop --force`` (every Ray process
+on the host, other sessions' included) and reads a template the wheel does not ship; the head is started here
+the way it does it (``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...``), in its own process group on
+free ports, and torn down by killing exactly that group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.stops_session_ray
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+HEAD_TYPE = "ray.head.default"  # the fake provider tags its head with this type name
+CPUS_PER_NODE = 1  # each fake node's CPUs (cluster.yaml's are 8-16: too many worker processes on 2 cores)
+MAX_NODES = 2  # per worker group (cluster.yaml: 8 decode, 4 GPU)
+IDLE_TIMEOUT_MIN = 0.1  # 6 s (cluster.yaml: 10 min)
+
+
+def fake_config(cluster_yaml: dict[str, Any], gcs_address: str) -> dict[str, Any]:
+    """cluster.yaml's node types for Ray's fake multi-node provider (see the module docstring for what is scaled)."""
+    head_name = cluster_yaml["head_node_type"]
+    types: dict[str, Any] = {}
+    for name, spec in cluster_yaml["available_node_types"].items():
+        res = {k: v for k, v in spec.get("resources", {}).items()}
+        if name == head_name:
+            types[HEAD_TYPE] = {"resources": res, "node_config": {}, "max_workers": 0}
+            continue
+        res["CPU"] = CPUS_PER_NODE
+        types[name] = {"resources": res, "node_config": {}, "min_workers": spec.get("min_workers", 0),
+                       "max_workers": min(MAX_NODES, spec["max_workers"])}
+    return {
+        "cluster_name": "raypipe-fake", "max_workers": min(cluster_yaml["max_workers"], 2 * MAX_NODES),
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": types, "head_node_type": HEAD_TYPE, "auth": {},
+        "upscaling_speed": cluster_yaml.get("upscaling_speed", 1.0), "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
+        "docker": {}, "initialization_commands": [], "setup_commands": list(cluster_yaml["setup_commands"]),
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WATCHER = """
+import json, sys, time, ray
+ray.init(address=sys.argv[1], configure_logging=False, log_to_driver=False)
+while True:
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    print(json.dumps(alive), flush=True)
+    time.sleep(0.5)
+"""
+
+
+@dataclass
+class FakeCluster:
+    proc: subprocess.Popen
+    address: str
+    config_path: Path
+    config: dict[str, Any]
+    temp_dir: Path
+    token: str
+    samples: list[dict[str, int]] = field(default_factory=list)
+
+    def client_env(self) -> dict[str, str]:
+        """What a driver on the head needs: the address and the cluster's token (as `ray job submit` jobs get)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(RAY_ADDRESS=self.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(REPO))
+        return env
+
+    def group_of(self, resources: dict[str, float]) -> str | None:
+        for name, spec in self.config["available_node_types"].items():
+            if name != HEAD_TYPE and all(resources.get(k, 0) == v for k, v in spec["resources"].items()):
+                return name
+        return None
+
+    def _add_sample(self, line: str) -> None:
+        counts: dict[str, int] = {}
+        for res in json.loads(line):
+            if group := self.group_of(res):
+                counts[group] = counts.get(group, 0) + 1
+        self.samples.append(counts)
+
+    def alive(self) -> dict[str, int]:
+        return self.samples[-1] if self.samples else {}
+
+    def peak(self, group: str, since: int = 0) -> int:
+        return max((s.get(group, 0) for s in self.samples[since:]), default=0)
+
+    def wait_for(self, pred, timeout: float, what: str) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        n = len(self.samples)
+        while time.monotonic() < deadline:
+            if len(self.samples) > n and pred(now := self.alive()):
+                return now
+            time.sleep(0.5)
+        raise AssertionError(f"{what}: not reached in {timeout:.0f}s; alive worker nodes: {self.alive()}")
+
+    def watch(self) -> subprocess.Popen:
+        """A second driver that samples ``ray.nodes()`` twice a second (the test process itself never connects:
+        its Ray may already have been initialised without this cluster's token)."""
+        proc = subprocess.Popen([sys.executable, "-c", WATCHER, self.address], env=self.client_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+        def read() -> None:
+            for line in proc.stdout:
+                if line.startswith("["):
+                    self._add_sample(line)
+
+        threading.Thread(target=read, daemon=True).start()
+        return proc
+
+    def raypipe(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "raypipe.cli", *args], env=self.client_env(), cwd=self.temp_dir,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def fake_cluster() -> Iterator[FakeCluster]:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # two Ray instances on one host confuse each other (conftest.py)
+        ray.shutdown()
+    from ray._private.services import get_node_ip_address
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="rpa", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    port = _free_port()
+    address = f"{get_node_ip_address()}:{port}"
+    config = fake_config(yaml.safe_load((REPO / "cluster.yaml").read_text()), address)
+    config_path = temp_dir / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", OMP_NUM_THREADS="1",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PYTHONPATH=str(REPO),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    head = config["available_node_types"][HEAD_TYPE]["resources"]
+    cmd = [RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={int(head.get('CPU', 0))}",
+           "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
+           f"--ray-client-server-port={_free_port()}", f"--autoscaling-config={config_path}"]
+    with open(temp_dir / "ray_start.log", "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = FakeCluster(proc, address, config_path, config, temp_dir, token)
+    watcher = None
+    try:
+        watcher = cluster.watch()
+        deadline = time.monotonic() + 120
+        while not cluster.samples:
+            if proc.poll() is not None or watcher.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fake cluster did not come up: {(temp_dir / 'ray_start.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield cluster
+    finally:
+        if watcher is not None:
+            _kill_group(watcher)
+        _kill_group(proc)
+
+
+def _sets(**kv: Any) -> list[str]:
+    return [a for k, v in kv.items() for a in ("--set", f"{k.replace('__', '.')}={v}")]
+
+
+def test_gpu_group_scales_from_zero_for_embed_and_back(fake_cluster: FakeCluster, corpus, tmp_path: Path) -> None:
+    """Embed on a cold cluster: the encoder actors bring up the GPU group, decode tasks the decode group (up to
+    its max), the stage finishes with every video accounted for, and idle nodes are removed again."""
+    assert fake_cluster.alive() == {}, "the worker groups must start at 0 nodes"
+    start = len(fake_cluster.samples)
+    t0 = time.monotonic()
+    res = fake_cluster.raypipe(
+        "embed", "-c", "test", "--source", str(corpus.videos_dir), "--annotations", str(corpus.annotations_path),
+        "--output", str(tmp_path / "features"),
+        *_sets(embed__source__limit=8, embed__videos_per_block=1, ray__cluster_yaml=fake_cluster.config_path,
+               ray__stall_timeout_s=120, embed__frame_pool__num_cpus="auto", embed__decode_num_cpus="auto"),
+    )
+    took = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    summary = json.loads((tmp_path / "features" / "summary.json").read_text())
+    assert summary["rows_total"] + summary["errors_total"] == 8
+    max_decode = fake_cluster.config["available_node_types"]["cpu_decode"]["max_workers"]
+    assert fake_cluster.peak("gpu", start) >= 1, fake_cluster.samples[start:]
+    assert fake_cluster.peak("cpu_decode", start) == max_decode, fake_cluster.samples[start:]
+    t1 = time.monotonic()
+    fake_cluster.wait_for(lambda alive: not alive, 90, "idle worker nodes removed")
+    print(f"embed {took:.0f}s, scale-down {time.monotonic() - t1:.0f}s; plan: "
+          + next((ln for ln in out.splitlines() if "plan for" in ln), "?"))
