@@ -80,7 +80,7 @@ WATCHER = """
 import json, sys, time, ray
 ray.init(address=sys.argv[1], configure_logging=False, log_to_driver=False)
 while True:
-    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    alive = [dict(n["Resources"], _port=n["NodeManagerPort"]) for n in ray.nodes() if n.get("Alive")]
     print(json.dumps(alive), flush=True)
     time.sleep(0.5)
 """
@@ -95,6 +95,7 @@ class FakeCluster:
     temp_dir: Path
     token: str
     samples: list[dict[str, int]] = field(default_factory=list)
+    ports: dict[str, list[int]] = field(default_factory=dict)  # node manager ports per group, latest sample
 
     def client_env(self) -> dict[str, str]:
         """What a driver on the head needs: the address and the cluster's token (as `ray job submit` jobs get)."""
@@ -111,10 +112,25 @@ class FakeCluster:
 
     def _add_sample(self, line: str) -> None:
         counts: dict[str, int] = {}
+        ports: dict[str, list[int]] = {}
         for res in json.loads(line):
+            port = res.pop("_port")
             if group := self.group_of(res):
                 counts[group] = counts.get(group, 0) + 1
+                ports.setdefault(group, []).append(port)
         self.samples.append(counts)
+        self.ports = ports
+
+    def kill_node(self, group: str) -> int:
+        """SIGKILL the raylet of one alive node of ``group`` (its workers die with it), as a lost machine."""
+        import psutil
+
+        port = self.ports[group][0]
+        for p in psutil.process_iter(["name", "cmdline"]):
+            if "raylet" in (p.info["name"] or "") and f"--node_manager_port={port}" in (p.info["cmdline"] or []):
+                p.kill()
+                return port
+        raise AssertionError(f"no raylet with node manager port {port}")
 
     def alive(self) -> dict[str, int]:
         return self.samples[-1] if self.samples else {}
@@ -210,27 +226,89 @@ def _sets(**kv: Any) -> list[str]:
     return [a for k, v in kv.items() for a in ("--set", f"{k.replace('__', '.')}={v}")]
 
 
-def test_gpu_group_scales_from_zero_for_embed_and_back(fake_cluster: FakeCluster, corpus, tmp_path: Path) -> None:
-    """Embed on a cold cluster: the encoder actors bring up the GPU group, decode tasks the decode group (up to
-    its max), the stage finishes with every video accounted for, and idle nodes are removed again."""
+VIDEOS = 8
+
+
+def _embed_args(cluster: FakeCluster, corpus, output: str) -> list[str]:
+    """`raypipe embed` on the fake cluster, planned from its node types (ray.cluster_yaml), pools left to the planner."""
+    return ["embed", "-c", "test", "--source", str(corpus.videos_dir), "--annotations", str(corpus.annotations_path),
+            "--output", output,
+            *_sets(embed__source__limit=VIDEOS, embed__videos_per_block=1, ray__cluster_yaml=cluster.config_path,
+                   ray__stall_timeout_s=120, embed__frame_pool__num_cpus="auto", embed__decode_num_cpus="auto")]
+
+
+@dataclass
+class ColdRun:
+    output: Path
+    samples: list[dict[str, int]]
+    log: str
+    seconds: float
+    scale_down_s: float
+
+
+@pytest.fixture(scope="module")
+def cold_embed(fake_cluster: FakeCluster, corpus, tmp_path_factory) -> ColdRun:
+    """Embed on the cold cluster (both worker groups at 0 nodes), then wait until the idle nodes are gone."""
     assert fake_cluster.alive() == {}, "the worker groups must start at 0 nodes"
-    start = len(fake_cluster.samples)
-    t0 = time.monotonic()
-    res = fake_cluster.raypipe(
-        "embed", "-c", "test", "--source", str(corpus.videos_dir), "--annotations", str(corpus.annotations_path),
-        "--output", str(tmp_path / "features"),
-        *_sets(embed__source__limit=8, embed__videos_per_block=1, ray__cluster_yaml=fake_cluster.config_path,
-               ray__stall_timeout_s=120, embed__frame_pool__num_cpus="auto", embed__decode_num_cpus="auto"),
-    )
+    out = tmp_path_factory.mktemp("autoscale") / "features"
+    start, t0 = len(fake_cluster.samples), time.monotonic()
+    res = fake_cluster.raypipe(*_embed_args(fake_cluster, corpus, str(out)))
     took = time.monotonic() - t0
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    summary = json.loads((tmp_path / "features" / "summary.json").read_text())
-    assert summary["rows_total"] + summary["errors_total"] == 8
-    max_decode = fake_cluster.config["available_node_types"]["cpu_decode"]["max_workers"]
-    assert fake_cluster.peak("gpu", start) >= 1, fake_cluster.samples[start:]
-    assert fake_cluster.peak("cpu_decode", start) == max_decode, fake_cluster.samples[start:]
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    samples = fake_cluster.samples[start:]
     t1 = time.monotonic()
     fake_cluster.wait_for(lambda alive: not alive, 90, "idle worker nodes removed")
-    print(f"embed {took:.0f}s, scale-down {time.monotonic() - t1:.0f}s; plan: "
-          + next((ln for ln in out.splitlines() if "plan for" in ln), "?"))
+    return ColdRun(out, samples, log, took, time.monotonic() - t1)
+
+
+def test_gpu_group_scales_from_zero_for_embed_and_back(fake_cluster: FakeCluster, cold_embed: ColdRun) -> None:
+    """The encoder actors bring up the GPU group, decode tasks the decode group (up to its max), the stage
+    finishes with every video accounted for, and the idle nodes are removed after the idle timeout."""
+    summary = json.loads((cold_embed.output / "summary.json").read_text())
+    assert summary["rows_total"] + summary["errors_total"] == VIDEOS and summary["videos_ok"] > 0
+    peak = {g: max((s.get(g, 0) for s in cold_embed.samples), default=0) for g in ("gpu", "cpu_decode")}
+    assert peak["gpu"] >= 1, cold_embed.samples
+    assert peak["cpu_decode"] == fake_cluster.config["available_node_types"]["cpu_decode"]["max_workers"], peak
+    plan = next((ln for ln in cold_embed.log.splitlines() if "plan for" in ln), "")
+    assert "GPU: 1" in plan and "raypipe_cpu_worker: 1" in plan, plan  # the actors asked for GPUs; decode for the group
+    print(f"embed {cold_embed.seconds:.0f}s, peak nodes {peak}, idle nodes gone {cold_embed.scale_down_s:.0f}s "
+          f"after the stage; {plan.split('INFO ')[-1]}")
+
+
+def test_a_node_killed_mid_embed_to_s3_then_rerun_commits_every_video_once(
+        fake_cluster: FakeCluster, cold_embed: ColdRun, corpus, moto_s3) -> None:
+    """Issue #15 item 2: the same embed on several nodes, writing to S3 (moto), loses its GPU node mid-run; after
+    the rerun every video is in exactly once and every row is bit-identical to the undisturbed cold run's."""
+    from raypipe.io.fs import resolve
+    from raypipe.io.shards import read_errors, read_shards
+
+    out = f"s3://{moto_s3.bucket}/autoscale-features"
+    fs, _ = resolve(out, moto_s3.storage)
+    args = [*_embed_args(fake_cluster, corpus, out), "--set", f"storage.endpoint_url={moto_s3.endpoint_url}"]
+    proc = subprocess.Popen([sys.executable, "-m", "raypipe.cli", *args], env=fake_cluster.client_env(),
+                            cwd=fake_cluster.temp_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (fs.exists(f"{moto_s3.bucket}/autoscale-features/_parts")
+               and fs.find(f"{moto_s3.bucket}/autoscale-features/_parts")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no part written before the run ended"
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before the node could be killed"
+    fake_cluster.kill_node("gpu")
+    first_rc = proc.wait(timeout=300)
+    first_log = proc.stdout.read()
+    rerun = fake_cluster.raypipe(*args)
+    assert rerun.returncode == 0, (first_log + rerun.stdout + rerun.stderr)[-4000:]
+
+    table, _ = read_shards(out, moto_s3.storage)
+    rows = {r["video_id"]: r for r in table.to_pylist()}
+    errors = read_errors(out, moto_s3.storage).column("video_id").to_pylist()
+    assert table.num_rows == len(rows), "a video has two rows"
+    assert len(rows) + len(errors) == VIDEOS and not set(rows) & set(errors)
+    ref, _ = read_shards(str(cold_embed.output))
+    reference = {r["video_id"]: r for r in ref.to_pylist()}
+    assert rows.keys() == reference.keys()
+    for vid, row in rows.items():
+        assert row == reference[vid], vid
+    print(f"first run exit {first_rc} after the GPU node was killed; rerun: "
+          + next((ln for ln in rerun.stderr.splitlines() + rerun.stdout.splitlines() if "already done" in ln), "?"))
