@@ -446,7 +446,10 @@ def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, 
             compute=ray.data.ActorPoolStrategy(min_size=lc.min_actors, max_size=lc.max_actors),
             num_gpus=plan.settings["label.num_gpus"], num_cpus=plan.settings["label.num_cpus"],
         )
-        _consume(cfg, preds, store, common, stats)
+        from raypipe.runtime import decode_capacity_request
+
+        with decode_capacity_request(cfg, plan, len(todo)):
+            _consume(cfg, preds, store, common, stats)
     shard_paths = commit_predictions(store, common)
 
     status = "ok" if stats.failure_rate <= lc.max_failure_rate else "too_many_failures"

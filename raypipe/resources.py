@@ -239,6 +239,26 @@ def plan_label(cfg: Any, cluster: Cluster, *, decode_resource: str | None = None
     return plan
 
 
+def decode_capacity(plan: StagePlan, cluster: Cluster, tasks: int, resource: str | None) -> list[dict[str, float]]:
+    """Whole decode nodes to ask an autoscaling cluster for while ``tasks`` decode tasks wait: one bundle per node.
+
+    Why: Ray Data only submits the tasks that fit the nodes already up, so a backlog never shows the autoscaler
+    any demand beyond them and the decode group would stay at its first node. Each bundle is the node type's
+    whole amount of ``resource`` (only one fits per node, and it holds no CPU, so Ray Data's CPU budget is
+    untouched); their count is ceil(tasks / decode tasks per node), at most the node type's ``max_workers``.
+    Empty unless the plan comes from an autoscaling cluster's node types that define ``resource``.
+    """
+    node = max((n for n in cluster.nodes if n.count > 0 and n.resources.get(resource or "", 0) > 0),
+               key=lambda n: n.count, default=None)
+    decode = next((r for r in plan.requests if r.what == "decode task"), None)
+    if not cluster.autoscaling or node is None or decode is None or tasks <= 0:
+        return []
+    per_node = min(int(node.resources.get(k, 0.0) / v + 1e-9) for k, v in decode.shape.items()
+                   if v > 0 and k in node.resources)
+    wanted = min(node.count, math.ceil(tasks / max(1, per_node)))
+    return [{resource: node.resources[resource]} for _ in range(wanted)]
+
+
 # --------------------------------------------------------------------------------------------------- train
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import math
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from raypipe.resources import (
     check,
     cluster_from_nodes,
     cluster_from_yaml,
+    decode_capacity,
     plan_embed,
     plan_label,
     plan_train,
@@ -178,6 +180,73 @@ def planned(cfg: RaypipeConfig, stage: str) -> tuple[RaypipeConfig, StagePlan]:
     log.info("%s: plan for %s: %s", stage, cluster.describe(), plan.summary())
     log.debug("resource plan:\n%s", plan.describe())
     return apply_plan(cfg, plan), plan
+
+
+# ------------------------------------------------------------------------------------------------ capacity
+
+
+class CapacityRequest:
+    """Asks the autoscaler for ``bundles`` while a stage runs (see :func:`raypipe.resources.decode_capacity`).
+
+    The request goes through Ray Data's autoscaling coordinator, which merges the requests of every Ray Data
+    execution and re-sends them to the autoscaler every few seconds (a plain ``ray.autoscaler.sdk.request_resources``
+    would be overwritten by its next send); a plain SDK request is the fallback where that coordinator is missing.
+    It is renewed every ``every_s`` and expires after three times that, so a driver that dies leaves no request
+    behind for long, and it is cancelled when the stage ends so the idle nodes go back after the idle timeout.
+    """
+
+    def __init__(self, name: str, bundles: list[dict[str, float]], every_s: float = 20.0) -> None:
+        self.name, self.bundles, self.every_s = name, bundles, every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> CapacityRequest:
+        if self.bundles:
+            log.info("%s: asking the autoscaler for %d decode node(s) (%s each)", self.name, len(self.bundles),
+                     _res(self.bundles[0]))
+            self._thread = threading.Thread(target=self._run, name=f"raypipe-capacity-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        """One thread sends and cancels: the coordinator's client must be used from a single thread."""
+        send, cancel = self._client()
+        while True:
+            try:
+                send()
+            except Exception as exc:  # the stage goes on without the extra nodes
+                log.warning("%s: capacity request failed: %s", self.name, exc)
+            if self._stop.wait(self.every_s):
+                break
+        try:
+            cancel()
+        except Exception as exc:
+            log.debug("%s: cancelling the capacity request failed: %s", self.name, exc)
+
+    def _client(self) -> tuple[Any, Any]:
+        try:
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                DefaultAutoscalingCoordinator,
+            )
+        except ImportError:  # another Ray version: the plain SDK (a Ray Data run may overwrite it)
+            from ray.autoscaler.sdk import request_resources
+
+            return (lambda: request_resources(bundles=self.bundles)), (lambda: request_resources(bundles=[]))
+        coordinator = DefaultAutoscalingCoordinator(f"raypipe-{self.name}")
+        return ((lambda: coordinator.request_resources(self.bundles, expire_after_s=3 * self.every_s)),
+                coordinator.cancel_request)
+
+
+def decode_capacity_request(cfg: RaypipeConfig, plan: StagePlan, videos: int) -> CapacityRequest:
+    """The decode nodes that ``videos`` pending videos ask for (none unless planned from ``ray.cluster_yaml``)."""
+    tasks = math.ceil(videos / max(1, cfg.embed.videos_per_block))
+    bundles = decode_capacity(plan, current_cluster(cfg), tasks, cfg.ray.decode_resource) if cfg.ray.cluster_yaml else []
+    return CapacityRequest(f"{plan.stage}-decode", bundles)
 
 
 # ------------------------------------------------------------------------------------------------ watchdog

@@ -38,7 +38,7 @@ from raypipe.io.fs import atomic_write_bytes, join, resolve
 from raypipe.io.shards import ShardStore, shard_of
 from raypipe.io.sources import VideoRef, detect_kind, list_videos
 from raypipe.resources import StagePlan
-from raypipe.runtime import Progress, StallError, Watchdog, ensure_ray, planned
+from raypipe.runtime import Progress, StallError, Watchdog, decode_capacity_request, ensure_ray, planned
 from raypipe.schema import ShardInfo, feature_schema, to_feature_tables
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def _stream(cfg: RaypipeConfig, plan: StagePlan, pending: list[VideoRef], store:
         fn_kwargs={"store": store, "info": info},
     )
     progress = Progress("embed", len(pending))
-    with Watchdog("embed", cfg.ray.stall_timeout_s) as dog:
+    with decode_capacity_request(cfg, plan, len(pending)), Watchdog("embed", cfg.ray.stall_timeout_s) as dog:
         try:
             for row in ds.iter_rows():
                 dog.tick()

@@ -148,6 +148,24 @@ def test_decode_asks_memory_only_where_the_node_types_declare_it() -> None:
     assert plan_embed(cfg.embed, alive).settings["embed.decode_memory"] == cfg.embed.decode_memory_mb * 1024 * 1024
 
 
+def test_decode_backlog_asks_for_whole_decode_nodes_up_to_the_group_max() -> None:
+    """Issue #15: Ray Data submits only the tasks that fit the nodes up, so the backlog is asked for as whole
+    decode nodes (one bundle of the node type's full custom resource each), capped by max_workers."""
+    from raypipe.resources import decode_capacity
+
+    cfg = load_config(None)
+    cold = cluster_from_yaml(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    plan = plan_embed(cfg.embed, cold, decode_resource="raypipe_cpu_worker")
+    dcpu = plan.settings["embed.decode_num_cpus"]
+    per_node = int(16 / dcpu)
+    assert decode_capacity(plan, cold, per_node + 1, "raypipe_cpu_worker") == [{"raypipe_cpu_worker": 1000.0}] * 2
+    assert len(decode_capacity(plan, cold, 10_000, "raypipe_cpu_worker")) == 8  # cpu_decode max_workers
+    assert decode_capacity(plan, cold, 0, "raypipe_cpu_worker") == []
+    alive = Cluster((NodeType({"CPU": 16, "raypipe_cpu_worker": 1000}, 3),))  # no autoscaler: nothing to ask
+    assert decode_capacity(plan_embed(cfg.embed, alive, decode_resource="raypipe_cpu_worker"), alive, 500,
+                           "raypipe_cpu_worker") == []
+
+
 def test_device_and_precision_are_in_the_feature_fingerprint() -> None:
     from raypipe.config.embed import config_hash
 
