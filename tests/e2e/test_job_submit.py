@@ -503,7 +503,8 @@ def test_train_promote_and_label_jobs_against_an_mlflow_server_with_s3_artifacts
     status, logs = _submit(local_cluster, ["bash", "-c", script], working_dir=REPO, timeout=900, env_vars=env_vars)
     assert status == "SUCCEEDED", logs[-6000:]
 
-    client = MlflowClient(tracking_uri=mlflow_server)
+    # registry_uri too: this process's MLflow may have a global registry URI from the session's SQLite tests.
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     champion = client.get_model_version_by_alias(name, "champion")
     assert client.get_model_version_by_alias(name, "challenger").version == champion.version == "1"
     run = client.get_run(champion.run_id)
