@@ -288,9 +288,10 @@ def test_a_node_killed_mid_embed_to_s3_then_rerun_commits_every_video_once(
     args = [*_embed_args(fake_cluster, corpus, out), "--set", f"storage.endpoint_url={moto_s3.endpoint_url}"]
     proc = subprocess.Popen([sys.executable, "-m", "raypipe.cli", *args], env=fake_cluster.client_env(),
                             cwd=fake_cluster.temp_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parts = f"{moto_s3.bucket}/autoscale-features/_parts"
     deadline = time.monotonic() + 240
-    while not (fs.exists(f"{moto_s3.bucket}/autoscale-features/_parts")
-               and fs.find(f"{moto_s3.bucket}/autoscale-features/_parts")):
+    while not ("gpu" in fake_cluster.ports and fs.exists(parts)
+               and [p for p in fs.find(parts) if "/shard-" in p and p.endswith(".parquet")]):
         assert proc.poll() is None and time.monotonic() < deadline, "no part written before the run ended"
         time.sleep(0.5)
     assert proc.poll() is None, "the run ended before the node could be killed"
