@@ -285,7 +285,9 @@ def test_a_node_killed_mid_embed_to_s3_then_rerun_commits_every_video_once(
 
     out = f"s3://{moto_s3.bucket}/autoscale-features"
     fs, _ = resolve(out, moto_s3.storage)
-    args = [*_embed_args(fake_cluster, corpus, out), "--set", f"storage.endpoint_url={moto_s3.endpoint_url}"]
+    # Parts written video by video, so that some are in S3 while the rest still waits for the GPU node.
+    args = [*_embed_args(fake_cluster, corpus, out), "--set", f"storage.endpoint_url={moto_s3.endpoint_url}",
+            "--set", "embed.write_batch_size=1"]
     proc = subprocess.Popen([sys.executable, "-m", "raypipe.cli", *args], env=fake_cluster.client_env(),
                             cwd=fake_cluster.temp_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     parts = f"{moto_s3.bucket}/autoscale-features/_parts"
