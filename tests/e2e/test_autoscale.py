@@ -80,7 +80,7 @@ WATCHER = """
 import json, sys, time, ray
 ray.init(address=sys.argv[1], configure_logging=False, log_to_driver=False)
 while True:
-    alive = [dict(n["Resources"], _port=n["NodeManagerPort"]) for n in ray.nodes() if n.get("Alive")]
+    alive = [dict(n["Resources"], _id=n["NodeID"]) for n in ray.nodes() if n.get("Alive")]
     print(json.dumps(alive), flush=True)
     time.sleep(0.5)
 """
@@ -95,7 +95,7 @@ class FakeCluster:
     temp_dir: Path
     token: str
     samples: list[dict[str, int]] = field(default_factory=list)
-    ports: dict[str, list[int]] = field(default_factory=dict)  # node manager ports per group, latest sample
+    ids: dict[str, list[str]] = field(default_factory=dict)  # node ids per group, latest sample
 
     def client_env(self) -> dict[str, str]:
         """What a driver on the head needs: the address and the cluster's token (as `ray job submit` jobs get)."""
@@ -112,25 +112,25 @@ class FakeCluster:
 
     def _add_sample(self, line: str) -> None:
         counts: dict[str, int] = {}
-        ports: dict[str, list[int]] = {}
+        ids: dict[str, list[str]] = {}
         for res in json.loads(line):
-            port = res.pop("_port")
+            node_id = res.pop("_id")
             if group := self.group_of(res):
                 counts[group] = counts.get(group, 0) + 1
-                ports.setdefault(group, []).append(port)
+                ids.setdefault(group, []).append(node_id)
         self.samples.append(counts)
-        self.ports = ports
+        self.ids = ids
 
-    def kill_node(self, group: str) -> int:
+    def kill_node(self, group: str) -> str:
         """SIGKILL the raylet of one alive node of ``group`` (its workers die with it), as a lost machine."""
         import psutil
 
-        port = self.ports[group][0]
+        node_id = self.ids[group][0]
         for p in psutil.process_iter(["name", "cmdline"]):
-            if "raylet" in (p.info["name"] or "") and f"--node_manager_port={port}" in (p.info["cmdline"] or []):
+            if "raylet" in (p.info["name"] or "") and f"--node_id={node_id}" in (p.info["cmdline"] or []):
                 p.kill()
-                return port
-        raise AssertionError(f"no raylet with node manager port {port}")
+                return node_id
+        raise AssertionError(f"no raylet of node {node_id}")
 
     def alive(self) -> dict[str, int]:
         return self.samples[-1] if self.samples else {}
@@ -292,7 +292,7 @@ def test_a_node_killed_mid_embed_to_s3_then_rerun_commits_every_video_once(
                             cwd=fake_cluster.temp_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     parts = f"{moto_s3.bucket}/autoscale-features/_parts"
     deadline = time.monotonic() + 240
-    while not ("gpu" in fake_cluster.ports and fs.exists(parts)
+    while not ("gpu" in fake_cluster.ids and fs.exists(parts)
                and [p for p in fs.find(parts) if "/shard-" in p and p.endswith(".parquet")]):
         assert proc.poll() is None and time.monotonic() < deadline, "no part written before the run ended"
         time.sleep(0.5)
