@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -220,6 +221,7 @@ def fake_cluster() -> Iterator[FakeCluster]:
         if watcher is not None:
             _kill_group(watcher)
         _kill_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _sets(**kv: Any) -> list[str]:
