@@ -71,6 +71,23 @@ def fake_config(cluster_yaml: dict[str, Any], gcs_address: str) -> dict[str, Any
     }
 
 
+def test_the_test_cluster_is_cluster_yaml_s_own_node_types() -> None:
+    """Issue #15 item 4: what the autoscaling tests run is read from cluster.yaml, so the two cannot drift: same
+    worker groups, custom resources, GPUs, min_workers and setup_commands; only the documented scaling differs."""
+    data = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    cfg = fake_config(data, "127.0.0.1:1")
+    head = data["head_node_type"]
+    fake, real = cfg["available_node_types"], data["available_node_types"]
+    assert set(fake) - {HEAD_TYPE} == set(real) - {head} and fake[HEAD_TYPE]["resources"] == real[head]["resources"]
+    for name in set(real) - {head}:
+        assert {k: v for k, v in fake[name]["resources"].items() if k != "CPU"} == \
+            {k: v for k, v in real[name]["resources"].items() if k != "CPU"}, name
+        assert fake[name]["min_workers"] == real[name].get("min_workers", 0)
+        assert fake[name]["max_workers"] == min(MAX_NODES, real[name]["max_workers"])
+    assert cfg["setup_commands"] == data["setup_commands"]
+    assert any(t["resources"].get("GPU") and t["min_workers"] == 0 for t in fake.values()), "GPU group from 0"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
