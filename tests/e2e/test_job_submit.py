@@ -153,15 +153,16 @@ def local_cluster(registered_model) -> Iterator[LocalCluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path, timeout: float = 900,
-            env_vars: dict[str, str] | None = None) -> tuple[str, str]:
-    """Submit and wait (the CLI follows the logs until the job ends); return (status, logs)."""
+def _submit_job(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path, timeout: float,
+                wait: bool, env_vars: dict[str, str] | None = None) -> tuple[str, str]:
+    """`ray job submit` (following the logs to the end unless ``wait`` is False); return (job id, CLI output)."""
     runtime_env = {"excludes": EXCLUDES,
                    "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_vars or {})}}
+    flags = [] if wait else ["--no-wait"]
     deadline = time.monotonic() + 120
     while True:
         res = cluster.job(
-            "submit", "--working-dir", str(working_dir), "--runtime-env-json", json.dumps(runtime_env),
+            "submit", *flags, "--working-dir", str(working_dir), "--runtime-env-json", json.dumps(runtime_env),
             "--", *entrypoint, timeout=timeout, cwd=working_dir,
         )
         out = res.stdout + res.stderr
@@ -171,7 +172,14 @@ def _submit(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path, 
         time.sleep(3)
     match = re.search(r"Job '(raysubmit_\w+)'", out)
     assert match, f"no job id in submit output:\n{out[-4000:]}"
-    return cluster.job_info(match.group(1))["status"], out
+    return match.group(1), out
+
+
+def _submit(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path, timeout: float = 900,
+            env_vars: dict[str, str] | None = None) -> tuple[str, str]:
+    """Submit and wait (the CLI follows the logs until the job ends); return (status, logs)."""
+    job, out = _submit_job(cluster, entrypoint, working_dir=working_dir, timeout=timeout, wait=True, env_vars=env_vars)
+    return cluster.job_info(job)["status"], out
 
 
 def test_token_auth_and_working_dir(local_cluster: LocalCluster, tmp_path: Path) -> None:
@@ -344,18 +352,7 @@ def test_the_token_auth_commands_of_the_operations_guide(local_cluster: LocalClu
 
 
 def _submit_no_wait(cluster: LocalCluster, entrypoint: list[str], *, working_dir: Path) -> str:
-    runtime_env = {"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}}
-    deadline = time.monotonic() + 120
-    while True:
-        res = cluster.job("submit", "--no-wait", "--working-dir", str(working_dir), "--runtime-env-json",
-                          json.dumps(runtime_env), "--", *entrypoint, timeout=300, cwd=working_dir)
-        out = res.stdout + res.stderr
-        if "No available agent to submit job" not in out or time.monotonic() > deadline:
-            break
-        time.sleep(3)
-    match = re.search(r"Job '(raysubmit_\w+)'", out)
-    assert match, f"no job id in submit output:\n{out[-4000:]}"
-    return match.group(1)
+    return _submit_job(cluster, entrypoint, working_dir=working_dir, timeout=300, wait=False)[0]
 
 
 def _job_logs(cluster: LocalCluster, job_id: str) -> str:
