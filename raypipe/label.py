@@ -366,6 +366,10 @@ def _check_embedders(model_embedders: dict[str, Any], live_embedders: dict[str, 
     bad = []
     for key in _FEATURE_EMBEDDERS:  # ocr / asr: a model trained on text read from the video needs those stages on
         m, v = model_embedders.get(key, {}), live_embedders.get(key, {})
+        if bool(m) != bool(v) and key in ("ocr", "asr"):  # one stage on one side only: say so once
+            bad.append(f"the model was trained with embed.{key} {'on' if m else 'off'}, embed.{key}.enabled is "
+                       f"{'false' if m else 'true'} here")
+            continue
         for attr in sorted(set(m) | set(v)):
             if m.get(attr) == v.get(attr):
                 continue

@@ -150,8 +150,10 @@ def test_label_refuses_a_model_trained_with_ocr_when_ocr_is_off():
     from raypipe.label import _check_embedders
 
     same = {"frames": {"name": "f"}, "audio": {"name": "a"}, "text": {"name": "t"}}
-    with pytest.raises(ValueError, match="ocr"):
+    with pytest.raises(ValueError, match=r"trained with embed\.ocr on, embed\.ocr\.enabled is false"):
         _check_embedders({**same, "ocr": ocr_info(OcrConfig(enabled=True))}, same)
+    with pytest.raises(ValueError, match="ocr.every"):
+        _check_embedders({**same, "ocr": ocr_info(OcrConfig(enabled=True))}, {**same, "ocr": ocr_info(OcrConfig(every=2))})
     _check_embedders(same, dict(same))
 
 
