@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev]' -c constraints.txt
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,ocr,asr]' -c constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

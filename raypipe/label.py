@@ -354,6 +354,9 @@ def embed_class_names(cfg: RaypipeConfig, names: dict[str, str]) -> np.ndarray:
     return np.asarray(out["text_emb"], dtype=np.float32)  # (C, Dt)
 
 
+_FEATURE_EMBEDDERS = ("frames", "audio", "text", "ocr", "asr")
+
+
 def _check_embedders(model_embedders: dict[str, Any], live_embedders: dict[str, Any]) -> None:
     """A model only understands features from the encoders it was trained on: refuse a mismatch up front.
 
@@ -361,8 +364,12 @@ def _check_embedders(model_embedders: dict[str, Any], live_embedders: dict[str, 
     only warns, since it rarely changes the numbers and blocking the nightly run on it would hurt more.
     """
     bad = []
-    for key in ("frames", "audio", "text"):
+    for key in _FEATURE_EMBEDDERS:  # ocr / asr: a model trained on text read from the video needs those stages on
         m, v = model_embedders.get(key, {}), live_embedders.get(key, {})
+        if bool(m) != bool(v) and key in ("ocr", "asr"):  # one stage on one side only: say so once
+            bad.append(f"the model was trained with embed.{key} {'on' if m else 'off'}, embed.{key}.enabled is "
+                       f"{'false' if m else 'true'} here")
+            continue
         for attr in sorted(set(m) | set(v)):
             if m.get(attr) == v.get(attr):
                 continue
@@ -400,7 +407,7 @@ def label_videos(cfg: RaypipeConfig, *, run_id: str | None = None) -> dict[str, 
     model_name, model_version = str(clf.model_name), str(clf.model_version)
     resolved_uri = f"models:/{model_name}/{model_version}" if lc.model_uri.startswith("models:/") else lc.model_uri
     info = feature_info(cfg)
-    live = {k: v for k, v in info.embedders.items() if k in ("frames", "audio", "text")}
+    live = {k: v for k, v in info.embedders.items() if k in _FEATURE_EMBEDDERS}
     _check_embedders(clf.shard_info.embedders, live)
     if clf.shard_info.config_hash and clf.shard_info.config_hash != info.config_hash:
         log.warning("label: embed.* differs from the config the model's features were made with (hash %s != %s)",

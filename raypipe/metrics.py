@@ -275,3 +275,33 @@ def compute_metrics(
     else:
         raise ValueError(f"task must be 'single_label' or 'multi_label', got {task!r}")
     return {f"{prefix}{name}": value for name, value in out.items()}
+
+
+# ------------------------------------------------------------------------------------- text read from video
+
+
+def edit_distance(ref: Sequence[Any], hyp: Sequence[Any]) -> int:
+    """Levenshtein distance (substitutions, insertions, deletions all cost 1) between two sequences."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def char_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """OCR metric: character edits / reference characters over a corpus (lower-cased, punctuation dropped)."""
+    edits = sum(edit_distance(_norm(r), _norm(h)) for r, h in zip(refs, hyps, strict=True))
+    return edits / max(1, sum(len(_norm(r)) for r in refs))
+
+
+def word_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """ASR metric: word edits / reference words over a corpus (lower-cased, punctuation dropped)."""
+    edits = sum(edit_distance(_norm(r).split(), _norm(h).split()) for r, h in zip(refs, hyps, strict=True))
+    return edits / max(1, sum(len(_norm(r).split()) for r in refs))

@@ -17,6 +17,9 @@ The rules (C = CPUs, G = GPUs the cluster has or its node types can provide; "sm
 - ``max_size: auto``: half the CPUs go to encoders (the rest decode and write); the frame pool gets half of
   that share, audio and text a quarter each (fused: all of it); at least 1, and at most G for GPU pools. The
   label classifier pool gets up to an eighth of the CPUs (and at most G).
+- OCR / ASR stages (``embed.ocr`` / ``embed.asr`` on): one more CPU pool each (``ocr_pool`` / ``asr_pool``), counted
+  with the encoder pools for the small-cluster CPU share; ``max_size: auto`` a quarter of the encoders' half of
+  the CPUs; ``num_gpus: auto`` = 0 (the packaged engines run on CPU).
 - ``decode_num_cpus: auto``: 1; 0.5 on a small cluster (0.25 below 2 CPUs). Decode tasks also ask one unit of
   ``ray.decode_resource`` when some node defines it (the CPU worker group in cluster.yaml), which keeps them off
   the head and the GPU nodes; they ask ``embed.decode_memory_mb`` of memory unless the plan is made from node
@@ -187,12 +190,14 @@ def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pool
     if not fuse:
         pools += [("audio_pool", "AudioEncoder", 0.25), ("text_pool", "TextEncoder", 0.25)]
     frac = gpu_fraction(len(pools) + extra_gpu_pools) if gpus > 0 else 0.0
+    cpu_only = {k for k, on in (("ocr_pool", e.ocr.enabled), ("asr_pool", e.asr.enabled)) if on}
+    pools += [(k, "OcrStage" if k == "ocr_pool" else "AsrStage", 0.25) for k in sorted(cpu_only, reverse=True)]
     plan.settings["embed.fuse_encoders"] = fuse
     actor_cpus = actor_share(cpus, len(pools) + extra_pools)
     for key, cls, share in pools:
         p = getattr(e, key)
         ncpu = float(_auto(p.num_cpus, actor_cpus))
-        ngpu = float(_auto(p.num_gpus, frac))
+        ngpu = float(_auto(p.num_gpus, 0.0 if key in cpu_only else frac))
         default_max = max(1, int(_floor(cpus * 0.5 * share / max(ncpu, 0.25), 1)))
         if ngpu > 0:
             default_max = max(1, min(int(gpus), default_max))
@@ -229,7 +234,7 @@ def plan_label(cfg: Any, cluster: Cluster, *, decode_resource: str | None = None
                       decode_resource=decode_resource, stage="label")
     fused = plan.settings["embed.fuse_encoders"]
     ngpu = gpu_fraction((1 if fused else 3) + 1) if use_gpu else 0.0
-    ncpu = actor_share(cpus, (1 if fused else 3) + 1)
+    ncpu = actor_share(cpus, (1 if fused else 3) + int(cfg.embed.ocr.enabled) + int(cfg.embed.asr.enabled) + 1)
     by_cpu = max(1, int(_floor(cpus / 8 / ncpu, 1)))
     max_actors = int(_auto(lc.max_actors, max(lc.min_actors, min(int(gpus), by_cpu) if use_gpu else by_cpu)))
     plan.settings.update({"label.use_gpu": use_gpu, "label.num_gpus": ngpu, "label.num_cpus": ncpu,

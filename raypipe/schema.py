@@ -23,6 +23,8 @@ text_emb           list<float16>       [text_dim] sentence embedding of ``text``
 label              string (nullable)   level-2 code or class name; null when unlabelled
 label_l1           string (nullable)   level-1 code (first two digits of a WBDC level-2 code)
 labels             list<string>        multi-label corpora (YouTube-8M); empty otherwise
+ocr_timed          string (JSON)       only with ``embed.ocr``: the text read, ``[{time, text}]`` like WBDC
+asr_timed          string (JSON)       only with ``embed.asr``: ``{"text", "words": [{word, start, end}]}``
 =================  ==================  ==========================================================
 
 Failed videos never appear here: they go to the errors table (:data:`ERROR_COLUMNS`). :func:`to_feature_tables`
@@ -98,9 +100,16 @@ def feature_schema(info: ShardInfo) -> pa.Schema:
             ("label", pa.string()),
             ("label_l1", pa.string()),
             ("labels", pa.list_(pa.string())),
+            *((c, pa.string()) for c in timed_columns(info)),
         ],
         metadata=info.to_metadata(),
     )
+
+
+def timed_columns(info: ShardInfo) -> list[str]:
+    """The extra JSON columns of the text-from-video stages that made ``info`` (none without them, so shards
+    made before these stages existed keep their schema)."""
+    return [f"{k}_timed" for k in ("ocr", "asr") if k in info.embedders]
 
 
 def error_schema() -> pa.Schema:
@@ -161,6 +170,7 @@ def to_feature_tables(batch: dict[str, np.ndarray], info: ShardInfo) -> tuple[pa
             "label": pa.array(_opt(col("label")), pa.string()),
             "label_l1": pa.array(_opt(col("label_l1")), pa.string()),
             "labels": pa.array([json.loads(s) if s else [] for s in col("labels")], pa.list_(pa.string())),
+            **{c: pa.array(col(c).astype(str).tolist(), pa.string()) for c in timed_columns(info)},
         },
         schema=feature_schema(info),
     )

@@ -65,6 +65,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory: pytest.TempPathFactory):
+    """Four short videos (one per class) whose only class evidence is burned-in captions and espeak-ng speech
+    (silent when espeak-ng is missing: ``truth["speech"]``); see raypipe.corpus_text. ~2 s to make."""
+    from raypipe.corpus_text import generate_text_corpus
+
+    return generate_text_corpus(tmp_path_factory.mktemp("text_corpus"), videos_per_class=1, seed=1, duration_s=6.0)
+
+
+@pytest.fixture(scope="session")
 def test_config_factory(tmp_path_factory: pytest.TempPathFactory):
     """Build a RaypipeConfig from the tiny ``test`` preset, with all outputs inside a fresh temp folder."""
     from raypipe.config import load_config

@@ -115,6 +115,55 @@ class TextEncoderConfig(StrictModel):
     batch_size: int = Field(default=16, ge=1)
 
 
+class OcrConfig(StrictModel):
+    """``embed.ocr``: read on-screen text from a subset of the sampled frames (off by default).
+
+    Frames: every ``every``-th sampled frame, at most ``max_frames``, re-decoded at ``width`` x ``height``
+    (letterboxed; the encoders' 112 px frames are too small to read), and a frame that barely differs from the
+    last kept one (mean absolute difference of 32x32 grey thumbnails below ``dedup_threshold``, 0..255) is
+    skipped: a caption held for ten seconds is read once. Lines scored under ``min_score`` are dropped.
+    ``merge``: how the text read here and a shipped ``ocr`` field combine (``annotations`` = the shipped field wins
+    when it is non-empty, as the WBDC importer keeps it; ``extracted`` = this stage wins; ``both`` = shipped then
+    read).
+    """
+
+    enabled: bool = False
+    engine: Literal["rapidocr"] = "rapidocr"
+    every: int = Field(default=4, ge=1)
+    max_frames: int = Field(default=8, ge=1, le=32)
+    width: int = Field(default=640, ge=64, le=1920)
+    height: int = Field(default=360, ge=64, le=1080)
+    dedup_threshold: float = Field(default=2.0, ge=0)
+    min_score: float = Field(default=0.5, ge=0, le=1)
+    merge: Literal["annotations", "extracted", "both"] = "annotations"
+    batch_size: int = Field(default=4, ge=1)
+
+
+class AsrConfig(StrictModel):
+    """``embed.asr``: speech to text on the decoded 16 kHz audio of the sampled span (off by default).
+
+    ``engine``: ``pocketsphinx`` (US-English model inside the wheel, CPU) or ``whisper`` (faster-whisper or
+    openai-whisper weights at ``model_path``, a local folder/file or s3://; nothing is downloaded).
+    ``vocabulary``: restrict pocketsphinx to these words (a JSGF word loop) instead of its general language model;
+    a domain word list makes it far more accurate on narrow speech. Audio whose RMS is under ``min_rms`` is
+    silence: empty text, no decoder call. ``merge``: as :class:`OcrConfig`, for the shipped ``asr`` field.
+    """
+
+    enabled: bool = False
+    engine: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
+    model_path: PathStr | None = None
+    vocabulary: list[str] = Field(default_factory=list)
+    min_rms: float = Field(default=1e-3, ge=0)
+    merge: Literal["annotations", "extracted", "both"] = "annotations"
+    batch_size: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _engine(self) -> AsrConfig:
+        if self.engine == "whisper" and not self.model_path:
+            raise ValueError("engine 'whisper' needs model_path (local or s3:// weights; nothing is downloaded)")
+        return self
+
+
 class PoolConfig(StrictModel):
     """One encoder actor pool. ``auto`` values are planned from the cluster at start (raypipe.resources)."""
 
@@ -146,6 +195,12 @@ class EmbedConfig(StrictModel):
     frame_pool: PoolConfig = Field(default_factory=PoolConfig)
     audio_pool: PoolConfig = Field(default_factory=PoolConfig)
     text_pool: PoolConfig = Field(default_factory=PoolConfig)
+    # Text from the video itself (raypipe.embed.ocr / raypipe.embed.asr): Ray Data stages between decode and the
+    # encoders, each with its own CPU actor pool; their text is merged into ``text`` before tokenisation.
+    ocr: OcrConfig = Field(default_factory=OcrConfig)
+    asr: AsrConfig = Field(default_factory=AsrConfig)
+    ocr_pool: PoolConfig = Field(default_factory=PoolConfig)
+    asr_pool: PoolConfig = Field(default_factory=PoolConfig)
     # One actor pool (sized and resourced by frame_pool) runs the frame, audio and text encoders in turn on each
     # batch (the smallest of the three batch sizes): one process and one GPU per actor instead of three pools,
     # for small machines or a GPU that holds all three encoders. The rows are identical either way.
@@ -181,6 +236,9 @@ def feature_hash_fields(cfg: EmbedConfig, compute: dict | None = None) -> dict:
         "frames": cfg.frames.model_dump(exclude={"batch_size"}),
         "audio": cfg.audio.model_dump(exclude={"batch_size"}),
         "text": cfg.text.model_dump(exclude={"batch_size"}),
+        # Only when on: configs without OCR/ASR keep the fingerprint they had before these stages existed.
+        **({"ocr": cfg.ocr.model_dump(exclude={"batch_size"})} if cfg.ocr.enabled else {}),
+        **({"asr": cfg.asr.model_dump(exclude={"batch_size"})} if cfg.asr.enabled else {}),
     }
 
 

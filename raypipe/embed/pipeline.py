@@ -5,6 +5,9 @@
     refs (driver, metadata only)
       -> from_items, ``videos_per_block`` videos per block
       -> map(decode_video)                      tasks, ``decode_num_cpus`` each; one fixed-shape row per video
+                                                (+ the frames to read text from, with ``embed.ocr``)
+      -> map_batches(OcrStage)                  only with ``embed.ocr``: ActorPoolStrategy(ocr_pool)
+      -> map_batches(AsrStage)                  only with ``embed.asr``: ActorPoolStrategy(asr_pool)
       -> map_batches(FrameEncoder)              ActorPoolStrategy(frame_pool), GPUs when present
       -> map_batches(AudioEncoder)              ActorPoolStrategy(audio_pool)
       -> map_batches(TextEncoder)               ActorPoolStrategy(text_pool)
@@ -32,7 +35,7 @@ import numpy as np
 
 import raypipe
 from raypipe.config import RaypipeConfig, StorageConfig
-from raypipe.config.embed import DecodeConfig, EmbedConfig, PoolConfig, compute_fields, config_hash
+from raypipe.config.embed import DecodeConfig, EmbedConfig, OcrConfig, PoolConfig, compute_fields, config_hash
 from raypipe.io.decode import decode_video
 from raypipe.io.fs import atomic_write_bytes, join, resolve
 from raypipe.io.shards import ShardStore, shard_of
@@ -51,10 +54,12 @@ def feature_info(cfg: RaypipeConfig) -> ShardInfo:
     config hash, so CPU (fp32) and GPU (fp16) features never mix in one output folder.
     """
     from raypipe.embed.audio import audio_encoder_info
+    from raypipe.embed.extracted import check_engines
     from raypipe.embed.frames import frame_encoder_info
     from raypipe.embed.text import text_encoder_info
 
     e = cfg.embed
+    check_engines(e)  # a missing optional package is a config error here, before any Ray work
     frames = frame_encoder_info(e.frames)
     audio = audio_encoder_info(e.audio, e.decode.audio_sample_rate)
     text, tok = text_encoder_info(e.text, cfg.storage)
@@ -62,9 +67,23 @@ def feature_info(cfg: RaypipeConfig) -> ShardInfo:
         frame_dim=frames["dim"], audio_dim=audio["dim"], text_dim=text["dim"], text_len=e.text.max_len,
         max_frames=e.decode.max_frames, tokenizer=tok,
         embedders={"frames": frames, "audio": audio, "text": text, "decode": e.decode.model_dump(),
-                   "compute": compute_fields(e) or {}},
+                   "compute": compute_fields(e) or {}, **_extracted_info(e)},
         config_hash=config_hash(e), raypipe_version=raypipe.__version__,
     )
+
+
+def _extracted_info(e: EmbedConfig) -> dict[str, dict[str, Any]]:
+    """ShardInfo.embedders entries of the OCR / ASR stages that are on (their presence adds the timed columns)."""
+    out: dict[str, dict[str, Any]] = {}
+    if e.ocr.enabled:
+        from raypipe.embed.ocr import ocr_info
+
+        out["ocr"] = ocr_info(e.ocr)
+    if e.asr.enabled:
+        from raypipe.embed.asr import asr_info
+
+        out["asr"] = asr_info(e.asr)
+    return out
 
 
 def _ref_item(ref: VideoRef) -> dict[str, Any]:
@@ -74,11 +93,18 @@ def _ref_item(ref: VideoRef) -> dict[str, Any]:
 
 
 def _decode_row(
-    row: dict[str, Any], *, decode_cfg: DecodeConfig, image_size: int, storage: StorageConfig | None
+    row: dict[str, Any], *, decode_cfg: DecodeConfig, image_size: int, storage: StorageConfig | None,
+    ocr_cfg: OcrConfig | None = None,
 ) -> dict[str, Any]:
     labels = json.loads(row["labels"]) if row.get("labels") else []
     out = decode_video({**row, "labels": labels}, decode_cfg, image_size=image_size, storage=storage)
     out.update(labels=json.dumps(labels), label=out["label"] or "", label_l1=out["label_l1"] or "")
+    if ocr_cfg is not None:  # the OCR stage's frames, at a readable size; their read time counts as OCR time
+        from raypipe.io.ocr_frames import read_ocr_frames
+
+        t0 = time.monotonic()
+        out.update(read_ocr_frames(row, out, ocr_cfg, decode_cfg=decode_cfg, storage=storage))
+        out["ocr_s"] = time.monotonic() - t0
     return out
 
 
@@ -112,7 +138,8 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map(
         _decode_row,
-        fn_kwargs={"decode_cfg": e.decode, "image_size": e.frames.image_size, "storage": cfg.storage},
+        fn_kwargs={"decode_cfg": e.decode, "image_size": e.frames.image_size, "storage": cfg.storage,
+                   "ocr_cfg": e.ocr if e.ocr.enabled else None},
         num_cpus=e.decode_num_cpus,
         memory=plan.settings.get("embed.decode_memory", e.decode_memory_mb * 1024 * 1024) or None,
         **({"resources": plan.settings["embed.decode_resources"]} if plan.settings.get("embed.decode_resources") else {}),
@@ -128,6 +155,7 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
             remote["max_restarts"] = 0
         return remote
 
+    ds = _text_from_video(ds, cfg, pool)
     from raypipe.embed.audio import AudioEncoder
     from raypipe.embed.frames import FrameEncoder
     from raypipe.embed.text import TextEncoder
@@ -151,6 +179,23 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
         TextEncoder, batch_size=e.text.batch_size, **pool(e.text_pool, armed=True),
         fn_constructor_kwargs={"cfg": e.text, "storage": cfg.storage, "crash_after": crash_after},
     )
+    return ds
+
+
+def _text_from_video(ds: Any, cfg: RaypipeConfig, pool: Any) -> Any:
+    """The OCR and ASR stages (each its own actor pool, planned like the encoders) when they are on; before the
+    encoders, since the text encoder tokenises what they read and the audio encoder consumes ``audio``."""
+    e = cfg.embed
+    if e.ocr.enabled:
+        from raypipe.embed.ocr import OcrStage
+
+        ds = ds.map_batches(OcrStage, batch_size=e.ocr.batch_size, **pool(e.ocr_pool),
+                            fn_constructor_kwargs={"cfg": e.ocr})
+    if e.asr.enabled:
+        from raypipe.embed.asr import AsrStage
+
+        ds = ds.map_batches(AsrStage, batch_size=e.asr.batch_size, **pool(e.asr_pool),
+                            fn_constructor_kwargs={"cfg": e.asr, "storage": cfg.storage})
     return ds
 
 
@@ -195,7 +240,11 @@ def _write_parts(batch: dict[str, np.ndarray], *, store: ShardStore, info: Shard
         "reason": np.asarray(batch["reason"]).astype(str),
         "num_frames": np.asarray(batch["num_frames"]).astype(np.int32),
         "decode_s": np.asarray(batch["decode_s"]).astype(np.float64),
+        **{f"{k}_s": np.asarray(batch.get(f"{k}_s", np.zeros(len(ids)))).astype(np.float64) for k in _TIMED_STAGES},
     }
+
+
+_TIMED_STAGES = ("ocr", "asr")
 
 
 class _Tally:
@@ -207,6 +256,7 @@ class _Tally:
         self.ok_ids: list[str] = []
         self.frames = 0
         self.decode_s = 0.0
+        self.stage_s: Counter[str] = Counter()
 
     def add(self, row: dict[str, Any]) -> None:
         self.statuses[str(row["status"])] += 1
@@ -216,6 +266,9 @@ class _Tally:
         else:
             self.reasons[str(row["reason"])] += 1
         self.decode_s += float(row["decode_s"])
+        self.stage_s["decode"] += float(row["decode_s"])
+        for k in _TIMED_STAGES:
+            self.stage_s[k] += float(row.get(f"{k}_s", 0.0))
 
 
 def _stream(cfg: RaypipeConfig, plan: StagePlan, pending: list[VideoRef], store: ShardStore, info: ShardInfo,
@@ -295,6 +348,8 @@ def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
         "failed_by_reason": dict(sorted(reasons.items())),
         "frames": frames,
         "decode_seconds": round(decode_s, 3),
+        # Seconds of work per stage, summed over videos (across parallel tasks/actors: can exceed "seconds").
+        "stage_seconds": _stage_seconds(tally, e),
         "seconds": round(seconds, 3),
         "videos_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else 0.0,
         "rows_total": manifest["rows"],
@@ -306,11 +361,17 @@ def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
     fs, root = resolve(e.output, cfg.storage)
     atomic_write_bytes(fs, join(root, "summary.json"), json.dumps(summary, indent=2).encode())
     log.info(
-        "embed summary: %d ok, %d failed %s, %d frames, %.1fs, %.2f videos/s; %d rows and %d errors in %s",
+        "embed summary: %d ok, %d failed %s, %d frames, %.1fs, %.2f videos/s; %d rows and %d errors in %s; "
+        "stage seconds %s",
         summary["videos_ok"], summary["videos_failed"], summary["failed_by_reason"], frames, seconds,
-        summary["videos_per_s"], summary["rows_total"], n_errors, e.output,
+        summary["videos_per_s"], summary["rows_total"], n_errors, e.output, summary["stage_seconds"],
     )
     return summary
+
+
+def _stage_seconds(tally: _Tally, e: EmbedConfig) -> dict[str, float]:
+    on = {"decode": True, "ocr": e.ocr.enabled, "asr": e.asr.enabled}
+    return {k: round(float(tally.stage_s.get(k, 0.0)), 3) for k, enabled in on.items() if enabled}
 
 
 def run(cfg: RaypipeConfig) -> int:

@@ -49,6 +49,7 @@ NOT_PATHS = {
     "embed.source.webdataset.title_keys", "embed.source.webdataset.asr_keys", "embed.source.webdataset.ocr_keys",
     "embed.source.webdataset.label_keys",
     "embed.frames.model",  # a timm model name
+    "embed.asr.vocabulary",  # words for the ASR engine
     "model.name",
     "train.metric", "train.run_name",
     "tune.name", "tune.metric",
