@@ -830,6 +830,47 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _other_batches(
+    cfg: CorpusConfig, existing: CorpusInfo | None, new_ids: list[str], root: Path
+) -> tuple[list[VideoSpec], list[BadSpec]]:
+    """The videos and bad inputs of the other batches (kept); this batch's old files are deleted. Refuses ids
+    that another batch already uses."""
+    if existing is None:
+        return [], []
+    stale = [s for s in [*existing.videos, *existing.bad] if s.batch == cfg.id_prefix]
+    for s in stale:
+        if s.path.exists():
+            s.path.unlink()
+    kept_videos = [v for v in existing.videos if v.batch != cfg.id_prefix]
+    kept_bad = [b for b in existing.bad if b.batch != cfg.id_prefix]
+    clash = sorted({s.video_id for s in [*kept_videos, *kept_bad]} & set(new_ids))
+    if clash:
+        raise ValueError(
+            f"corpus.id_prefix={cfg.id_prefix!r} gives ids already used by another batch in {root} "
+            f"(e.g. {clash[0]!r}); pick a prefix that is not an extension of an existing one"
+        )
+    return kept_videos, kept_bad
+
+
+def _render_batch(cfg: CorpusConfig, plans: list[_Plan], bad_plans: list[_Plan], bad_specs: list[BadSpec]) -> None:
+    """Encode the batch's videos (in worker processes when ``corpus.workers`` > 1), then write the bad files."""
+    # Decodable bad inputs render with the good videos; the truncated one only feeds its own half file.
+    to_render = plans + [p for p in bad_plans if not p.spec.video_id.endswith("_bad_truncated")]
+    for p in bad_plans:  # bad specs name the final file
+        spec = next(b for b in bad_specs if b.video_id == p.spec.video_id)
+        p.spec.path = spec.path
+    if cfg.workers > 1 and len(to_render) > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_render, to_render, chunksize=1))
+    else:
+        for p in to_render:
+            _render(p)
+    if cfg.bad_inputs:
+        _write_bad_files(cfg, bad_specs, {p.spec.video_id: p for p in bad_plans})
+
+
 def generate_corpus(cfg: CorpusConfig) -> CorpusInfo:
     """Generate (or add a batch to) the corpus at ``cfg.out``; returns the whole, merged corpus.
 
@@ -875,37 +916,8 @@ def generate_corpus(cfg: CorpusConfig) -> CorpusInfo:
         bad_plans, bad_specs, bad_annotations = _plan_bad(cfg, info.videos_dir)
 
     new_ids = [p.spec.video_id for p in plans] + [b.video_id for b in bad_specs]
-    kept_videos: list[VideoSpec] = []
-    kept_bad: list[BadSpec] = []
-    if existing is not None:
-        stale = [s for s in [*existing.videos, *existing.bad] if s.batch == cfg.id_prefix]
-        for s in stale:
-            if s.path.exists():
-                s.path.unlink()
-        kept_videos = [v for v in existing.videos if v.batch != cfg.id_prefix]
-        kept_bad = [b for b in existing.bad if b.batch != cfg.id_prefix]
-        clash = sorted({s.video_id for s in [*kept_videos, *kept_bad]} & set(new_ids))
-        if clash:
-            raise ValueError(
-                f"corpus.id_prefix={cfg.id_prefix!r} gives ids already used by another batch in {info.root} "
-                f"(e.g. {clash[0]!r}); pick a prefix that is not an extension of an existing one"
-            )
-
-    # Decodable bad inputs render with the good videos; the truncated one only feeds its own half file.
-    to_render = plans + [p for p in bad_plans if not p.spec.video_id.endswith("_bad_truncated")]
-    for p in bad_plans:  # bad specs name the final file
-        spec = next(b for b in bad_specs if b.video_id == p.spec.video_id)
-        p.spec.path = spec.path
-    if cfg.workers > 1 and len(to_render) > 1:
-        import multiprocessing
-
-        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_render, to_render, chunksize=1))
-    else:
-        for p in to_render:
-            _render(p)
-    if cfg.bad_inputs:
-        _write_bad_files(cfg, bad_specs, {p.spec.video_id: p for p in bad_plans})
+    kept_videos, kept_bad = _other_batches(cfg, existing, new_ids, info.root)
+    _render_batch(cfg, plans, bad_plans, bad_specs)
 
     # Annotations: keep other batches' entries, replace this batch's.
     new_annotations = [p.annotation for p in plans if p.annotation is not None] + bad_annotations
