@@ -203,6 +203,12 @@ def example_from_shaped(shaped: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     }
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be rebuilt as recorded: the stage cannot run as configured (exit 2)."""
+
+    exit_code = 2
+
+
 def build_model_from_meta(meta: Mapping[str, Any]) -> torch.nn.Module:
     from raypipe.models import create_model
 
@@ -219,7 +225,15 @@ def load_checkpoint_dir(path: str | Path, *, device: str = "cpu") -> tuple[torch
     meta = json.loads((p / META_FILE).read_text())
     model = build_model_from_meta(meta)
     state = torch.load(p / MODEL_FILE, map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        # Checkpoints written before their kwargs recorded the builder defaults rebuild with today's defaults.
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise CheckpointError(
+            f"{path}: the weights do not fit model {meta['model_name']!r} as built from its recorded options (a "
+            f"checkpoint from an older raypipe whose model defaults have since changed; retrain it): {first[0].strip()}"
+        ) from None
     return model.eval(), meta
 
 

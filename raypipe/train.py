@@ -95,19 +95,22 @@ def _builder_params(name: str) -> list[str]:
 
 
 def model_kwargs(cfg: RaypipeConfig, spec: DataSpec) -> dict[str, Any]:
-    """Builder kwargs from the shards, ``train.loss`` and ``model.params`` (:func:`raypipe.models.resolve_kwargs`);
-    a key that cannot be used is a one-line ``ConfigError``."""
+    """Builder kwargs from the shards, ``train.loss`` and ``model.params`` (:func:`raypipe.models.resolve_kwargs`),
+    with the builder's defaults written out (the checkpoint records them all); a key that cannot be used is a
+    one-line ``ConfigError``."""
     from raypipe.models import ModelOptionError, resolve_kwargs
+    from raypipe.models.registry import with_defaults
 
     _builder_params(cfg.model.name)
     try:
-        return resolve_kwargs(
+        kwargs = resolve_kwargs(
             cfg.model.name, info=spec.shard_info, num_classes=len(spec.classes),
             multi_label=spec.task == "multi_label", loss_weights=cfg.train.loss.model_dump(),
             params=dict(cfg.model.params),
         )
     except ModelOptionError as exc:
         raise ConfigError(f"config error: {exc}") from None
+    return with_defaults(cfg.model.name, kwargs)
 
 
 def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:

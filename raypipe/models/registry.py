@@ -46,6 +46,14 @@ def builder_params(name: str) -> list[str]:
     ]
 
 
+def with_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus the builder's defaults for every option not given: what a checkpoint records, so that a
+    later change of a default (e.g. the text tower) never rebuilds an old checkpoint as another architecture."""
+    sig = inspect.signature(get_builder(name)).parameters.values()
+    defaults = {p.name: p.default for p in sig if p.default is not inspect.Parameter.empty}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, **kwargs}
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     builder = get_builder(name)
     unknown = sorted(set(kwargs) - set(builder_params(name)))

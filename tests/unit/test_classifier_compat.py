@@ -92,3 +92,32 @@ def test_a_model_pickled_under_the_old_module_path_still_loads(registry, registe
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cls"] == "raypipe.classifier.RaypipePyfunc"  # the old name resolved to today's class
     np.testing.assert_allclose(np.asarray(got["scores"]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_records_every_builder_default(tmp_path: Path) -> None:
+    """Training writes the builder's defaults into the checkpoint's kwargs, so changing a default later (as the
+    text tower's did) cannot rebuild an old checkpoint as another architecture."""
+    from raypipe.models import create_model
+    from raypipe.models.registry import with_defaults
+
+    kwargs = with_defaults("frames_only", {"num_classes": 3, "frame_dim": 8, "hidden": 4})
+    assert kwargs["hidden"] == 4 and kwargs["aggregation"] == "nextvlad" and kwargs["dropout"] == 0.2
+    assert json.loads(json.dumps(kwargs)) == kwargs  # stored as the checkpoint's JSON meta
+    assert with_defaults("dmafnet", {})["modalities"] == ["frames", "text"]
+    create_model("frames_only", **json.loads(json.dumps(kwargs)))  # and builds from what the JSON gives back
+
+
+def test_weights_that_do_not_fit_the_recorded_options_are_one_clear_error(tmp_path: Path) -> None:
+    """An old checkpoint whose recorded options now build another architecture: a CheckpointError (exit 2)
+    naming the folder and the first mismatch, not torch's multi-line state-dict dump."""
+    import torch
+
+    from raypipe.classifier import META_FILE, MODEL_FILE, CheckpointError, load_checkpoint_dir
+    from raypipe.models import create_model
+
+    base = {"num_classes": 3, "frame_dim": 8, "aggregation": "avgpool", "dropout": 0.0}
+    torch.save(create_model("frames_only", **base, hidden=4).state_dict(), tmp_path / MODEL_FILE)
+    (tmp_path / META_FILE).write_text(json.dumps({"model_name": "frames_only", "model_kwargs": {**base, "hidden": 6}}))
+    with pytest.raises(CheckpointError, match=r"do not fit model 'frames_only'.*retrain") as err:
+        load_checkpoint_dir(tmp_path)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
