@@ -168,7 +168,7 @@ def _sample_video(
     frame_period = 1.0 / float(vs.average_rate) if vs.average_rate else 1.0 / cfg.fps
     decoded = seeks = 0
     index: list[tuple[float, int]] = []
-    dense = len(targets) < 2 or max(b - a for a, b in zip(targets, targets[1:])) <= cfg.seek_gap_s
+    dense = len(targets) < 2 or max(b - a for a, b in zip(targets, targets[1:], strict=False)) <= cfg.seek_gap_s
     if gop_seek and dense and not keyframe_only and len(targets) > 1:
         try:
             index = _keyframe_index(container, vs, targets[-1], start)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_decode import make_video  # noqa: E402 - the helper that writes real H.264 files
 
 from raypipe.config import DecodeConfig
 from raypipe.io.decode import decode_video, sample_file
 from raypipe.io.sources import VideoRef
-
-from test_decode import make_video  # noqa: E402 - the helper that writes real H.264 files
 
 
 def _same(a, b) -> bool:
