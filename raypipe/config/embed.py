@@ -206,6 +206,10 @@ class EmbedConfig(StrictModel):
     # for small machines or a GPU that holds all three encoders. The rows are identical either way.
     # "auto": fused on a small CPU-only cluster (fewer than 6 CPUs), three pools otherwise (raypipe.resources).
     fuse_encoders: bool | Literal["auto"] = "auto"
+    # torch intra-op threads in each fused encoder actor. "auto" (raypipe.resources): every CPU of the node on a
+    # small CPU-only cluster (the actor's 0.5 CPU would otherwise pin it to one thread while the other core idles
+    # between decode tasks), else what Ray gives the actor (its num_cpus, at least 1). Not part of the feature hash.
+    encoder_threads: int | Literal["auto"] = "auto"
     output: PathStr | None = None  # required by embed (--output)
     num_shards: int = Field(default=4, ge=1)
     # CPUs per decode task; "auto": 0.5 on a small cluster, else 1.

@@ -243,3 +243,14 @@ def test_unreachable_cluster_is_one_line_in_seconds(tmp_path, monkeypatch, capfd
     err = [line for line in capfd.readouterr().err.splitlines() if " ERROR " in line]
     assert rc == 1 and time.monotonic() - t0 < 20
     assert len(err) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused" in err[0], err
+
+
+def test_fused_encoder_threads_use_the_whole_small_node_and_stay_ray_default_elsewhere():
+    """A 0.5-CPU fused actor gets one torch thread from Ray; on a 2-CPU node it should use both cores."""
+    cfg = load_config(None)
+    small = apply_plan(cfg, plan_embed(cfg.embed, Cluster.single(2)))
+    assert small.embed.fuse_encoders is True and small.embed.encoder_threads == 2
+    big = plan_embed(cfg.embed, Cluster.single(32))
+    assert "embed.encoder_threads" not in big.settings
+    assert plan_embed(load_config(None, ["embed.encoder_threads=1"]).embed, Cluster.single(2)).settings[
+        "embed.encoder_threads"] == 1
