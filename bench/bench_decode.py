@@ -81,7 +81,7 @@ def measure(videos: list[dict], root: Path, image_size: int) -> list[dict]:
         path = str(root / v["path"])
         ref = VideoRef(video_id=v["video_id"], source_uri=path)
         r = {"video_id": v["video_id"], "duration_s": v["duration_s"], "gop_s": round(v["keyframe_interval"] / (v["fps"] or 24), 2),
-             "codec": v["video_codec"], "container": v["container"]}
+             "codec": v["video_codec"], "container": v["container"], "pixels": v["width"] * v["height"]}
         r["raypipe_s"], row = _time(lambda ref=ref: decode_video(ref, cfg, image_size=image_size))
         r["raypipe_before_s"], _ = _time(lambda ref=ref: decode_video(ref, cfg, image_size=image_size, gop_seek=False))
         r["frames_s"], s = _time(lambda p=path: sample_file(p, cfg, image_size=image_size))
@@ -137,7 +137,8 @@ def main() -> int:
         "benchmark": "bench_decode", **environment(),
         "corpus": {"generator": "raypipe.corpus seed=11 max_duration_s=75 long_fraction=0.25", "videos": len(rows),
                    "codecs": sorted({r["codec"] for r in rows}), "containers": sorted({r["container"] for r in rows}),
-                   "total_duration_s": round(sum(r["duration_s"] for r in rows), 1)},
+                   "total_duration_s": round(sum(r["duration_s"] for r in rows), 1),
+                   "mean_pixels": round(sum(r["pixels"] for r in rows) / max(len(rows), 1))},
         "image_size": args.image_size,
         "ratios": {"all": ratios(ok), "short_gop": ratios(short), "long_gop": ratios(long_)},
         "costs": {"decode_base_s": round(a, 5), "decode_per_sampled_s": round(b, 5)},

@@ -61,6 +61,7 @@ class Costs:
     encode_per_video_s: float
     sources: dict[str, str] = field(default_factory=dict)
     durations_s: list[float] = field(default_factory=list)
+    decode_pixels: float = 0.0  # mean width * height of the videos the decode cost was measured on
 
     def decode_s(self, duration: float, span: float) -> float:
         return self.decode_base_s + self.decode_per_sampled_s * min(max(duration, 0.0), span)
@@ -145,7 +146,7 @@ def _nodes_for(work: float, per_node: float, seconds: float) -> int:
 def plan_night(videos: int, hours: float, costs: Costs, groups: dict[str, Group], *, gpu: str | None = None,
                durations: list[float] | None = None, utilization: float = 0.75, startup_s: float = 600.0,
                fps: float = 1.0, max_frames: int = 32, gpu_rates: dict[str, float] | None = None,
-               cluster_max_workers: int | None = None) -> CapacityPlan:
+               cluster_max_workers: int | None = None, decode_scale: float = 1.0) -> CapacityPlan:
     """Node counts per group for ``videos`` in ``hours`` (see the module docstring for the model)."""
     if videos < 1 or hours <= 0:
         raise ValueError("videos must be >= 1 and hours > 0")
@@ -153,6 +154,7 @@ def plan_night(videos: int, hours: float, costs: Costs, groups: dict[str, Group]
         raise ValueError("utilization must be in (0, 1]")
     durs = durations or costs.durations_s
     m = mean_costs(costs, durs, fps=fps, max_frames=max_frames)
+    m["decode_s"] *= decode_scale
     budget = hours * 3600.0 - startup_s
     if budget <= 0:
         raise ValueError(f"{hours} h leaves no time after the assumed start-up of {startup_s:.0f} s")
@@ -196,6 +198,12 @@ def plan_night(videos: int, hours: float, costs: Costs, groups: dict[str, Group]
     patch = {"max_workers": max(total, cluster_max_workers or 0),
              "available_node_types": {name: {"min_workers": n, "max_workers": max(n, groups[name].max_workers)}
                                       for name, n in nodes.items()}}
+    if decode_scale != 1.0:
+        assumptions.append(f"decode costs scaled x{decode_scale:g} from the measured resolution (--decode-scale; "
+                           "extrapolated, e.g. pixels per frame of the night's videos / the bench corpus')")
+    elif costs.decode_pixels:
+        assumptions.append(f"decode measured on videos of ~{costs.decode_pixels / 1000:.0f} kpixels/frame; larger "
+                           "videos decode slower roughly in proportion (use --decode-scale)")
     assumptions += [
         f"durations: {len(durs)} videos, mean {m['duration_s']:.1f} s, {m['frames']:.1f} sampled frames per video",
         f"decode {m['decode_s']:.3f} CPU-s/video, CPU encode {m['encode_s']:.3f} CPU-s/video (means over the durations)",
@@ -211,6 +219,7 @@ def load_costs(paths: list[Path]) -> Costs:
     found: dict[str, float] = {}
     sources: dict[str, str] = {}
     durations: list[float] = []
+    pixels = 0.0
     for p in paths:
         try:
             data = json.loads(Path(p).read_text())
@@ -221,6 +230,7 @@ def load_costs(paths: list[Path]) -> Costs:
                 if k in DEFAULT_COSTS:
                     found[k], sources[k] = float(v), f"measured ({Path(p).name}, {data.get('measured_at', '?')})"
             durations = list(data.get("durations_s") or durations)
+            pixels = float(data.get("mean_pixels") or (data.get("corpus") or {}).get("mean_pixels") or pixels)
         elif "decode_seconds" in data and data.get("videos_ok"):  # an embed run's summary.json
             found["decode_base_s"] = data["decode_seconds"] / data["videos_processed"]
             found["decode_per_sampled_s"] = 0.0
@@ -232,7 +242,7 @@ def load_costs(paths: list[Path]) -> Costs:
     for k, v in DEFAULT_COSTS.items():
         if k not in found:
             found[k], sources[k] = v, "default, not measured"
-    return Costs(**found, sources=sources, durations_s=durations)
+    return Costs(**found, sources=sources, durations_s=durations, decode_pixels=pixels)
 
 
 def render(plan: CapacityPlan) -> str:
@@ -287,7 +297,7 @@ DEFAULT_COST_FILES = ("bench/results/bench_decode.json", "bench/results/bench_lo
 
 def run(cfg: Any, *, videos: int, hours: float, gpu: str | None = None, costs: list[str] | None = None,
         durations: str | None = None, cluster_yaml: str | None = None, utilization: float = 0.75,
-        startup_s: float = 600.0) -> int:
+        startup_s: float = 600.0, decode_scale: float = 1.0) -> int:
     """``raypipe plan``: print the plan for a night (exit 2 on unreadable inputs, one line)."""
     import yaml
 
@@ -299,7 +309,8 @@ def run(cfg: Any, *, videos: int, hours: float, gpu: str | None = None, costs: l
         durs = load_durations(Path(durations)) if durations else measured.durations_s
         plan = plan_night(videos, hours, measured, groups_from_yaml(data), gpu=gpu, durations=durs,
                           utilization=utilization, startup_s=startup_s, fps=cfg.embed.decode.fps,
-                          max_frames=cfg.embed.decode.max_frames, cluster_max_workers=data.get("max_workers"))
+                          max_frames=cfg.embed.decode.max_frames, cluster_max_workers=data.get("max_workers"),
+                          decode_scale=decode_scale)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         log.error("plan: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return 2

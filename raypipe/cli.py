@@ -108,6 +108,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-yaml", dest="plan_cluster_yaml", default=None, help="default: ray.cluster_yaml, else ./cluster.yaml")
     p.add_argument("--utilization", dest="plan_utilization", type=float, default=0.75)
     p.add_argument("--startup-s", dest="plan_startup_s", type=float, default=600.0)
+    p.add_argument("--decode-scale", dest="plan_decode_scale", type=float, default=1.0,
+                   help="multiply the measured decode cost (e.g. pixels per frame of your videos / the bench corpus')")
 
 
 def config_from_args(args: argparse.Namespace) -> RaypipeConfig:
