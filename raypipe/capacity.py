@@ -188,7 +188,7 @@ def plan_night(videos: int, hours: float, costs: Costs, groups: dict[str, Group]
         shared = sum(x.work for x in stages if x.group == s.group)
         cap = nodes[s.group] * s.per_node * (s.work / shared if shared else 1.0)
         s.hours = (s.work / cap / 3600.0) if cap else 0.0
-    slowest = max(stages, key=lambda s: s.hours)
+    slowest = max(stages, key=lambda s: (round(s.hours, 6), s.work))  # shared nodes: the larger stage
     wall = slowest.hours + startup_s / 3600.0
     warnings = [f"{name}: needs {n} nodes, cluster.yaml allows max_workers={groups[name].max_workers}"
                 for name, n in nodes.items() if n > groups[name].max_workers]
