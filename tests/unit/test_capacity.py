@@ -108,3 +108,14 @@ def test_cli_prints_table_patch_and_assumptions(tmp_path, capfd):
     assert "bottleneck:" in out and "cluster.yaml patch:" in out and "min_workers:" in out and "assumptions:" in out
     patch = yaml.safe_load(out.split("cluster.yaml patch:\n")[1].split("assumptions:")[0])
     assert patch["available_node_types"]["cpu_decode"]["min_workers"] >= 1
+
+
+def test_costs_from_an_embed_run_summary(tmp_path):
+    """``--costs summary.json``: the stage metrics of a real run (decode and encode busy seconds per video)."""
+    (tmp_path / "summary.json").write_text(json.dumps({"videos_processed": 10, "videos_ok": 9, "decode_seconds": 2.0,
+                                                        "encode_seconds": 5.0}))
+    c = load_costs([tmp_path / "summary.json"])
+    assert (c.decode_base_s, c.decode_per_sampled_s) == (0.2, 0.0)
+    assert (c.encode_per_video_s, c.encode_per_frame_s) == (0.5, 0.0)
+    p = plan_night(1000, 1, c, GROUPS, durations=[30.0], utilization=1.0, startup_s=0)
+    assert [s.work for s in p.stages] == [pytest.approx(200.0), pytest.approx(500.0)]
