@@ -142,18 +142,36 @@ def _to_rgb(frame: Any, size: int) -> np.ndarray:
     return frame.to_ndarray(width=size, height=size, format="rgb24")  # (S, S, 3) uint8
 
 
+def _gop_index(container: Any, vs: Any, targets: list[float], cfg: DecodeConfig, start: float) -> list[tuple[float, int]]:
+    """The keyframe index for GOP-aware sampling when the targets are dense (else empty), container rewound.
+
+    With it, before each target, when the keyframe before it lies beyond the next frame the decoder would give,
+    decoding seeks to that keyframe instead of decoding the frames in between (none of them is sampled). The frame
+    chosen for a target is the same either way: decoding from a keyframe reproduces every later frame of its GOP
+    exactly. Short GOPs then cost about half a GOP per target instead of a second of frames; long GOPs decode
+    through as before.
+    """
+    import av
+
+    if len(targets) < 2 or max(b - a for a, b in zip(targets, targets[1:], strict=False)) > cfg.seek_gap_s:
+        return []
+    try:
+        index = _keyframe_index(container, vs, targets[-1], start)
+    except (av.error.FFmpegError, ValueError, RuntimeError, OSError):
+        index = []  # a damaged stream: decode through as without the index, and report what that finds
+    try:  # back to the start: a target before the first indexed keyframe decodes from there
+        container.seek(vs.start_time or 0, stream=vs, backward=True, any_frame=False)
+    except (av.error.FFmpegError, ValueError, RuntimeError, OSError) as exc:
+        raise DecodeFailure("corrupt", f"cannot seek back to the start after indexing keyframes: {exc}") from exc
+    return index
+
+
 def _sample_video(
     container: Any, vs: Any, targets: list[float], cfg: DecodeConfig, *, size: int, deadline: float,
     keyframe_only: bool, gop_seek: bool = True,
 ) -> _Sampled:
-    """Decode only what the target times need: sequentially while they are close, seeking across large gaps.
-
-    GOP-aware (``gop_seek``, when the targets are dense): a demux pass finds the keyframes; before each target,
-    when the keyframe before it lies beyond the next frame the decoder would give, seek to that keyframe instead
-    of decoding through the frames in between (none of them is sampled). The frame chosen for a target is the
-    same either way: decoding from a keyframe reproduces every later frame of its GOP exactly. Short GOPs then
-    cost about half a GOP per target instead of one second of frames; long GOPs decode through as before.
-    """
+    """Decode only what the target times need: sequentially while they are close, seeking across large gaps, and
+    GOP-aware (``gop_seek``, see :func:`_gop_index`) from one keyframe to the next while they are dense."""
     import av
 
     start = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
@@ -167,17 +185,7 @@ def _sample_video(
     end_s = None
     frame_period = 1.0 / float(vs.average_rate) if vs.average_rate else 1.0 / cfg.fps
     decoded = seeks = 0
-    index: list[tuple[float, int]] = []
-    dense = len(targets) < 2 or max(b - a for a, b in zip(targets, targets[1:], strict=False)) <= cfg.seek_gap_s
-    if gop_seek and dense and not keyframe_only and len(targets) > 1:
-        try:
-            index = _keyframe_index(container, vs, targets[-1], start)
-        except (av.error.FFmpegError, ValueError, RuntimeError, OSError):
-            index = []  # a damaged stream: decode through as without the index, and report what that finds
-        try:  # back to the start: a target before the first indexed keyframe decodes from there
-            container.seek(vs.start_time or 0, stream=vs, backward=True, any_frame=False)
-        except (av.error.FFmpegError, ValueError, RuntimeError, OSError) as exc:
-            raise DecodeFailure("corrupt", f"cannot seek back to the start after indexing keyframes: {exc}") from exc
+    index = _gop_index(container, vs, targets, cfg, start) if gop_seek and not keyframe_only else []
     try:
         for k, t in enumerate(targets):
             if time.monotonic() > deadline:
