@@ -235,8 +235,9 @@ def load_costs(paths: list[Path]) -> Costs:
             found["decode_base_s"] = data["decode_seconds"] / data["videos_processed"]
             found["decode_per_sampled_s"] = 0.0
             sources["decode_base_s"] = f"run summary {p}: mean decode time per video (no duration split)"
-            if data.get("encode_seconds"):
-                found["encode_per_video_s"] = data["encode_seconds"] / data["videos_processed"]
+            encode = data.get("encode_seconds") or (data.get("stage_seconds") or {}).get("encode")
+            if encode:
+                found["encode_per_video_s"] = encode / data["videos_processed"]
                 found["encode_per_frame_s"] = 0.0
                 sources["encode_per_video_s"] = f"run summary {p}: mean encode time per video"
     for k, v in DEFAULT_COSTS.items():

@@ -113,7 +113,7 @@ def test_cli_prints_table_patch_and_assumptions(tmp_path, capfd):
 def test_costs_from_an_embed_run_summary(tmp_path):
     """``--costs summary.json``: the stage metrics of a real run (decode and encode busy seconds per video)."""
     (tmp_path / "summary.json").write_text(json.dumps({"videos_processed": 10, "videos_ok": 9, "decode_seconds": 2.0,
-                                                        "encode_seconds": 5.0}))
+                                                        "stage_seconds": {"decode": 2.0, "encode": 5.0}}))
     c = load_costs([tmp_path / "summary.json"])
     assert (c.decode_base_s, c.decode_per_sampled_s) == (0.2, 0.0)
     assert (c.encode_per_video_s, c.encode_per_frame_s) == (0.5, 0.0)
