@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 200])
     ap.add_argument("--preset", default="test")
     ap.add_argument("--no-compare", action="store_true", help="skip the three-pool run at the first size")
+    ap.add_argument("--out", default=None, help="also write the results as JSON (machine, versions) here")
     args = ap.parse_args()
     results = [run_size(n, args.preset, fused=True) for n in args.sizes]
     if not args.no_compare:
@@ -101,10 +102,21 @@ def main() -> int:
     if not args.no_compare:
         print(f"fused / 3 pools at {fused['videos']} videos: throughput x{fused['videos_per_s'] / max(pools['videos_per_s'], 1e-9):.2f}, "
               f"peak RSS x{fused['peak_rss_mb'] / max(pools['peak_rss_mb'], 1e-9):.2f}")
+    ratios = {}
     if len(args.sizes) >= 2:
         a, b = results[0], results[len(args.sizes) - 1]
-        print(f"ratio {b['videos']}/{a['videos']} videos (fused): throughput x{b['videos_per_s'] / max(a['videos_per_s'], 1e-9):.2f}, "
-              f"peak RSS x{b['peak_rss_mb'] / max(a['peak_rss_mb'], 1e-9):.2f}")
+        ratios = {"videos_x": round(b["videos"] / a["videos"], 2),
+                  "throughput_x": round(b["videos_per_s"] / max(a["videos_per_s"], 1e-9), 3),
+                  "peak_rss_x": round(b["peak_rss_mb"] / max(a["peak_rss_mb"], 1e-9), 3)}
+        print(f"ratio {b['videos']}/{a['videos']} videos (fused): throughput x{ratios['throughput_x']:.2f}, "
+              f"peak RSS x{ratios['peak_rss_x']:.2f}")
+    if args.out:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import environment, write_result
+
+        write_result(args.out, {"benchmark": "bench_embed", **environment(), "preset": args.preset,
+                                "corpus": "raypipe.corpus seed=1 max_duration_s=12 long_fraction=0", "results": results,
+                                "ratios": ratios})
     return 0
 
 

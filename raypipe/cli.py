@@ -31,6 +31,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "nightly": ("raypipe.nightly", "the night's work: embed new videos, optionally retrain + promote, label"),
     "demo": ("raypipe.demo", "run the whole pipeline on a generated corpus (embedded defaults)"),
     "bench": ("raypipe.bench", "run the benchmarks in bench/"),
+    "plan": ("raypipe.capacity", "node counts per cluster.yaml group for N videos a night in H hours, from measured costs"),
     "doctor": ("raypipe.doctor", "show what raypipe sees (Ray, GPUs, MLflow, storage, codecs) and each stage's plan"),
 }
 
@@ -90,7 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, dest=f"short:{key}", default=None, help=f"shorthand for --set {key}=...", **kwargs)
         if stage == "bench":
             p.add_argument("names", nargs="*", help="benchmarks to run (default: all); other options go to each script")
+        if stage == "plan":
+            _plan_args(p)
     return parser
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--videos-per-night", dest="plan_videos", type=int, required=True, metavar="N")
+    p.add_argument("--hours", dest="plan_hours", type=float, required=True, metavar="H")
+    p.add_argument("--gpu", dest="plan_gpu", default=None, metavar="TYPE",
+                   help="encode on the GPU group at this GPU type's assumed rates (T4, A10G, L4, A100, H100)")
+    p.add_argument("--costs", dest="plan_costs", action="append", default=None, metavar="JSON",
+                   help="bench results or an embed summary.json (repeatable; default: bench/results/)")
+    p.add_argument("--durations", dest="plan_durations", default=None, metavar="FILE",
+                   help="video durations: corpus.json, a JSON list or one number per line (default: the bench corpus)")
+    p.add_argument("--cluster-yaml", dest="plan_cluster_yaml", default=None, help="default: ray.cluster_yaml, else ./cluster.yaml")
+    p.add_argument("--utilization", dest="plan_utilization", type=float, default=0.75)
+    p.add_argument("--startup-s", dest="plan_startup_s", type=float, default=600.0)
+    p.add_argument("--decode-scale", dest="plan_decode_scale", type=float, default=1.0,
+                   help="multiply the measured decode cost (e.g. pixels per frame of your videos / the bench corpus')")
 
 
 def config_from_args(args: argparse.Namespace) -> RaypipeConfig:
@@ -184,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with stderr_to_log_file():
         if args.stage == "bench":
             return run_stage(args.stage, runner, cfg, names=args.names, script_args=extra)
+        if args.stage == "plan":
+            return run_stage(args.stage, runner, cfg, **{k[len("plan_"):]: v for k, v in vars(args).items()
+                                                         if k.startswith("plan_")})
         return run_stage(args.stage, runner, cfg)
 
 

@@ -20,6 +20,8 @@ The rules (C = CPUs, G = GPUs the cluster has or its node types can provide; "sm
 - OCR / ASR stages (``embed.ocr`` / ``embed.asr`` on): one more CPU pool each (``ocr_pool`` / ``asr_pool``), counted
   with the encoder pools for the small-cluster CPU share; ``max_size: auto`` a quarter of the encoders' half of
   the CPUs; ``num_gpus: auto`` = 0 (the packaged engines run on CPU).
+- ``encoder_threads: auto``: Ray's default torch threads (the actor's CPUs, at least 1). An explicit number sets
+  the fused encoder's threads (measured on 2 CPUs: no reliable gain from 2 threads, see docs/PERFORMANCE.md).
 - ``decode_num_cpus: auto``: 1; 0.5 on a small cluster (0.25 below 2 CPUs). Decode tasks also ask one unit of
   ``ray.decode_resource`` when some node defines it (the CPU worker group in cluster.yaml), which keeps them off
   the head and the GPU nodes; they ask ``embed.decode_memory_mb`` of memory unless the plan is made from node
@@ -193,6 +195,8 @@ def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pool
     cpu_only = {k for k, on in (("ocr_pool", e.ocr.enabled), ("asr_pool", e.asr.enabled)) if on}
     pools += [(k, "OcrStage" if k == "ocr_pool" else "AsrStage", 0.25) for k in sorted(cpu_only, reverse=True)]
     plan.settings["embed.fuse_encoders"] = fuse
+    if e.encoder_threads != "auto":  # auto: Ray's default (the actor's CPUs); see docs/PERFORMANCE.md
+        plan.settings["embed.encoder_threads"] = int(e.encoder_threads)
     actor_cpus = actor_share(cpus, len(pools) + extra_pools)
     for key, cls, share in pools:
         p = getattr(e, key)

@@ -206,6 +206,10 @@ class EmbedConfig(StrictModel):
     # for small machines or a GPU that holds all three encoders. The rows are identical either way.
     # "auto": fused on a small CPU-only cluster (fewer than 6 CPUs), three pools otherwise (raypipe.resources).
     fuse_encoders: bool | Literal["auto"] = "auto"
+    # torch intra-op threads in each fused encoder actor; "auto": what Ray gives the actor (its num_cpus, at least
+    # 1). Not part of the feature hash. 2 threads for a 0.5-CPU actor on 2 CPUs measured no reliable gain
+    # (docs/PERFORMANCE.md), so auto stays Ray's default.
+    encoder_threads: int | Literal["auto"] = "auto"
     output: PathStr | None = None  # required by embed (--output)
     num_shards: int = Field(default=4, ge=1)
     # CPUs per decode task; "auto": 0.5 on a small cluster, else 1.

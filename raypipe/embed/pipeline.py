@@ -165,7 +165,8 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
             FusedEncoder, batch_size=min(e.frames.batch_size, e.audio.batch_size, e.text.batch_size),
             **pool(e.frame_pool, armed=True),
             fn_constructor_kwargs={"cfg": e, "storage": cfg.storage, "crash_after": crash_after,
-                                   "stall_after": stall_after},
+                                   "stall_after": stall_after,
+                                   "threads": e.encoder_threads if e.encoder_threads != "auto" else None},
         )
     ds = ds.map_batches(
         FrameEncoder, batch_size=e.frames.batch_size, **pool(e.frame_pool),
@@ -207,7 +208,11 @@ class FusedEncoder:
     """
 
     def __init__(self, cfg: EmbedConfig, storage: StorageConfig | None = None, crash_after: int | None = None,
-                 stall_after: int | None = None):
+                 stall_after: int | None = None, threads: int | None = None):
+        if threads:  # embed.encoder_threads (see raypipe.resources): Ray pins a 0.5-CPU actor to one thread
+            import torch
+
+            torch.set_num_threads(threads)
         from raypipe.embed.audio import AudioEncoder
         from raypipe.embed.common import FaultInjector
         from raypipe.embed.frames import FrameEncoder
@@ -222,8 +227,11 @@ class FusedEncoder:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.stall.tick()
+        t0 = time.perf_counter()
         for stage in self.stages:
             batch = stage(batch)
+        n = len(batch["video_id"])
+        batch["encode_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))  # the summary's per-stage time
         return batch
 
 
@@ -244,7 +252,7 @@ def _write_parts(batch: dict[str, np.ndarray], *, store: ShardStore, info: Shard
     }
 
 
-_TIMED_STAGES = ("ocr", "asr")
+_TIMED_STAGES = ("ocr", "asr", "encode")  # encode: set by the fused encoder only
 
 
 class _Tally:
@@ -350,6 +358,9 @@ def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
         "decode_seconds": round(decode_s, 3),
         # Seconds of work per stage, summed over videos (across parallel tasks/actors: can exceed "seconds").
         "stage_seconds": _stage_seconds(tally, e),
+        # Busy share of the wall time per stage (summed over workers; encode: the fused pool only): on N CPUs a
+        # stage whose share approaches N is the bottleneck. raypipe plan reads stage_seconds as per-stage costs.
+        "stage_busy_share": {k: round(v / seconds, 3) if seconds else 0.0 for k, v in _stage_seconds(tally, e).items()},
         "seconds": round(seconds, 3),
         "videos_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else 0.0,
         "rows_total": manifest["rows"],
@@ -370,7 +381,7 @@ def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:
 
 
 def _stage_seconds(tally: _Tally, e: EmbedConfig) -> dict[str, float]:
-    on = {"decode": True, "ocr": e.ocr.enabled, "asr": e.asr.enabled}
+    on = {"decode": True, "encode": bool(e.fuse_encoders), "ocr": e.ocr.enabled, "asr": e.asr.enabled}
     return {k: round(float(tally.stage_s.get(k, 0.0)), 3) for k, enabled in on.items() if enabled}
 
 

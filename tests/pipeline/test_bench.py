@@ -34,4 +34,4 @@ def test_smallest_embed_benchmark_prints_its_table() -> None:
 
 def test_unknown_benchmark_is_refused_with_the_list() -> None:
     res = _raypipe("nope", timeout=120)
-    assert res.returncode == 2 and "unknown benchmark(s) ['nope']; available: embed" in res.stderr
+    assert res.returncode == 2 and "unknown benchmark(s) ['nope']; available: decode, embed," in res.stderr

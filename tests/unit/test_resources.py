@@ -243,3 +243,11 @@ def test_unreachable_cluster_is_one_line_in_seconds(tmp_path, monkeypatch, capfd
     err = [line for line in capfd.readouterr().err.splitlines() if " ERROR " in line]
     assert rc == 1 and time.monotonic() - t0 < 20
     assert len(err) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused" in err[0], err
+
+
+def test_encoder_threads_auto_is_ray_default_and_an_explicit_value_is_planned():
+    """Measured on 2 CPUs, 2 torch threads in the 0.5-CPU fused actor gave no reliable gain: auto leaves Ray's."""
+    cfg = load_config(None)
+    assert "embed.encoder_threads" not in plan_embed(cfg.embed, Cluster.single(2)).settings
+    two = load_config(None, ["embed.encoder_threads=2"])
+    assert apply_plan(two, plan_embed(two.embed, Cluster.single(2))).embed.encoder_threads == 2
