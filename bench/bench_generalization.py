@@ -72,7 +72,9 @@ def train_one(model: str, data: str, root: Path, seed: int, epochs: int, variant
     from raypipe.train import fit
 
     cfg = load_config("demo", [
-        f"train.data={data}", "train.taxonomy=null", f"train.storage_path={root / 'ray'}", f"train.run_name={model}",
+        f"train.data={data}", "train.taxonomy=null", f"train.storage_path={root / 'ray'}",
+        # A variant gets its own run name: under the same name Ray Train would resume the shipped model's run.
+        f"train.run_name={model}-{variant}" if variant else f"train.run_name={model}",
         f"model.name={model}", f"model.params={json.dumps(SIZES[model])}", f"train.seed={seed}",
         f"train.epochs={epochs}", "train.num_workers=1", "train.val_fraction=0.25", "train.test_fraction=0.25",
         "tracking.enabled=false", "train.register_model=false", *VARIANTS.get(variant or "", []),
