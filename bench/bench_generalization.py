@@ -86,6 +86,15 @@ def train_one(model: str, data: str, root: Path, seed: int, epochs: int, variant
             "best_epoch": res.best_epoch, "epochs": epochs, "num_test": res.num_test, "seconds": time.perf_counter() - t0}
 
 
+def _mean_sd(vals: list[float]) -> str:
+    """``mean +- std`` over seeds; one seed is marked as such (a std of 0 would read as "stable")."""
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f} (1 seed)"
+    return f"{statistics.mean(vals):.3f} +- {statistics.pstdev(vals):.3f}"
+
+
 def summarise(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Markdown table (layout x model, test F_sco mean +- std) and the per-layout fusion margins."""
     layouts = sorted({r["layout"] for r in rows}, key=list(GRIDS).index)
@@ -97,8 +106,7 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         cells = []
         for m in models:
             vals = [r["test_f_sco"] for r in rows if r["layout"] == lay and r["model"] == m]
-            sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.3f} +- {sd:.3f}" if vals else "-")
+            cells.append(_mean_sd(vals))
         per_seed, best = [], []
         for seed in sorted({r["seed"] for r in rows if r["layout"] == lay}):
             got = {r["model"]: r["test_f_sco"] for r in rows if r["layout"] == lay and r["seed"] == seed}
@@ -128,7 +136,7 @@ def val_table(rows: list[dict[str, Any]]) -> str:
         cells = []
         for n in names:
             vals = [r["val_f_sco"] for r in rows if r["layout"] == lay and r["model"] == n]
-            cells.append(f"{statistics.mean(vals):.3f} +- {statistics.pstdev(vals):.3f}" if vals else "-")
+            cells.append(_mean_sd(vals))
         lines.append(f"| {lay} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
