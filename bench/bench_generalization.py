@@ -7,11 +7,14 @@ own builder defaults, the packaged MiniLM text tower) plus the tiny sizes of the
 is chosen on val; the table reports test F_sco, mean +- std over seeds, and the fusion-minus-best-single margin
 per layout (fusion = DMAFNet; best single = the best of text_only / frames_only / audio_only on that corpus).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_generalization.py [--layouts split text_rich weak_text]
-        [--seeds 0 1] [--models dmafnet text_only frames_only audio_only] [--videos 64] [--out docs/generalization]
+    raypipe bench generalization [--layouts split text_rich weak_text] [--seeds 0 1] [--models dmafnet ...]
+        [--videos 64] [--epochs 8] [--out docs/generalization] [--merge]
 
-Writes ``results.json`` (every run), ``table.md`` and ``generalization.png`` under ``--out``. One local Ray
-instance for the whole benchmark (take the machine-wide lock on a shared host).
+(or ``python bench/bench_generalization.py ...`` from the repository root). Writes ``results.json`` (every run and
+the wall time of every invocation), ``table.md`` and ``generalization.png`` under ``--out``. One local Ray
+instance per invocation (take the machine-wide lock on a shared host). On a small shared host run it in chunks
+(a few layouts/seeds each, ``--merge``) so no invocation holds the machine for long; the table covers every run
+in results.json. ``--summarise-only`` rewrites table and PNG from results.json.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "text_only": dict(hidden=32),
 }
 
+# Diagnostic DMAFNet variants (``--variants``): trained on the same corpora, reported on VAL only (their test
+# scores are not recorded), so a default can be chosen from them without reading a test row.
+VARIANTS: dict[str, list[str]] = {
+    "noaux": ["train.loss.contrastive=0", "train.loss.vtm=0"],  # classification loss only
+}
+
 log = logging.getLogger("bench_generalization")
 
 
@@ -58,46 +67,78 @@ def make_shards(layout: str, seed: int, videos: int, root: Path) -> str:
     return str(root / "features")
 
 
-def train_one(model: str, data: str, root: Path, seed: int, epochs: int) -> dict[str, Any]:
+def train_one(model: str, data: str, root: Path, seed: int, epochs: int, variant: str | None = None) -> dict[str, Any]:
     from raypipe.config import load_config
     from raypipe.train import fit
 
     cfg = load_config("demo", [
-        f"train.data={data}", "train.taxonomy=null", f"train.storage_path={root / 'ray'}", f"train.run_name={model}",
+        f"train.data={data}", "train.taxonomy=null", f"train.storage_path={root / 'ray'}",
+        # A variant gets its own run name: under the same name Ray Train would resume the shipped model's run.
+        f"train.run_name={model}-{variant}" if variant else f"train.run_name={model}",
         f"model.name={model}", f"model.params={json.dumps(SIZES[model])}", f"train.seed={seed}",
         f"train.epochs={epochs}", "train.num_workers=1", "train.val_fraction=0.25", "train.test_fraction=0.25",
-        "tracking.enabled=false", "train.register_model=false",
+        "tracking.enabled=false", "train.register_model=false", *VARIANTS.get(variant or "", []),
     ])
     t0 = time.perf_counter()
     res = fit(cfg)
-    return {"model": model, "test_f_sco": res.test_metrics.get("test/f_sco"), "val_f_sco": res.best_value,
-            "best_epoch": res.best_epoch, "num_test": res.num_test, "seconds": time.perf_counter() - t0}
+    test = None if variant else res.test_metrics.get("test/f_sco")  # variants: val only, by design
+    return {"model": f"{model}@{variant}" if variant else model, "test_f_sco": test, "val_f_sco": res.best_value,
+            "best_epoch": res.best_epoch, "epochs": epochs, "num_test": res.num_test, "seconds": time.perf_counter() - t0}
+
+
+def _mean_sd(vals: list[float]) -> str:
+    """``mean +- std`` over seeds; one seed is marked as such (a std of 0 would read as "stable")."""
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f} (1 seed)"
+    return f"{statistics.mean(vals):.3f} +- {statistics.pstdev(vals):.3f}"
 
 
 def summarise(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Markdown table (layout x model, test F_sco mean +- std) and the per-layout fusion margins."""
     layouts = sorted({r["layout"] for r in rows}, key=list(GRIDS).index)
     models = [m for m in SIZES if any(r["model"] == m for r in rows)]
-    lines = ["| layout (classes) | " + " | ".join(models) + " | DMAFNet - best single |",
+    lines = ["| layout (classes) | " + " | ".join(models) + " | DMAFNet - best single (which, per seed) |",
              "|---|" + "---|" * (len(models) + 1)]
     margins: dict[str, Any] = {}
     for lay in layouts:
         cells = []
         for m in models:
             vals = [r["test_f_sco"] for r in rows if r["layout"] == lay and r["model"] == m]
-            sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.3f} +- {sd:.3f}" if vals else "-")
-        per_seed = []
+            cells.append(_mean_sd(vals))
+        per_seed, best = [], []
         for seed in sorted({r["seed"] for r in rows if r["layout"] == lay}):
             got = {r["model"]: r["test_f_sco"] for r in rows if r["layout"] == lay and r["seed"] == seed}
-            singles = [got[m] for m in SINGLE if m in got]
+            singles = {m: got[m] for m in SINGLE if m in got}
             if "dmafnet" in got and singles:
-                per_seed.append(got["dmafnet"] - max(singles))
-        margins[lay] = {"per_seed": per_seed, "mean": statistics.mean(per_seed) if per_seed else None}
-        margin = f"{margins[lay]['mean']:+.3f}" if per_seed else "-"
+                top = max(singles, key=singles.__getitem__)
+                per_seed.append(got["dmafnet"] - singles[top])
+                best.append(top)
+        margins[lay] = {"per_seed": per_seed, "best_single_per_seed": best,
+                        "mean": statistics.mean(per_seed) if per_seed else None,
+                        "std": statistics.pstdev(per_seed) if per_seed else None}
+        margin = (f"{margins[lay]['mean']:+.3f} +- {margins[lay]['std']:.3f} ({', '.join(best)})" if per_seed
+                  else "-")
         n1, n2 = GRIDS[lay]
         lines.append(f"| {lay} ({n1 * n2}) | " + " | ".join(cells) + f" | {margin} |")
     return "\n".join(lines), margins
+
+
+def val_table(rows: list[dict[str, Any]]) -> str:
+    """DMAFNet as shipped vs its diagnostic variants: best-epoch VAL F_sco per layout (mean +- std over seeds)."""
+    names = ["dmafnet", *sorted({r["model"] for r in rows if r["model"].startswith("dmafnet@")})]
+    if len(names) == 1:
+        return ""
+    layouts = sorted({r["layout"] for r in rows}, key=list(GRIDS).index)
+    lines = ["| layout | " + " | ".join(f"{n} (val)" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for lay in layouts:
+        cells = []
+        for n in names:
+            vals = [r["val_f_sco"] for r in rows if r["layout"] == lay and r["model"] == n]
+            cells.append(_mean_sd(vals))
+        lines.append(f"| {lay} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -126,40 +167,72 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def load_previous(path: Path) -> dict[str, Any]:
+    """Runs and chunk timings of earlier invocations (``--merge``); a partial file (a list of runs) is accepted."""
+    if not path.exists():
+        return {"runs": [], "chunks": []}
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        return {"runs": data, "chunks": []}
+    return {"runs": data.get("runs", []), "chunks": data.get("chunks", [])}
+
+
+def run_chunk(args: argparse.Namespace, previous: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Train ``args.models`` on each (layout, seed) corpus of this chunk; runs of the same (layout, seed, model)
+    from earlier chunks are replaced, others kept. results.json is rewritten after every run (nothing is lost)."""
+    import ray
+
+    names = [*args.models, *(f"dmafnet@{v}" for v in args.variants)]
+    fresh = {(lay, s, m) for lay in args.layouts for s in args.seeds for m in names}
+    rows = [r for r in previous["runs"] if (r["layout"], r["seed"], r["model"]) not in fresh]
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        for layout in args.layouts:
+            for seed in args.seeds:
+                with tempfile.TemporaryDirectory(prefix=f"bench-gen-{layout}-{seed}-") as tmp:
+                    data = make_shards(layout, seed, args.videos, Path(tmp))
+                    for model, variant in [(m, None) for m in args.models] + [("dmafnet", v) for v in args.variants]:
+                        row = {"layout": layout, "seed": seed, "videos": args.videos,
+                               **train_one(model, data, Path(tmp), seed, args.epochs, variant)}
+                        log.info("%s", row)
+                        rows.append(row)
+                        (out / "results.json").write_text(json.dumps({**previous, "runs": rows}, indent=1))
+    finally:
+        ray.shutdown()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layouts", nargs="+", default=["split", "text_rich", "weak_text"], choices=list(GRIDS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--models", nargs="+", default=["dmafnet", *SINGLE], choices=list(SIZES))
+    ap.add_argument("--models", nargs="*", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="diagnostic DMAFNet variants, scored on val only")
     ap.add_argument("--videos", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--out", default="docs/generalization")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the runs already in OUT/results.json (other layouts/seeds/models) and add these: run a "
+                         "big benchmark in chunks on a shared host, then the table covers all of them")
+    ap.add_argument("--summarise-only", action="store_true", help="train nothing; rewrite the table and PNG from OUT/results.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+    previous = load_previous(out / "results.json") if (args.merge or args.summarise_only) else {"runs": [], "chunks": []}
     t0 = time.perf_counter()
-    for layout in args.layouts:
-        for seed in args.seeds:
-            with tempfile.TemporaryDirectory(prefix=f"bench-gen-{layout}-{seed}-") as tmp:
-                data = make_shards(layout, seed, args.videos, Path(tmp))
-                for model in args.models:
-                    row = {"layout": layout, "seed": seed, **train_one(model, data, Path(tmp), seed, args.epochs)}
-                    log.info("%s", row)
-                    rows.append(row)
-                    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    ray.shutdown()
+    rows = previous["runs"] if args.summarise_only else run_chunk(args, previous, out)
+    chunks = previous["chunks"] + ([] if args.summarise_only else [{"args": vars(args), "seconds": time.perf_counter() - t0}])
     table, margins = summarise(rows)
-    (out / "results.json").write_text(json.dumps({"runs": rows, "margins": margins, "args": vars(args),
-                                                  "seconds": time.perf_counter() - t0}, indent=1))
-    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"runs": rows, "margins": margins, "chunks": chunks,
+                                                  "seconds": sum(c["seconds"] for c in chunks)}, indent=1))
+    diagnostic = val_table(rows)
+    (out / "table.md").write_text(table + "\n" + (f"\nValidation-only diagnostic:\n\n{diagnostic}\n" if diagnostic else ""))
     plot(rows, out / "generalization.png")
-    print(table)
-    print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f} s; written to {out}/")
+    print(table + (f"\n\n{diagnostic}" if diagnostic else ""))
+    total = sum(c["seconds"] for c in chunks)
+    print(f"\n{len(rows)} runs in {len(chunks)} invocation(s), {total:.0f} s of wall time in all; written to {out}/")
     return 0
 
 
