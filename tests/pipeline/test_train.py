@@ -125,11 +125,6 @@ def test_every_run_reports_held_out_test_metrics_once(fusion_run, text_run, fram
         assert not any(k.startswith("test/") for h in res.history for k in h)  # never during training
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "not shown to be stable yet (issue #10): it passed in the last recorded runs and failed once (test F_sco dmafnet 0.72 / "
-    "text_only 0.27 / frames_only 0.58 passes; dmafnet 0.22 / 0.36 / 0.65 fails, DMAFNet stuck at its epoch-1 "
-    "state), and the generalisation benchmark shows DMAFNet's margin over its best input swinging by seed on "
-    "~20-row test splits. See docs/GENERALIZATION.md."))
 def test_fusion_matches_text_and_beats_frames_on_the_test_split(fusion_run, text_run, frames_run) -> None:
     # Text tells the level-2 index (70% right) but not level 1; frames tell level 1 only. On held-out test rows
     # (never read before the end of training) DMAFNet must not lose to its best input and must beat frames.
