@@ -452,7 +452,7 @@ def mlflow_server(moto_s3, tmp_path: Path) -> Iterator[str]:
                     if resp.status == 200:
                         break
             except OSError:
-                pass
+                pass  # not listening yet: the checks below decide whether to keep polling
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not come up:\n{(tmp_path / 'mlflow_server.log').read_text()[-3000:]}")
             time.sleep(1)
