@@ -115,12 +115,22 @@ def resolve_paths(cfg: Any) -> Any:
     ``exclude_unset``, what the sweep and exported configs use, then carries the absolute value).
     """
     cfg = cfg.model_copy(deep=True)
-    for _, section, name, marker in path_fields(cfg):
+    for key, section, name, marker in path_fields(cfg):
         value = getattr(section, name)
         resolved = absolute(value, marker.kind)
         if resolved != value:
             setattr(section, name, resolved)
+            _mark_set(cfg, key)
     return cfg
+
+
+def _mark_set(cfg: Any, key: str) -> None:
+    """Mark every section on the way to ``key`` as set: ``exclude_unset`` drops a whole section its parent never
+    had set, so a resolved default (``tracking.tracking_uri`` with no preset) would not reach Ray workers."""
+    node = cfg
+    for part in key.split(".")[:-1]:
+        node.model_fields_set.add(part)
+        node = getattr(node, part)
 
 
 # stage -> the path keys it cannot run without, with the command-line flag that sets each (None: only --set).

@@ -166,3 +166,16 @@ def test_the_cli_hands_stages_absolute_paths(tmp_path: Path, monkeypatch) -> Non
     cfg = seen["cfg"]
     assert cfg.train.data == str(tmp_path / "feats") and cfg.train.taxonomy == str(tmp_path / "demo_out/corpus/taxonomy.json")
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path}/demo_out/mlflow.db"
+
+
+def test_a_resolved_default_reaches_the_workers_config(tmp_path: Path, monkeypatch) -> None:
+    """With no preset, the default tracking URI is resolved on the driver; the dump handed to Ray Train workers
+    (``config_to_dict``: only what was set) must carry it, or workers open another SQLite file and lose the run."""
+    from raypipe.config import config_to_dict
+    from raypipe.config.paths import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    dumped = config_to_dict(resolve_paths(load_config(None, ["train.data=features"])))
+    assert dumped["tracking"]["tracking_uri"] == f"sqlite:///{tmp_path / 'raypipe_runs' / 'mlflow.db'}"
+    assert dumped["train"]["data"] == str(tmp_path / "features")
