@@ -10,9 +10,11 @@ instead of a silent wait. While a Ray Data stream runs, :class:`Watchdog` ends i
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -284,6 +286,33 @@ def _res(d: dict[str, Any] | None) -> str:
     return "{" + ", ".join(f"{k}: {round(float(v), 3):g}" for k, v in sorted(d.items())) + "}"
 
 
+@contextlib.contextmanager
+def sigint_handler(handler: Any = None):
+    """Install ``handler`` for SIGINT while the block runs (None: leave it), and put the previous one back after.
+
+    Why: Ray Tune's ``fit()`` installs its own SIGINT handler in the main thread and leaves it there after a
+    normal finish, so in a process that ran a sweep (a notebook, the experiment runner, the test session) a
+    Ctrl+C, or the watchdog's interrupt, only logged "ending Ray Tune run" and the stalled wait went on forever.
+    Only the main thread may set handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if handler is not None:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def fit_tuner(tuner: Any) -> Any:
+    """``tuner.fit()`` with the process's SIGINT handler as it was before (Tune leaves its own installed)."""
+    with sigint_handler():
+        return tuner.fit()
+
+
 class Watchdog:
     """Ends the main thread's wait on a Ray Data stream when :meth:`tick` is not called for ``timeout_s``.
 
@@ -302,12 +331,16 @@ class Watchdog:
 
     def __enter__(self) -> Watchdog:
         if self.timeout_s > 0:
+            self._sigint = sigint_handler(signal.default_int_handler)  # KeyboardInterrupt, whatever ran before
+            self._sigint.__enter__()
             self._thread = threading.Thread(target=self._watch, name=f"raypipe-watchdog-{self.stage}", daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._sigint.__exit__(*exc)
 
     def tick(self) -> None:
         self.last = time.monotonic()
@@ -324,8 +357,6 @@ class Watchdog:
                                 f"{self.timeout_s:g}): {detail}. Committed work is kept; rerun to resume")
                 # A real SIGINT to the main thread: interrupt_main() alone only sets Python's flag, which a main
                 # thread blocked on a lock (Ray Data's output queue) would not see until something woke it.
-                import signal
-
                 try:
                     signal.pthread_kill(self._main_ident, signal.SIGINT)
                 except (AttributeError, OSError, ValueError):

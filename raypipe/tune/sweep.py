@@ -81,7 +81,7 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     """
     from ray import tune as rt
 
-    from raypipe.runtime import ensure_ray, planned
+    from raypipe.runtime import ensure_ray, fit_tuner, planned
 
     validate_search_space(cfg)
     t = cfg.tune
@@ -122,7 +122,7 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
         tuner = rt.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=t.restart_errored)
     else:
         tuner = _new_tuner(cfg, trainable, path=path, max_epochs=max_epochs, callbacks=callbacks)
-    grid = tuner.fit()
+    grid = fit_tuner(tuner)
     return _finish(cfg, grid.experiment_path, tracker=tracker, max_epochs=max_epochs, resumed=restorable)
 
 
@@ -145,6 +145,9 @@ def _new_tuner(cfg: RaypipeConfig, trainable: Any, *, path: str, max_epochs: int
             max_t=t.asha.max_t or max_epochs,
             grace_period=t.asha.grace_period,
             reduction_factor=t.asha.reduction_factor,
+            # A trial that reaches train.epochs ends by itself; stopping it on that last report (ASHA's default)
+            # kills it before rank 0 logs the best model, and the sweep's best trial then has none to register.
+            stop_last_trials=(t.asha.max_t or max_epochs) < max_epochs,
         )
     else:
         scheduler = FIFOScheduler()

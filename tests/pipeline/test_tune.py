@@ -190,8 +190,11 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
         "tune.search_space={train.optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
         "tune.register_best=true", "tracking.registered_model_name=sweep4-best",
     )
+    sigint = signal.getsignal(signal.SIGINT)
     result = tune(cfg)
 
+    # Tune's fit() leaves its own SIGINT handler installed; tune() puts the caller's back (Ctrl+C, the watchdog)
+    assert signal.getsignal(signal.SIGINT) is sigint
     assert len(result.trials) == 4 and result.num_errors == 0 and result.complete
     assert all(t.status == "TERMINATED" and t.epochs_run == 2 and not t.stopped_early for t in result.trials)
     lrs = sorted(t.params["train.optim.lr"] for t in result.trials)
@@ -274,6 +277,12 @@ def test_asha_stops_a_diverging_trial_and_a_rerun_finishes_only_the_remaining_tr
     children = _children(cfg, second.parent_run_id)
     assert sorted(r.info.run_name for r in children) == sorted(f"asha_resume_{t.trial_id}" for t in second.trials)
     assert by_lr[0.003].mlflow_run_id == done.mlflow_run_id  # the finished trial's run was not re-created
+    # The trial that ran every epoch was not stopped by ASHA on its last report: rank 0 logged its model
+    # (what register_best registers).
+    from raypipe.tracking import MODEL_URI_TAG
+
+    client, _ = _mlflow(cfg)
+    assert client.get_run(done.mlflow_run_id).data.tags.get(MODEL_URI_TAG), "the full trial logged no model"
 
     # ASHA: at the first rung the diverging trial is below the sane one's result and is stopped there
     bad = by_lr[10.0]

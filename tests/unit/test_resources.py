@@ -204,11 +204,17 @@ def test_unknown_registered_model_is_one_line_with_the_traceback_in_the_log(tmp_
 
 
 def test_watchdog_interrupts_a_wait_without_progress_and_says_so() -> None:
+    """Also after a handler that swallows SIGINT, as Ray Tune's ``fit()`` leaves one installed (the full suite hung
+    here for 900 s once the experiment runner's sweep had run in the same process)."""
     import queue
+    import signal
     import time
 
     from raypipe.runtime import StallError, Watchdog
 
+    swallowed: list[int] = []
+    tune_like = lambda sig, frame: swallowed.append(sig)  # noqa: E731
+    previous = signal.signal(signal.SIGINT, tune_like)
     t0 = time.monotonic()
     expected = r"embed: stalled, no progress for \ds \(ray.stall_timeout_s=1\).*rerun to resume"
     with pytest.raises(StallError, match=expected), Watchdog("embed", 1.0) as dog:
@@ -223,6 +229,8 @@ def test_watchdog_interrupts_a_wait_without_progress_and_says_so() -> None:
             time.sleep(0.05)
             dog.tick()
     assert dog.message is None
+    assert not swallowed and signal.getsignal(signal.SIGINT) is tune_like  # the caller's handler is back
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_unreachable_cluster_is_one_line_in_seconds(tmp_path, monkeypatch, capfd) -> None:
@@ -251,3 +259,16 @@ def test_encoder_threads_auto_is_ray_default_and_an_explicit_value_is_planned():
     assert "embed.encoder_threads" not in plan_embed(cfg.embed, Cluster.single(2)).settings
     two = load_config(None, ["embed.encoder_threads=2"])
     assert apply_plan(two, plan_embed(two.embed, Cluster.single(2))).embed.encoder_threads == 2
+
+
+def test_a_lone_cpu_worker_on_cached_data_gets_every_cpu() -> None:
+    """No read tasks run beside a single worker that trains on cached data: it gets the node's CPUs (torch threads),
+    as a plain loop would; streamed data keeps the reserve, and Tune trials keep their share."""
+    cached = load_config(None, ["train.num_workers=1", "train.cache_data=true"])
+    assert plan_train(cached.train, LAPTOP).settings["train.cpus_per_worker"] == 2.0
+    streamed = load_config(None, ["train.num_workers=1", "train.cache_data=false"])
+    assert plan_train(streamed.train, LAPTOP).settings["train.cpus_per_worker"] == 1.0
+    assert plan_train(cached.train, LAPTOP, stage="tune", share=2).settings["train.cpus_per_worker"] == 0.25
+    two = load_config(None, ["train.num_workers=2", "train.cache_data=true"])
+    assert plan_train(two.train, LAPTOP).settings["train.cpus_per_worker"] == 0.5
+    assert problems(plan_train(cached.train, LAPTOP), LAPTOP) == []
