@@ -24,7 +24,9 @@ The rules (C = CPUs, G = GPUs the cluster has or its node types can provide; "sm
   the fused encoder's threads (measured on 2 CPUs: no reliable gain from 2 threads, see docs/PERFORMANCE.md).
 - ``decode_num_cpus: auto``: 1; 0.5 on a small cluster (0.25 below 2 CPUs). Decode tasks also ask one unit of
   ``ray.decode_resource`` when some node defines it (the CPU worker group in cluster.yaml), which keeps them off
-  the head and the GPU nodes; they ask ``embed.decode_memory_mb`` of memory unless the plan is made from node
+  the head and the GPU nodes; they ask ``embed.decode_memory_mb`` of memory (raised to what a block of
+  ``embed.videos_per_block`` decoded videos needs at ``decode.max_frames``, :func:`decode_bytes_per_video`, when
+  that is more: 300 frames at 224 px hold 64 MB per video) unless the plan is made from node
   types that declare no memory (an autoscaler could not match such a request to a node type: it would never
   start a node for it).
 - Training: ``use_gpu: auto`` = G > 0 (and G >= an explicit ``num_workers``: one GPU per worker); ``num_workers: auto`` = G with GPUs (fewer when each would get under a quarter CPU), else 2 below 16 CPUs and
@@ -175,6 +177,25 @@ def _auto(value: Any, default: Any) -> Any:
     return default if value == "auto" else value
 
 
+DECODE_OVERHEAD_MB = 64  # PyAV's demuxer, codec and frame buffers beside the sampled arrays
+
+
+def decode_bytes_per_video(e: Any) -> int:
+    """Bytes of one decoded video's sampled arrays (``e`` an EmbedConfig): ``max_frames`` RGB frames of
+    ``frames.image_size`` px (uint8) + as many float32 audio windows (see :class:`raypipe.config.embed.DecodeConfig`)."""
+    d, size = e.decode, e.frames.image_size
+    window = int(round(d.window_s * d.audio_sample_rate))
+    return d.max_frames * (size * size * 3 + window * 4)
+
+
+def decode_memory_bytes(e: Any) -> tuple[int, bool]:
+    """``(memory a decode task asks, raised?)``: ``embed.decode_memory_mb``, or more when its block of
+    ``videos_per_block`` videos needs it (each held twice: the task's rows and the block Ray Data builds of them)."""
+    asked = e.decode_memory_mb * 2**20
+    needed = 2 * e.videos_per_block * decode_bytes_per_video(e) + DECODE_OVERHEAD_MB * 2**20
+    return max(asked, needed), needed > asked
+
+
 def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pools: int = 0,
                decode_resource: str | None = None, stage: str = "embed") -> StagePlan:
     """Resolve ``embed.*`` pool settings for ``cluster`` (``e`` is an EmbedConfig; see the module rules).
@@ -212,7 +233,11 @@ def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pool
                                      (f"embed.{key}.min_size", f"embed.{key}.num_cpus", f"embed.{key}.num_gpus"),
                                      {"CPU": ncpu, "GPU": ngpu}, p.min_size))
     dcpu = float(_auto(e.decode_num_cpus, (0.5 if cpus >= 2 else 0.25) if small else 1.0))
-    shape = {"CPU": dcpu, "memory": e.decode_memory_mb * 1024 * 1024}
+    memory, raised = decode_memory_bytes(e)
+    shape = {"CPU": dcpu, "memory": memory}
+    if raised:
+        plan.rules.append(f"decode tasks ask {memory / 2**20:.0f} MB (> embed.decode_memory_mb): "
+                          f"{e.videos_per_block} videos x {e.decode.max_frames} frames per block")
     if cluster.autoscaling and not cluster.has("memory"):
         # Node types planned from a cluster.yaml name no memory, and an autoscaler only matches a request that
         # asks for memory to a node type whose memory its provider fills in (AWS does; the local/fake providers
@@ -271,6 +296,12 @@ def decode_capacity(plan: StagePlan, cluster: Cluster, tasks: int, resource: str
 # --------------------------------------------------------------------------------------------------- train
 
 
+def lone_cached_worker(t: Any, stage: str, workers: int, use_gpu: bool, share: int, extra: Any) -> bool:
+    """True for a single CPU worker that trains on cached data (``train.cache_data``) in ``raypipe train``."""
+    return (stage == "train" and workers == 1 and not use_gpu and share == 1 and extra is None
+            and bool(getattr(t, "cache_data", False)))
+
+
 def plan_train(t: Any, cluster: Cluster, *, stage: str = "train", extra: Request | None = None,
                share: int = 1) -> StagePlan:
     """Resolve ``train.use_gpu`` / ``num_workers`` / ``cpus_per_worker`` (``t`` is a TrainConfig).
@@ -287,7 +318,13 @@ def plan_train(t: Any, cluster: Cluster, *, stage: str = "train", extra: Request
     else:
         workers = int(_auto(t.num_workers, 2 if cpus < 16 else min(8, int(cpus // 8))))
     cap = 8.0 if cpus >= 16 else 1.0  # more than one thread per worker pays off on big nodes only
-    cpw = float(_auto(t.cpus_per_worker, min(cap, max(0.25, _floor((cpus - reserve) / workers, 0.25)))))
+    free = cpus - reserve
+    if lone_cached_worker(t, stage, workers, use_gpu, share, extra):
+        # ``raypipe train`` with one CPU worker on cached data: no read tasks run while it trains, so the reserve
+        # would idle and the worker would get one torch thread of the node's CPUs (bench_train: 0.75x a plain
+        # loop's steps/s on 2 CPUs); it gets them all, as a plain loop would.
+        cap, free = max(cap, cpus), cpus
+    cpw = float(_auto(t.cpus_per_worker, min(cap, max(0.25, _floor(free / workers, 0.25)))))
     plan = StagePlan(stage, {"train.use_gpu": use_gpu, "train.num_workers": workers, "train.cpus_per_worker": cpw})
     plan.requests.append(Request("training worker", ("train.num_workers", "train.cpus_per_worker", "train.use_gpu"),
                                  {"CPU": cpw, "GPU": float(getattr(t, "gpus_per_worker", 1.0)) if use_gpu else 0.0},

@@ -117,7 +117,8 @@ def resolve_paths(cfg: Any) -> Any:
     cfg = cfg.model_copy(deep=True)
     for key, section, name, marker in path_fields(cfg):
         value = getattr(section, name)
-        resolved = absolute(value, marker.kind)
+        # A list of paths (eval.models) is resolved item by item.
+        resolved = [absolute(v, marker.kind) for v in value] if isinstance(value, list) else absolute(value, marker.kind)
         if resolved != value:
             setattr(section, name, resolved)
             _mark_set(cfg, key)

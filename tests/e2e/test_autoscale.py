@@ -44,6 +44,17 @@ HEAD_TYPE = "ray.head.default"  # the fake provider tags its head with this type
 CPUS_PER_NODE = 1  # each fake node's CPUs (cluster.yaml's are 8-16: too many worker processes on 2 cores)
 MAX_NODES = 2  # per worker group (cluster.yaml: 8 decode, 4 GPU)
 IDLE_TIMEOUT_MIN = 0.1  # 6 s (cluster.yaml: 10 min)
+CLUSTER_YAML = yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def _group_with(resource: str) -> str:
+    """The worker group of cluster.yaml whose nodes have ``resource`` (its name is the file's, not repeated here)."""
+    return next(n for n, t in CLUSTER_YAML["available_node_types"].items()
+                if n != CLUSTER_YAML["head_node_type"] and t.get("resources", {}).get(resource))
+
+
+DECODE_RESOURCE = "raypipe_cpu_worker"  # raypipe's ray.decode_resource default: decode tasks run where it is
+GPU_GROUP, DECODE_GROUP = _group_with("GPU"), _group_with(DECODE_RESOURCE)
 
 
 def fake_config(cluster_yaml: dict[str, Any], gcs_address: str) -> dict[str, Any]:
@@ -74,7 +85,10 @@ def fake_config(cluster_yaml: dict[str, Any], gcs_address: str) -> dict[str, Any
 def test_the_test_cluster_is_cluster_yaml_s_own_node_types() -> None:
     """Issue #15 item 4: what the autoscaling tests run is read from cluster.yaml, so the two cannot drift: same
     worker groups, custom resources, GPUs, min_workers and setup_commands; only the documented scaling differs."""
-    data = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    from raypipe.config import load_config
+
+    assert load_config(None).ray.decode_resource == DECODE_RESOURCE
+    data = CLUSTER_YAML
     cfg = fake_config(data, "127.0.0.1:1")
     head = data["head_node_type"]
     fake, real = cfg["available_node_types"], data["available_node_types"]
@@ -201,7 +215,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def fake_cluster() -> Iterator[FakeCluster]:
+def fake_cluster(single_node) -> Iterator[FakeCluster]:
+    """The autoscaling cluster, started after the single-node references (made on the session's Ray instance)."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():  # two Ray instances on one host confuse each other (conftest.py)
         ray.shutdown()
@@ -210,7 +225,7 @@ def fake_cluster() -> Iterator[FakeCluster]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rpa", dir="/tmp"))  # short: Ray's socket paths are length-limited
     port = _free_port()
     address = f"{get_node_ip_address()}:{port}"
-    config = fake_config(yaml.safe_load((REPO / "cluster.yaml").read_text()), address)
+    config = fake_config(CLUSTER_YAML, address)
     config_path = temp_dir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config))
     token = secrets.token_hex(32)
@@ -245,15 +260,64 @@ def _sets(**kv: Any) -> list[str]:
     return [a for k, v in kv.items() for a in ("--set", f"{k.replace('__', '.')}={v}")]
 
 
-VIDEOS = 8
+VIDEOS = 6  # enough for a decode backlog of more than one node (2 decode tasks per 1-CPU node)
+MODEL_NAME, MODEL_VERSION = "raypipe-classifier-test", "1"  # conftest's registered_model: its registry's version 1
+# Label rows that depend on the run, not on the video: compared everywhere except these.
+RUN_COLUMNS = ("run_id", "labelled_at")
+
+
+def _planned_sets(cluster: FakeCluster) -> list[str]:
+    """What embed and label share on the fake cluster: planned from its node types, pools left to the planner."""
+    return _sets(embed__source__limit=VIDEOS, embed__videos_per_block=1, ray__cluster_yaml=cluster.config_path,
+                 ray__stall_timeout_s=120, embed__frame_pool__num_cpus="auto", embed__decode_num_cpus="auto")
 
 
 def _embed_args(cluster: FakeCluster, corpus, output: str) -> list[str]:
-    """`raypipe embed` on the fake cluster, planned from its node types (ray.cluster_yaml), pools left to the planner."""
+    """`raypipe embed` on the fake cluster."""
     return ["embed", "-c", "test", "--source", str(corpus.videos_dir), "--annotations", str(corpus.annotations_path),
-            "--output", output,
-            *_sets(embed__source__limit=VIDEOS, embed__videos_per_block=1, ray__cluster_yaml=cluster.config_path,
-                   ray__stall_timeout_s=120, embed__frame_pool__num_cpus="auto", embed__decode_num_cpus="auto")]
+            "--output", output, *_planned_sets(cluster)]
+
+
+def _label_sets(registered_model, output: str) -> list[str]:
+    """Label the first VIDEOS videos with conftest's registered model, one video per classifier batch, no MLflow
+    run (not what is tested here)."""
+    cfg = registered_model
+    return [*_sets(label__model_uri=f"models:/{MODEL_NAME}/{MODEL_VERSION}", label__output=output,
+                   tracking__tracking_uri=cfg.tracking.tracking_uri, tracking__registered_model_name=MODEL_NAME,
+                   label__class_names=cfg.label.class_names, label__batch_size=1, label__log_mlflow="false")]
+
+
+# The runs that lose a node: one video per encoder batch and per part file, so that the encoder's hold (below)
+# leaves at most HOLD_AFTER videos written (on CPU the rows do not depend on the batching).
+ONE_BY_ONE = _sets(embed__frames__batch_size=1, embed__audio__batch_size=1, embed__text__batch_size=1,
+                   embed__write_batch_size=1, label__write_batch_size=1)
+HOLD_AFTER = 2
+
+@dataclass
+class SingleNode:
+    features: dict[str, dict]  # video id -> feature row of the session's single-node embed (conftest)
+    labels: dict[str, dict]  # video id -> prediction row of a single-node label run, less RUN_COLUMNS
+
+
+@pytest.fixture(scope="module")
+def single_node(feature_shards, registered_model, corpus, test_config_factory) -> SingleNode:
+    """The clean single-node references, made on the session's Ray instance before the fake cluster starts:
+    conftest's feature shards (every corpus video) and a label run of the first VIDEOS videos (~15 s)."""
+    from raypipe.io.shards import read_shards
+    from raypipe.label import label_videos, read_predictions
+
+    feat_cfg, _ = feature_shards
+    table, _ = read_shards(feat_cfg.embed.output)
+    out = test_config_factory(name="label_ref").label.output
+    sets = _label_sets(registered_model, out)
+    cfg = test_config_factory(f"embed.source.uri={corpus.videos_dir}",
+                              f"embed.source.annotations={corpus.annotations_path}", f"embed.source.limit={VIDEOS}",
+                              *sets[1::2], name="label_ref")
+    summary = label_videos(cfg)
+    assert summary["labelled"] + summary["failed"] == VIDEOS, summary
+    labels = {r["video_id"]: {k: v for k, v in r.items() if k not in RUN_COLUMNS}
+              for r in read_predictions(out).to_pylist()}
+    return SingleNode({r["video_id"]: r for r in table.to_pylist()}, labels)
 
 
 @dataclass
@@ -281,56 +345,164 @@ def cold_embed(fake_cluster: FakeCluster, corpus, tmp_path_factory) -> ColdRun:
     return ColdRun(out, samples, log, took, time.monotonic() - t1)
 
 
-def test_gpu_group_scales_from_zero_for_embed_and_back(fake_cluster: FakeCluster, cold_embed: ColdRun) -> None:
+def _plan_line(log: str) -> str:
+    return next((ln for ln in log.splitlines() if "plan for" in ln), "")
+
+
+def test_gpu_group_scales_from_zero_for_embed_and_back(fake_cluster: FakeCluster, cold_embed: ColdRun,
+                                                       single_node: SingleNode) -> None:
     """The encoder actors bring up the GPU group, decode tasks the decode group (up to its max), the stage
-    finishes with every video accounted for, and the idle nodes are removed after the idle timeout."""
+    finishes with every video accounted for (rows bit-identical to the single-node embed), and the idle nodes
+    are removed after the idle timeout."""
+    from raypipe.io.shards import read_shards
+
     summary = json.loads((cold_embed.output / "summary.json").read_text())
     assert summary["rows_total"] + summary["errors_total"] == VIDEOS and summary["videos_ok"] > 0
-    peak = {g: max((s.get(g, 0) for s in cold_embed.samples), default=0) for g in ("gpu", "cpu_decode")}
-    assert peak["gpu"] >= 1, cold_embed.samples
-    assert peak["cpu_decode"] == fake_cluster.config["available_node_types"]["cpu_decode"]["max_workers"], peak
-    plan = next((ln for ln in cold_embed.log.splitlines() if "plan for" in ln), "")
-    assert "GPU: 1" in plan and "raypipe_cpu_worker: 1" in plan, plan  # the actors asked for GPUs; decode for the group
+    peak = {g: max((s.get(g, 0) for s in cold_embed.samples), default=0) for g in (GPU_GROUP, DECODE_GROUP)}
+    assert peak[GPU_GROUP] >= 1, cold_embed.samples
+    assert peak[DECODE_GROUP] == fake_cluster.config["available_node_types"][DECODE_GROUP]["max_workers"], peak
+    plan = _plan_line(cold_embed.log)
+    assert "GPU: 1" in plan and f"{DECODE_RESOURCE}: 1" in plan, plan  # the actors asked for GPUs; decode for the group
+    rows, _ = read_shards(str(cold_embed.output))
+    for row in rows.to_pylist():
+        assert row == single_node.features[row["video_id"]], row["video_id"]
     print(f"embed {cold_embed.seconds:.0f}s, peak nodes {peak}, idle nodes gone {cold_embed.scale_down_s:.0f}s "
           f"after the stage; {plan.split('INFO ')[-1]}")
 
 
+@dataclass
+class FailedRun:
+    rc: int
+    log: str
+    samples: list[dict[str, int]]
+    parts: int
+
+
+def _kill_node_mid_run(cluster: FakeCluster, args: list[str], fs, output: str) -> FailedRun:
+    """``raypipe <args>`` on the cold cluster, its GPU node killed while the stage holds uncommitted work.
+
+    To make "mid-run" exact, the encoder actor holds (raypipe's test hook RAYPIPE_FAULT_STALL_AFTER_BATCHES:
+    it stops returning after HOLD_AFTER one-video batches); once the videos that got through are in S3, the GPU
+    node's raylet is SIGKILLed, the held actor dies with it, and with the hook armed Ray does not restart it
+    (max_restarts=0), so the stage itself fails (a lost node alone is recovered by Ray: the same run would
+    finish and a rerun would have nothing to do). The first run must end with a failure, not hang or succeed.
+    """
+    from raypipe.embed.common import STALL_ENV
+
+    assert cluster.alive() == {}, "the worker groups must start at 0 nodes"
+    start = len(cluster.samples)
+    proc = subprocess.Popen([sys.executable, "-m", "raypipe.cli", *args], env=cluster.client_env() | {
+        STALL_ENV: str(HOLD_AFTER)}, cwd=cluster.temp_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    prefix = output.removeprefix("s3://")
+
+    def parts() -> int:
+        fs.invalidate_cache()  # s3fs caches listings
+        return len([p for p in fs.find(prefix) if "/_parts/shard-" in p and p.endswith(".parquet")])
+
+    deadline = time.monotonic() + 240
+    while not (GPU_GROUP in cluster.ids and parts() >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            f"no part written before the run ended:\n{proc.stdout.read()[-4000:] if proc.poll() is not None else ''}"
+        time.sleep(0.3)
+    # At most HOLD_AFTER videos get through the held encoder (fewer when Ray Data still buffers one in the held
+    # task's output); after a moment the count is final.
+    time.sleep(3.0)
+    written = parts()
+    assert 0 < written <= HOLD_AFTER, written
+    assert proc.poll() is None, "the run ended before the node could be killed"
+    cluster.kill_node(GPU_GROUP)
+    try:
+        rc = proc.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the run did not fail after its GPU node was killed:\n{proc.stdout.read()[-4000:]}") \
+            from None
+    return FailedRun(rc, proc.stdout.read(), cluster.samples[start:], written)
+
+
+def _rerun(cluster: FakeCluster, args: list[str], *, cold: bool) -> tuple[subprocess.CompletedProcess,
+                                                                         list[dict[str, int]]]:
+    """The same command again, without the hook (``cold``: once the GPU group is back at 0 nodes)."""
+    if cold:
+        cluster.wait_for(lambda alive: not alive.get(GPU_GROUP), 90, "GPU group back at 0 nodes before the rerun")
+    start = len(cluster.samples)
+    res = cluster.raypipe(*args)
+    return res, cluster.samples[start:]
+
+
 def test_a_node_killed_mid_embed_to_s3_then_rerun_commits_every_video_once(
-        fake_cluster: FakeCluster, cold_embed: ColdRun, corpus, moto_s3) -> None:
-    """Issue #15 item 2: the same embed on several nodes, writing to S3 (moto), loses its GPU node mid-run; after
-    the rerun every video is in exactly once and every row is bit-identical to the undisturbed cold run's."""
+        fake_cluster: FakeCluster, cold_embed: ColdRun, single_node: SingleNode, corpus, moto_s3) -> None:
+    """Issue #15 item 2: the same embed on several nodes, writing to S3 (moto), loses its GPU node mid-run and
+    fails; the rerun embeds exactly the videos the first run had not written, and then every video is in
+    exactly once with every row bit-identical to the single-node embed's."""
     from raypipe.io.fs import resolve
     from raypipe.io.shards import read_errors, read_shards
 
     out = f"s3://{moto_s3.bucket}/autoscale-features"
     fs, _ = resolve(out, moto_s3.storage)
-    # Parts written video by video, so that some are in S3 while the rest still waits for the GPU node.
     args = [*_embed_args(fake_cluster, corpus, out), "--set", f"storage.endpoint_url={moto_s3.endpoint_url}",
-            "--set", "embed.write_batch_size=1"]
-    proc = subprocess.Popen([sys.executable, "-m", "raypipe.cli", *args], env=fake_cluster.client_env(),
-                            cwd=fake_cluster.temp_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    parts = f"{moto_s3.bucket}/autoscale-features/_parts"
-    deadline = time.monotonic() + 240
-    while not ("gpu" in fake_cluster.ids and fs.exists(parts)
-               and [p for p in fs.find(parts) if "/shard-" in p and p.endswith(".parquet")]):
-        assert proc.poll() is None and time.monotonic() < deadline, "no part written before the run ended"
-        time.sleep(0.5)
-    assert proc.poll() is None, "the run ended before the node could be killed"
-    fake_cluster.kill_node("gpu")
-    first_rc = proc.wait(timeout=300)
-    first_log = proc.stdout.read()
-    rerun = fake_cluster.raypipe(*args)
-    assert rerun.returncode == 0, (first_log + rerun.stdout + rerun.stderr)[-4000:]
+            *ONE_BY_ONE]
+    first = _kill_node_mid_run(fake_cluster, args, fs, out)
+    assert first.rc == 1 and "raypipe embed failed" in first.log, first.log[-4000:]
+    rerun, _ = _rerun(fake_cluster, args, cold=False)
+    assert rerun.returncode == 0, (first.log + rerun.stdout + rerun.stderr)[-4000:]
 
+    summary = json.loads(fs.cat(f"{moto_s3.bucket}/autoscale-features/summary.json"))
+    kept, redone = summary["videos_skipped"], summary["videos_processed"]
+    # The rerun did exactly the failed run's leftover work; what that run had written (uncommitted) was kept.
+    assert kept == first.parts and redone == VIDEOS - kept, summary
     table, _ = read_shards(out, moto_s3.storage)
     rows = {r["video_id"]: r for r in table.to_pylist()}
     errors = read_errors(out, moto_s3.storage).column("video_id").to_pylist()
     assert table.num_rows == len(rows), "a video has two rows"
     assert len(rows) + len(errors) == VIDEOS and not set(rows) & set(errors)
     ref, _ = read_shards(str(cold_embed.output))
-    reference = {r["video_id"]: r for r in ref.to_pylist()}
-    assert rows.keys() == reference.keys()
+    assert rows.keys() == {r["video_id"] for r in ref.to_pylist()}
     for vid, row in rows.items():
-        assert row == reference[vid], vid
-    print(f"first run exit {first_rc} after the GPU node was killed; rerun: "
-          + next((ln for ln in rerun.stderr.splitlines() + rerun.stdout.splitlines() if "already done" in ln), "?"))
+        assert row == single_node.features[vid], vid
+    print(f"embed: first run exit {first.rc} (GPU node killed mid-run) with {kept} videos written; "
+          f"the rerun embedded the other {redone}")
+
+
+def test_label_scales_the_gpu_group_and_a_node_killed_mid_label_then_rerun_labels_every_video_once(
+        fake_cluster: FakeCluster, cold_embed: ColdRun, single_node: SingleNode, registered_model, corpus,
+        moto_s3) -> None:
+    """Issue #15 items 1 and 2 for label (after the embed tests, so the GPU group is cold again): the label
+    stage's accelerator actors (fused encoder, classifier) make the autoscaler add a GPU node; that node is
+    killed mid-run and the run fails; the rerun, from 0 GPU nodes again, brings one up, labels exactly the
+    videos the first run had not written, finishes, and its node is removed after the idle timeout. Every
+    video then has exactly one prediction in S3, bit-identical (less run id and time) to the single-node run's."""
+    from raypipe.io.fs import resolve
+    from raypipe.label import read_predictions
+
+    out = f"s3://{moto_s3.bucket}/autoscale-labels"
+    fs, _ = resolve(out, moto_s3.storage)
+    args = ["label", "-c", "test", "--source", str(corpus.videos_dir), "--annotations", str(corpus.annotations_path),
+            *_planned_sets(fake_cluster), *_label_sets(registered_model, out), *ONE_BY_ONE,
+            "--set", f"storage.endpoint_url={moto_s3.endpoint_url}"]
+    fake_cluster.wait_for(lambda alive: not alive, 90, "idle worker nodes removed before label")
+    first = _kill_node_mid_run(fake_cluster, args, fs, out)
+    assert first.rc == 1 and "raypipe label failed" in first.log, first.log[-4000:]
+    plan = _plan_line(first.log)
+    assert "classifier" in plan and "GPU: 0.5" in plan, plan  # encoder and classifier pools share one GPU
+    assert max(s.get(GPU_GROUP, 0) for s in first.samples) >= 1, first.samples  # up from 0 (asserted at its start)
+
+    rerun, samples = _rerun(fake_cluster, args, cold=True)
+    assert rerun.returncode == 0, (first.log + rerun.stdout + rerun.stderr)[-4000:]
+    t0 = time.monotonic()
+    fake_cluster.wait_for(lambda alive: not alive.get(GPU_GROUP), 90, "idle GPU node removed after label")
+    scale_down_s = time.monotonic() - t0
+    assert samples[0].get(GPU_GROUP, 0) == 0 and max(s.get(GPU_GROUP, 0) for s in samples) >= 1, samples
+
+    summary = json.loads(fs.cat(f"{moto_s3.bucket}/autoscale-labels/reports/latest/summary.json"))
+    # The rerun labelled exactly what the failed run had not written (its parts were kept and committed now).
+    assert summary["videos_seen"] == VIDEOS and summary["skipped"] == first.parts, summary
+    assert summary["to_label"] == VIDEOS - first.parts == summary["labelled"] + summary["failed"], summary
+    rows = read_predictions(out, moto_s3.storage, latest_only=False).to_pylist()
+    assert sorted(r["video_id"] for r in rows) == sorted(single_node.labels), "not every video exactly once"
+    assert len({r["run_id"] for r in rows}) == 2  # the failed run's rows and the rerun's
+    for row in rows:
+        assert {k: v for k, v in row.items() if k not in RUN_COLUMNS} == single_node.labels[row["video_id"]], row
+    print(f"label: first run exit {first.rc} (GPU node killed mid-run) with {first.parts} videos "
+          f"written; the rerun labelled the other {summary['to_label']} from 0 GPU nodes, its node gone "
+          f"{scale_down_s:.0f}s after; {plan.split('INFO ')[-1]}")

@@ -329,7 +329,8 @@ def test_every_job_with_the_documented_ops_config(local_cluster: LocalCluster, t
     assert (tmp_path / "ray" / "job-sweep" / BEST_CONFIG_NAME).is_file() and "best trial" in logs
     rows = read_predictions(str(tmp_path / "labels")).to_pylist()
     assert sorted(r["video_id"] for r in rows) == sorted(v.video_id for v in corpus.videos)
-    assert {r["status"] for r in rows} == {"ok"} and {r["model_version"] for r in rows} == {"1"}
+    # train registered version 1, the sweep's best trial version 2 (tune.register_best): @challenger is version 2
+    assert {r["status"] for r in rows} == {"ok"} and {r["model_version"] for r in rows} == {"2"}
 
 
 def test_the_token_auth_commands_of_the_operations_guide(local_cluster: LocalCluster, tmp_path: Path) -> None:
@@ -432,10 +433,12 @@ def make_champion_version(cfg) -> str:
     return alias_version(make_client(cfg.tracking), cfg.tracking.registered_model_name, cfg.tracking.champion_alias)
 
 
-@pytest.fixture
-def mlflow_server(moto_s3, tmp_path: Path) -> Iterator[str]:
-    """A real `mlflow server`: SQLite backend file, artifacts in the moto S3 bucket written by the clients
-    (``--no-serve-artifacts``: jobs reach S3 with their own keys and MLFLOW_S3_ENDPOINT_URL, as in production)."""
+@pytest.fixture(scope="module")
+def mlflow_server(moto_s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (one for the module): SQLite backend file, artifacts in the moto S3 bucket written
+    by the clients (``--no-serve-artifacts``: jobs reach S3 with their own keys and MLFLOW_S3_ENDPOINT_URL, as in
+    production)."""
+    tmp_path = tmp_path_factory.mktemp("mlflow_server")
     port = _free_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -467,11 +470,13 @@ def mlflow_server(moto_s3, tmp_path: Path) -> Iterator[str]:
                 continue
 
 
-def test_train_promote_and_label_jobs_against_an_mlflow_server_with_s3_artifacts(
+def test_train_promote_label_and_tune_jobs_against_an_mlflow_server_with_s3_artifacts(
         local_cluster: LocalCluster, registered_model, corpus, moto_s3, mlflow_server: str, tmp_path: Path) -> None:
     """Issue #15 item 3: the settings reach the jobs only through `runtime_env` env vars (tracking server, S3
-    endpoint and keys); the run, its registered version and aliases and its artifacts are on the server / in S3,
-    and the S3 keys are in no MLflow param or tag, no raypipe log file and not in the job's output."""
+    endpoint and keys); `raypipe doctor` (what the job sees, printed) reaches both; train registers version 1,
+    promote makes it the champion, label uses it, tune runs a one-trial sweep whose parent run is on the server; the
+    runs, versions, aliases and artifacts are on the server / in S3, and the S3 keys are in no MLflow param or
+    tag, no raypipe log file, no text artifact and not in the job's output (the doctor's printout included)."""
     import shlex
 
     from mlflow import MlflowClient
@@ -480,30 +485,46 @@ def test_train_promote_and_label_jobs_against_an_mlflow_server_with_s3_artifacts
     from raypipe.label import read_predictions
 
     key_id, secret = f"AKIA{secrets.token_hex(8).upper()}", secrets.token_urlsafe(30)
+    # AWS_ENDPOINT_URL: raypipe's own S3 access (storage.endpoint_url unset); MLFLOW_S3_ENDPOINT_URL: MLflow's.
     env_vars = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_S3_ENDPOINT_URL": moto_s3.endpoint_url,
-                "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+                "AWS_ENDPOINT_URL": moto_s3.endpoint_url, "AWS_ACCESS_KEY_ID": key_id,
+                "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
     name, cfg = "raypipe-prod", registered_model
     common = ["-c", "test", "--set", f"tracking.registered_model_name={name}"]
+    small = ["--set", "train.num_workers=1", "--set", f"train.storage_path={tmp_path / 'ray'}",
+             "--set", "model.name=cavnet", "--set", "model.params={dim: 32, heads: 2, proj_dim: 16}",
+             "--set", "train.loss.mlm=0", "--set", "train.loss.vtm=0", "--set", f"train.data={cfg.train.data}"]
     steps = [
-        ["python", "jobs/train.py", *common, "--data", cfg.train.data, "--epochs", "1", "--run-name", "prod-train",
-         "--set", "train.num_workers=1", "--set", f"train.storage_path={tmp_path / 'ray'}",
-         "--set", "model.name=cavnet", "--set", "model.params={dim: 32, heads: 2, proj_dim: 16}",
-         "--set", "train.loss.mlm=0", "--set", "train.loss.vtm=0"],
+        ["python", "-m", "raypipe.cli", "doctor", *common, "--set", f"embed.output=s3://{moto_s3.bucket}/doctor",
+         "--set", f"train.storage_path={tmp_path / 'ray'}"],
+        ["python", "jobs/train.py", *common, *small, "--epochs", "1", "--run-name", "prod-train"],
         ["python", "-m", "raypipe.cli", "promote", *common, "--set", f"embed.output={cfg.train.data}",
          "--set", f"train.data={cfg.train.data}", "--set", f"promote.output={tmp_path / 'promotion'}", "--set", "promote.split=all"],
         ["python", "jobs/label_nightly.py", *common, "--model-uri", f"models:/{name}@champion",
          "--source", str(corpus.videos_dir), "--set", f"embed.source.annotations={corpus.annotations_path}",
          "--set", "embed.source.limit=4", "--output", str(tmp_path / "labels"),
          "--set", f"label.class_names={cfg.label.class_names}"],
+        # Last: registering its best trial would move the challenger alias.
+        ["python", "jobs/tune.py", *common, *small, "--name", "prod-sweep", "--set", "train.epochs=1",
+         "--set", "tune.num_samples=1", "--set", 'tune.search_space={"train.optim.lr": {"choice": [0.001]}}'],
     ]
     script = " && ".join(shlex.join(step) for step in steps)
     status, logs = _submit(local_cluster, ["bash", "-c", script], working_dir=REPO, timeout=900, env_vars=env_vars)
     assert status == "SUCCEEDED", logs[-6000:]
+    doctor = [ln for ln in logs.splitlines() if ln.startswith(("ok ", "BAD "))]
+    assert any(ln.split()[1] == "mlflow" and f"{mlflow_server} reachable" in ln for ln in doctor), doctor
+    assert any(f"s3://{moto_s3.bucket}/doctor" in ln and ln.startswith("ok ") for ln in doctor), doctor
 
     # registry_uri too: this process's MLflow may have a global registry URI from the session's SQLite tests.
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     champion = client.get_model_version_by_alias(name, "champion")
-    assert client.get_model_version_by_alias(name, "challenger").version == champion.version == "1"
+    assert champion.version == "1", champion
+    # The sweep's parent run is on the server and its best trial's model is version 2, the challenger.
+    sweeps = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string="tags.`raypipe.stage` = 'tune'")
+    assert [r.info.run_name for r in sweeps] == ["prod-sweep"], [r.info.run_name for r in sweeps]
+    assert "best trial" in logs, logs[-3000:]
+    assert client.get_model_version_by_alias(name, "challenger").version == "2", logs[-3000:]
     run = client.get_run(champion.run_id)
     assert run.info.run_name == "prod-train" and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith(f"s3://{moto_s3.bucket}/mlflow/"), run.info.artifact_uri
@@ -516,7 +537,7 @@ def test_train_promote_and_label_jobs_against_an_mlflow_server_with_s3_artifacts
 
     # The keys: nowhere in MLflow (params, tags of every run), raypipe's log files, the job output, S3 text files.
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) >= 3, [r.info.run_name for r in runs]  # train, promote, label
+    assert len(runs) >= 4, [r.info.run_name for r in runs]  # train, promote, label, the sweep
     logged = [v for r in runs for v in (*r.data.params.values(), *r.data.tags.values())]
     log_files = [p for d in local_cluster.temp_dir.rglob("raypipe-logs") for p in d.rglob("*") if p.is_file()]
     assert log_files, "the jobs wrote no raypipe log file"
@@ -524,5 +545,5 @@ def test_train_promote_and_label_jobs_against_an_mlflow_server_with_s3_artifacts
     texts |= {p: fs.cat(p).decode(errors="replace") for p in stored if p.endswith((".yaml", ".json", ".txt"))}
     for value in (key_id, secret):
         assert not [v for v in logged if value in v], "an S3 key is in an MLflow param or tag"
-        assert value not in logs, "an S3 key is in the job output"
+        assert value not in logs, "an S3 key is in the job output (the doctor's printout included)"
         assert not [p for p, t in texts.items() if value in t], "an S3 key is in a log file or an artifact"

@@ -51,7 +51,7 @@ NOT_PATHS = {
     "embed.frames.model",  # a timm model name
     "embed.asr.vocabulary",  # words for the ASR engine
     "model.name",
-    "train.metric", "train.run_name",
+    "train.metric", "train.run_name", "train.holdout_classes",
     "tune.name", "tune.metric",
     "tracking.experiment", "tracking.registered_model_name", "tracking.alias", "tracking.parent_run_id",
     "tracking.champion_alias", "promote.metric", "promote.split", "promote.guard_metrics", "nightly.night",
@@ -109,12 +109,14 @@ def test_resolve_paths_makes_every_path_field_absolute(tmp_path: Path, monkeypat
         value = {"tracking_uri": "sqlite:///rel/mlflow.db", "name_or_path": "local_text_model"}.get(
             marker.kind, f"rel/{key}"
         )
-        setattr(section, name, value)
+        listed = isinstance(getattr(section, name), list)  # a list of paths (eval.models): item by item
+        setattr(section, name, [value] if listed else value)
         relative[key] = value
     resolved = {key: getattr(section, name) for key, section, name, _ in path_fields(resolve_paths(cfg))}
     for key, value in resolved.items():
         expected = str(tmp_path / relative[key].removeprefix("sqlite:///"))
-        assert value.removeprefix("sqlite:///") == expected, key
+        got = value[0] if isinstance(value, list) else value
+        assert got.removeprefix("sqlite:///") == expected, key
     assert resolve_paths(resolve_paths(cfg)) == resolve_paths(cfg)  # idempotent
 
 

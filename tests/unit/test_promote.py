@@ -85,8 +85,8 @@ def test_config_keeps_training_off_the_champion_and_checks_the_metric() -> None:
     assert cfg.label.model_uri.endswith("@champion") and load_config("demo").label.model_uri.endswith("@champion")
     with pytest.raises(ConfigError, match="tracking: .*must differ from tracking.champion_alias"):
         load_config(None, ["tracking.alias=champion"])
-    with pytest.raises(ConfigError, match="promote.metric 'gap@20' is not a metric of task 'single_label'"):
-        load_config(None, ["promote.metric=gap@20"])
+    with pytest.raises(ConfigError, match="promote.metric 'f_sco' is not a metric of task 'multi_label'"):
+        load_config(None, ["promote.metric=f_sco", "train.task=multi_label", "train.metric=val/map"])
     assert load_config("test", ["promote.metric=hit@1"]).promote.metric == "hit@1"
     assert load_config("test", ["nightly.night=2026-01-31"]).nightly.night == "2026-01-31"  # YAML reads a date
     with pytest.raises(ConfigError, match="nightly.night: must be a folder-safe id"):
