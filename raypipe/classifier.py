@@ -9,7 +9,8 @@ actors, promotion, the pyfunc model) and the format cannot drift apart:
   ``val_predictions.npz`` (the epoch's validation scores/targets) -- written by :func:`write_checkpoint`, read
   back for resuming by :func:`read_train_state`;
 * :func:`load_classifier` accepts ``models:/name@alias``, ``models:/name/version`` or a checkpoint folder and
-  always rebuilds the same torch model from ``model.pt`` + ``meta.json``;
+  always rebuilds the same torch model from ``model.pt`` + ``meta.json``; :func:`init_from_checkpoint` reads the
+  same URIs to warm-start a training run (``train.init_from``: matching tensors, fresh classifier head);
 * :func:`scores_from_logits` is the one place logits become class scores (softmax or sigmoid): inference
   (:class:`Classifier`) and the training loop's validation both call it;
 * the pyfunc wrapper (``RaypipePyfunc``) wraps the same :class:`Classifier`, so ``mlflow.pyfunc.load_model``
@@ -19,11 +20,12 @@ actors, promotion, the pyfunc model) and the format cannot drift apart:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,9 +175,12 @@ class Classifier:
         return self._zero_shot_proba
 
     def _zero_shot_proba(self, np_batch: Mapping[str, Any], class_text_emb: np.ndarray) -> np.ndarray:
+        return self.zero_shot_scores(self._batch(np_batch), class_text_emb)
+
+    def zero_shot_scores(self, batch: Mapping[str, torch.Tensor], class_text_emb: np.ndarray) -> np.ndarray:
+        """:attr:`zero_shot_proba` of a collated (possibly corrupted) torch batch, as ``raypipe eval`` scores it."""
         import torch
 
-        batch = self._batch(np_batch)
         with torch.inference_mode():
             sims = self.model.zero_shot_logits(batch, torch.as_tensor(np.asarray(class_text_emb), dtype=torch.float32, device=self.device))
             scale = self.model.logit_scale.exp() if hasattr(self.model, "logit_scale") else 1.0
@@ -311,13 +316,13 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise ValueError(f"model URI {uri!r} must be models:/<name>@<alias> or models:/<name>/<version>")
 
 
-def load_classifier(uri: str, storage: StorageConfig | None = None, *, tracking_uri: str | None = None) -> Classifier:
-    """A :class:`Classifier` from ``models:/name@alias``, ``models:/name/version`` or a checkpoint folder.
-
-    Registry URIs resolve through the current MLflow tracking/registry URI (``mlflow.set_tracking_uri`` or
-    ``MLFLOW_TRACKING_URI``) unless ``tracking_uri`` is given. ``model_version`` is the registry version, or
-    ``ckpt-<hash>`` of the folder for a checkpoint path, so predictions of different models never mix.
-    """
+@contextlib.contextmanager
+def local_checkpoint(
+    uri: str, storage: StorageConfig | None = None, *, tracking_uri: str | None = None
+) -> Iterator[tuple[str, str, str]]:
+    """A local folder holding the checkpoint of ``uri`` (registry URI, s3:// or local folder) for the ``with``
+    block -> ``(folder, registered name or "", version)``; ``version`` is the registry version, or ``ckpt-<hash>``
+    of the URI for a checkpoint path. Temporary copies are removed afterwards."""
     if uri.startswith("models:/"):
         import mlflow
         from mlflow import MlflowClient
@@ -333,14 +338,78 @@ def load_classifier(uri: str, storage: StorageConfig | None = None, *, tracking_
                 mlflow.set_registry_uri(tracking_uri)
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp)
             found = sorted((Path(local) / "artifacts").glob(f"*/{META_FILE}"))
-            ckpt = found[0].parent if found else None
-            if ckpt is None:
+            if not found:
                 raise FileNotFoundError(f"{uri}: the registered model has no raypipe checkpoint artifact")
-            return _classifier_from_dir(str(ckpt), model_name=name, model_version=str(mv.version), source=uri)
+            yield str(found[0].parent), name, str(mv.version)
+        return
     local, tmp = rfs.local_copy(uri, storage)
     try:
-        digest = hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:10]
-        return _classifier_from_dir(local, model_name="", model_version=f"ckpt-{digest}", source=uri)
+        yield local, "", f"ckpt-{hashlib.sha1(uri.rstrip('/').encode()).hexdigest()[:10]}"
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_classifier(uri: str, storage: StorageConfig | None = None, *, tracking_uri: str | None = None) -> Classifier:
+    """A :class:`Classifier` from ``models:/name@alias``, ``models:/name/version`` or a checkpoint folder.
+
+    Registry URIs resolve through the current MLflow tracking/registry URI (``mlflow.set_tracking_uri`` or
+    ``MLFLOW_TRACKING_URI``) unless ``tracking_uri`` is given. ``model_version`` is the registry version, or
+    ``ckpt-<hash>`` of the folder for a checkpoint path, so predictions of different models never mix.
+    """
+    with local_checkpoint(uri, storage, tracking_uri=tracking_uri) as (local, name, version):
+        return _classifier_from_dir(local, model_name=name, model_version=version, source=uri)
+
+
+# ------------------------------------------------------------------------------------------ warm start
+
+# The parameters that map the fused representation to class logits, by name prefix in every registered model
+# (dmafnet / baselines: ``head``, cavnet / mfb / bilstm_attn / nextvlad: ``classifier``): a finetune always
+# starts them fresh, since a pretraining checkpoint's head was never trained (or was trained for other classes).
+HEAD_PREFIXES = ("head.", "classifier.")
+
+
+def is_head_parameter(name: str) -> bool:
+    return name.startswith(HEAD_PREFIXES)
+
+
+def read_checkpoint_meta(uri: str, storage: StorageConfig | None = None, *, tracking_uri: str | None = None) -> dict:
+    """``meta.json`` of a checkpoint (what model it holds), without loading its weights."""
+    with local_checkpoint(uri, storage, tracking_uri=tracking_uri) as (local, _, _):
+        p = Path(local) / META_FILE
+        if not p.is_file() or not (Path(local) / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{uri} is not a raypipe checkpoint (needs {MODEL_FILE} and {META_FILE})")
+        return json.loads(p.read_text())
+
+
+def init_from_checkpoint(
+    model: torch.nn.Module, uri: str, storage: StorageConfig | None = None, *, model_name: str,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Copy into ``model`` every tensor of checkpoint ``uri`` whose name and shape match, except the classifier
+    head (:data:`HEAD_PREFIXES`) -> counts ``loaded`` / ``skipped_head`` / ``skipped_shape`` / ``missing`` (the
+    model's tensors the checkpoint lacks) / ``unused`` (checkpoint tensors the model lacks). A checkpoint of
+    another model than ``model_name`` is a :class:`CheckpointError` (weights do not carry over across models)."""
+    import torch
+
+    with local_checkpoint(uri, storage, tracking_uri=tracking_uri) as (local, _, _):
+        meta = json.loads((Path(local) / META_FILE).read_text())
+        if meta.get("model_name") != model_name:
+            raise CheckpointError(f"train.init_from: {uri} holds a {meta.get('model_name')!r} model, not "
+                                  f"{model_name!r} (model.name); weights only carry over within one model")
+        state = torch.load(Path(local) / MODEL_FILE, map_location="cpu", weights_only=True)
+    return {"uri": uri, **load_matching(model, state)}
+
+
+def load_matching(model: torch.nn.Module, state: Mapping[str, Any]) -> dict[str, int]:
+    """Copy into ``model`` every tensor of ``state`` whose name and shape match, except the classifier head ->
+    the counts of :func:`init_from_checkpoint` (also used in memory by the experiments' pretraining rows)."""
+    own = model.state_dict()
+    take = {k: v for k, v in state.items()
+            if k in own and not is_head_parameter(k) and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(take, strict=False)
+    return {
+        "loaded": len(take), "skipped_head": sum(1 for k in state if k in own and is_head_parameter(k)),
+        "skipped_shape": sum(1 for k in state if k in own and not is_head_parameter(k) and k not in take),
+        "missing": sum(1 for k in own if k not in state), "unused": sum(1 for k in state if k not in own),
+    }

@@ -31,6 +31,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "nightly": ("raypipe.nightly", "the night's work: embed new videos, optionally retrain + promote, label"),
     "demo": ("raypipe.demo", "run the whole pipeline on a generated corpus (embedded defaults)"),
     "bench": ("raypipe.bench", "run the benchmarks in bench/"),
+    "experiment": ("raypipe.experiments.runner", "run a paper's experiment tables (raypipe/experiments/NAME.yaml) as Tune trials"),
     "plan": ("raypipe.capacity", "node counts per cluster.yaml group for N videos a night in H hours, from measured costs"),
     "doctor": ("raypipe.doctor", "show what raypipe sees (Ray, GPUs, MLflow, storage, codecs) and each stage's plan"),
 }
@@ -93,7 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("names", nargs="*", help="benchmarks to run (default: all); other options go to each script")
         if stage == "plan":
             _plan_args(p)
+        if stage == "experiment":
+            _experiment_args(p)
     return parser
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("exp_name", metavar="NAME", help="dmafnet, mfb, bilstm, cavnet (raypipe/experiments/) or a YAML path")
+    p.add_argument("--scale", dest="exp_scale", choices=("tiny", "paper"), default="tiny",
+                   help="tiny: small models, few epochs, a generated corpus (CPU, minutes); paper: the papers' sizes (GPU)")
+    p.add_argument("--seeds", dest="exp_seeds", type=int, nargs="+", default=None, metavar="SEED", help="default: the scale's seeds")
+    p.add_argument("--data", dest="exp_data", default=None, metavar="DIR",
+                   help="feature shards (default at --scale tiny: generated once under the output folder's parent)")
+    p.add_argument("--out", dest="exp_out", default=None, metavar="DIR", help="default: raypipe_runs/experiments/NAME-SCALE")
+    p.add_argument("--tables", dest="exp_tables", nargs="+", default=None, metavar="TABLE", help="only these tables (default: all)")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -203,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with stderr_to_log_file():
         if args.stage == "bench":
             return run_stage(args.stage, runner, cfg, names=args.names, script_args=extra)
+        if args.stage == "experiment":
+            # --set reaches every row of the experiment (after the scale's settings, before the row's own keys)
+            return run_stage(args.stage, runner, cfg, overrides=list(args.overrides),
+                             **{("name" if k == "exp_name" else k[len("exp_"):]): v
+                                for k, v in vars(args).items() if k.startswith("exp_")})
         if args.stage == "plan":
             return run_stage(args.stage, runner, cfg, **{k[len("plan_"):]: v for k, v in vars(args).items()
                                                          if k.startswith("plan_")})

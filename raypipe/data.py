@@ -245,6 +245,16 @@ def _has_target(target: Any, task: Task) -> bool:
     return bool(target) if task == "multi_label" else target is not None
 
 
+def _in_classes(targets: Sequence[Any], classes: set[str], task: Task) -> np.ndarray:
+    """Rows with a label in ``classes`` (multi label: any of its labels)."""
+    if not classes:
+        return np.zeros(len(targets), dtype=bool)
+    return np.fromiter(
+        (bool(t) and any(str(c) in classes for c in (t if task == "multi_label" else [t])) for t in targets),
+        dtype=bool, count=len(targets),
+    )
+
+
 # ---------------------------------------------------------------------------------------------- the spec
 
 
@@ -266,6 +276,11 @@ class DataSpec:
     num_test: int = 0
     has_split_column: bool = False
     storage: dict[str, Any] = field(default_factory=dict)
+    # train.holdout_classes: their rows are kept out of train and val (see :func:`prepare_batch`).
+    holdout_classes: list[str] = field(default_factory=list)
+    # train.pretrain: every row of a split is read, labelled or not (targets of the others: -1 / all-zero);
+    # num_train / num_val / num_test then count all rows.
+    keep_unlabelled: bool = False
 
     @property
     def columns(self) -> list[str]:
@@ -293,12 +308,17 @@ def prepare_data(
     taxonomy: str | None = None,
     classes: Sequence[str] | None = None,
     storage: StorageConfig | None = None,
+    holdout: Sequence[str] = (),
+    keep_unlabelled: bool = False,
 ) -> DataSpec:
     """Inspect the shards under ``uri`` on the driver: files, dims, vocabulary, train / val / test sizes.
 
     ``classes`` (e.g. a trained model's) wins over ``taxonomy``, which wins over the labels found. Rows without
     a label are skipped (counted); rows whose label is outside a given vocabulary are skipped too (counted and
-    logged), since a classifier cannot be scored on a class it has no output for.
+    logged), since a classifier cannot be scored on a class it has no output for. Rows of a ``holdout`` class
+    (``train.holdout_classes``; :func:`raypipe.train.check_holdout` checks them against the vocabulary) are
+    not counted as train or val rows. ``keep_unlabelled`` (pretraining, which scores no labels) keeps the
+    unlabelled and unknown-class rows and accepts fewer than 2 classes.
     """
     fs, files = find_shard_files(uri, storage)
     info = read_shard_info(fs, files)
@@ -324,9 +344,11 @@ def prepare_data(
     if num_unknown:
         unknown = sorted(set(found) - known)
         logger.warning("%d labelled rows have classes outside the vocabulary, skipped: %s", num_unknown, unknown[:10])
-    if len(vocab) < 2:
+    if len(vocab) < 2 and not keep_unlabelled:
         raise DataError(f"need at least 2 classes to train a classifier; the data at {uri!r} has {vocab}")
-    usable = labelled & in_vocab
+    vocab = vocab or ["unlabelled"]  # pretraining on unlabelled rows: a 1-class head that is never trained
+    usable = np.ones(len(targets), dtype=bool) if keep_unlabelled else labelled & in_vocab
+    seen = usable & ~_in_classes(targets, set(holdout), task)
     val = split_mask(ids, "val", val_fraction, test_fraction, split_col)
     test = split_mask(ids, "test", val_fraction, test_fraction, split_col)
     spec = DataSpec(
@@ -336,14 +358,16 @@ def prepare_data(
         classes=vocab,
         task=task,
         val_fraction=val_fraction,
-        num_train=int((usable & ~val & ~test).sum()),
-        num_val=int((usable & val).sum()),
+        num_train=int((seen & ~val & ~test).sum()),
+        num_val=int((seen & val).sum()),
         num_test=int((usable & test).sum()),
         test_fraction=test_fraction,
         has_split_column=split_col is not None,
         num_unlabelled=int((~labelled).sum()),
         num_unknown=num_unknown,
         storage=(storage or StorageConfig()).model_dump(),
+        holdout_classes=[str(c) for c in holdout],
+        keep_unlabelled=keep_unlabelled,
     )
     logger.info(
         "feature data %s: %d files, %d classes, %d train / %d val / %d test rows (%d unlabelled, %d unknown class)",
@@ -401,15 +425,22 @@ def shape_columns(cols: Mapping[str, Any], info: ShardInfo) -> dict[str, np.ndar
     }
 
 
-def encode_targets(targets: Sequence[Any], classes: Sequence[str], task: Task) -> np.ndarray:
-    """Class indices ``(N,)`` int64 (single label) or multi-hot ``(N, C)`` uint8 (multi label)."""
+def encode_targets(
+    targets: Sequence[Any], classes: Sequence[str], task: Task, *, unknown_ok: bool = False
+) -> np.ndarray:
+    """Class indices ``(N,)`` int64 (single label) or multi-hot ``(N, C)`` uint8 (multi label). ``unknown_ok``
+    (pretraining rows): a missing or unknown label becomes -1 / no class instead of an error."""
     index = {c: i for i, c in enumerate(classes)}
     try:
         if task == "single_label":
+            if unknown_ok:
+                return np.asarray([index.get(str(t), -1) if t is not None else -1 for t in targets], dtype=np.int64)
             return np.asarray([index[str(t)] for t in targets], dtype=np.int64)
         out = np.zeros((len(targets), len(classes)), dtype=np.uint8)
         for row, labels in enumerate(targets):
-            for c in labels:
+            for c in labels or []:
+                if unknown_ok and str(c) not in index:
+                    continue
                 out[row, index[str(c)]] = 1
         return out
     except KeyError as exc:
@@ -505,26 +536,34 @@ def prepare_batch(
     split: Split,
     val_fraction: float,
     test_fraction: float = 0.0,
+    holdout: Sequence[str] = (),
+    keep_unlabelled: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: keep the rows of one split that carry a known label, shape the features
-    and encode the targets, so workers receive fixed-shape arrays."""
+    and encode the targets, so workers receive fixed-shape arrays. Rows of a ``holdout`` class never enter the
+    train or val split (zero-shot protocol); the test split keeps them. ``keep_unlabelled`` (pretraining) keeps
+    every row of the split, labelled or not."""
     target_key = TARGET_COLUMNS[task]
     known = set(classes)
     ids = table.column("video_id").to_pylist()
     targets = table.column(target_key).to_pylist()
     split_col = table.column(SPLIT_COLUMN).to_pylist() if SPLIT_COLUMN in table.column_names else None
-    keep = split_mask(ids, split, val_fraction, test_fraction, split_col) & np.fromiter(
-        (
-            _has_target(t, task) and all(str(c) in known for c in (t if task == "multi_label" else [t]))
-            for t in targets
-        ),
-        dtype=bool,
-        count=len(targets),
-    )
+    keep = split_mask(ids, split, val_fraction, test_fraction, split_col)
+    if not keep_unlabelled:
+        keep &= np.fromiter(
+            (
+                _has_target(t, task) and all(str(c) in known for c in (t if task == "multi_label" else [t]))
+                for t in targets
+            ),
+            dtype=bool,
+            count=len(targets),
+        )
+    if holdout and split in ("train", "val"):
+        keep &= ~_in_classes(targets, {str(c) for c in holdout}, task)
     table = table.filter(pa.array(keep))
     out: dict[str, np.ndarray] = {"video_id": np.asarray(table.column("video_id").to_pylist(), dtype=object)}
     out.update(shape_columns({c: table.column(c) for c in FEATURE_COLUMNS[1:]}, ShardInfo(**info)))
-    out[target_key] = encode_targets(table.column(target_key).to_pylist(), classes, task)
+    out[target_key] = encode_targets(table.column(target_key).to_pylist(), classes, task, unknown_ok=keep_unlabelled)
     return out
 
 
@@ -546,6 +585,8 @@ def read_split(spec: DataSpec, split: Split) -> ray.data.Dataset:
             "split": split,
             "val_fraction": spec.val_fraction,
             "test_fraction": spec.test_fraction,
+            "holdout": spec.holdout_classes,
+            "keep_unlabelled": spec.keep_unlabelled,
         },
         batch_format="pyarrow",
         zero_copy_batch=True,
@@ -674,7 +715,8 @@ def _cached_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:
             table = pq.read_table(f, columns=columns)
         for split, out in blocks.items():
             batch = prepare_batch(table, info=spec.info, classes=spec.classes, task=spec.task, split=split,  # type: ignore[arg-type]
-                                   val_fraction=spec.val_fraction, test_fraction=spec.test_fraction)
+                                   val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
+                                   holdout=spec.holdout_classes, keep_unlabelled=spec.keep_unlabelled)
             if len(batch["video_id"]):
                 out.append(BlockAccessor.batch_to_block(batch))
     empty = [name for name, b in blocks.items() if not b]

@@ -249,8 +249,9 @@ def compute_metrics(
     """The metrics the trainer reports, keyed ``{prefix}{name}``.
 
     single_label (``targets`` = class indices ``(N,)``): ``hit@1``, ``hit@2``, ``top1``, ``top5``, ``f1_micro``,
-    ``f1_macro`` and, when every class is a 4-digit WBDC code, ``f_sco``. multi_label (``targets`` multi-hot
-    ``(N, C)``): ``gap@20`` and ``map``. ``n`` is the number of samples scored.
+    ``f1_macro``, ``gap@20`` and ``map`` (of the one-hot targets, so MFB's GAP@20 column can be filled on a
+    single-label corpus) and, when every class is a 4-digit WBDC code, ``f_sco``. multi_label (``targets``
+    multi-hot ``(N, C)``): ``gap@20`` and ``map``. ``n`` is the number of samples scored.
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != len(classes):
@@ -266,6 +267,9 @@ def compute_metrics(
         out.update({f"top{k}": v for k, v in topk_accuracy(s, t, (1, 5)).items()})
         out["f1_micro"] = float(f1_score(t, pred, average="micro"))
         out["f1_macro"] = float(f1_score(t, pred, average="macro", zero_division=0))
+        onehot = np.eye(s.shape[1], dtype=np.float64)[t]  # (N, C)
+        out["gap@20"] = gap_at_k(s, onehot, 20)
+        out["map"] = mean_average_precision(s, onehot)
         if all(is_wbdc_code(c) for c in classes):
             names = np.array([str(c) for c in classes], dtype=object)
             out["f_sco"] = f_sco(names[t], names[pred])

@@ -32,6 +32,9 @@ Why it is built this way:
   and after the last epoch the artifacts and the best checkpoint as a pyfunc model; ``fit`` then registers it.
 """
 
+# Long module: the driver's checks before Ray (data, model, holdout, pretraining, warm start), the trainer and
+# the steps after fit (test split, registration) are read in that order; the worker's loop is raypipe.train_worker.
+
 from __future__ import annotations
 
 import logging
@@ -44,7 +47,8 @@ from raypipe.config.paths import resolve_paths
 from raypipe.config.train import TASK_METRICS
 from raypipe.data import DataError, DataSpec, prepare_data
 from raypipe.io import fs as rfs
-from raypipe.train_worker import FAULT_ENV, FAULT_MARKER, train_loop_per_worker
+from raypipe.train_timeline import log_phases, mark, phase_seconds
+from raypipe.train_worker import FAULT_ENV, FAULT_MARKER, selection_key, train_loop_per_worker
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -74,6 +78,15 @@ class TrainResult:
     test_metrics: dict[str, float] = field(default_factory=dict)
     num_test: int = 0
     best_epoch: int | None = None
+    # train.init_from: tensors loaded / skipped (see raypipe.classifier.init_from_checkpoint); None without it.
+    init_from: dict[str, Any] | None = None
+    # Wall-clock marks of the run (driver and rank 0, in order) and the seconds of each phase between them: where
+    # the start-up before the first optimizer step goes (see :func:`phase_seconds`).
+    timeline: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def phases(self) -> dict[str, float]:
+        return phase_seconds(self.timeline)
 
     @property
     def best_value(self) -> float | None:
@@ -161,6 +174,46 @@ def check_metric_for_classes(cfg: RaypipeConfig, classes: list[str]) -> None:
         )
 
 
+def check_holdout(holdout: list[str], classes: list[str]) -> None:
+    """``train.holdout_classes`` must name classes of the vocabulary (taxonomy or data) and leave 2 to train on."""
+    unknown = sorted(set(holdout) - set(classes))
+    if unknown:
+        shown = ", ".join(classes[:8]) + (" ..." if len(classes) > 8 else "")
+        raise ConfigError(f"config error: train.holdout_classes: {unknown} are not classes of the taxonomy / data "
+                          f"({len(classes)} classes: {shown})")
+    if len(classes) - len(set(holdout)) < 2:
+        raise ConfigError(f"config error: train.holdout_classes: holding out {len(set(holdout))} of {len(classes)} "
+                          "classes leaves fewer than 2 to train on")
+
+
+def check_pretrain_model(cfg: RaypipeConfig) -> None:
+    """``train.pretrain`` needs a model with a weighted auxiliary head (:func:`raypipe.models.resolve.pretrain_problem`)."""
+    from raypipe.models.resolve import pretrain_problem
+
+    problem = pretrain_problem(cfg.model.name, cfg.train.loss.model_dump()) if cfg.train.pretrain else None
+    if problem:
+        raise ConfigError(f"config error: train.pretrain: {problem}")
+
+
+def check_init_from(cfg: RaypipeConfig) -> None:
+    """``train.init_from`` must be a readable checkpoint of the same model (one line otherwise, before Ray)."""
+    from raypipe.classifier import read_checkpoint_meta
+
+    uri = cfg.train.init_from
+    if not uri:
+        return
+    tracking = cfg.tracking.tracking_uri if cfg.tracking.enabled else None
+    try:
+        meta = read_checkpoint_meta(uri, cfg.storage, tracking_uri=tracking)
+    except Exception as exc:  # noqa: BLE001 - missing folder, bad URI, unknown registry version: one line each
+        raise ConfigError(f"config error: train.init_from: cannot read checkpoint {uri!r}: {exc}".replace("\n", " ")) from None
+    if meta.get("model_name") != cfg.model.name:
+        raise ConfigError(
+            f"config error: train.init_from: {uri!r} holds a {meta.get('model_name')!r} model, not "
+            f"{cfg.model.name!r} (model.name); weights only carry over within one model"
+        )
+
+
 def check_workers(cfg: RaypipeConfig, spec: DataSpec) -> None:
     """Every worker needs training rows (checked again once ``auto`` is planned); the amp/GPU pairing too."""
     if cfg.train.use_gpu is False and cfg.train.amp != "none":
@@ -186,16 +239,21 @@ def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]
             test_fraction=cfg.train.test_fraction,
             taxonomy=cfg.train.taxonomy,
             storage=cfg.storage,
+            holdout=cfg.train.holdout_classes,
+            keep_unlabelled=cfg.train.pretrain,
         )
     except DataError as exc:
         raise ConfigError(f"config error: train.data: {exc}") from None
+    check_holdout(cfg.train.holdout_classes, spec.classes)
     check_metric_for_classes(cfg, spec.classes)
     check_workers(cfg, spec)
+    check_pretrain_model(cfg)
+    check_init_from(cfg)
     if spec.num_val == 0:
         raise ConfigError(
             f"config error: train.val_fraction: no validation rows among {spec.num_train} labelled rows; raise it"
         )
-    if spec.num_test == 0:
+    if spec.num_test == 0 and not cfg.train.pretrain:
         logger.warning("no test rows (train.test_fraction=%g): this run will report no test metrics",
                        cfg.train.test_fraction)
     kwargs = model_kwargs(cfg, spec)
@@ -241,8 +299,12 @@ def build_trainer(
 
     from raypipe.runtime import ensure_ray, planned
 
+    marks: list[tuple[str, float]] = []
+    mark(marks, "build_start")
     cfg, spec, kwargs = prepare(cfg)
+    mark(marks, "prepare")
     ensure_ray(cfg)
+    mark(marks, "ray_init")
     cfg, _ = planned(cfg, "train")  # auto workers / CPUs / GPU from the cluster; refuses what cannot be placed
     check_workers(cfg, spec)
     run_name = run_name or cfg.train.run_name
@@ -254,6 +316,9 @@ def build_trainer(
         from raypipe.tracking import open_train_run
 
         mlflow_run_id = open_train_run(cfg.tracking, run_name=run_name, run_dir=run_dir, storage=cfg.storage)
+    mark(marks, "mlflow_open")
+    datasets = ray_datasets(spec, materialize=cfg.train.cache_data)
+    mark(marks, "datasets")
 
     fault = None
     if os.environ.get(FAULT_ENV):
@@ -267,6 +332,7 @@ def build_trainer(
         "run_name": run_name,
         "mlflow_run_id": mlflow_run_id,
         "fault": fault,
+        "timeline": marks,
     }
     t = cfg.train
     torch_config, scaling_config = worker_group_configs(t)
@@ -275,7 +341,7 @@ def build_trainer(
         train_loop_config=loop_config,
         torch_config=torch_config,
         scaling_config=scaling_config,
-        datasets=ray_datasets(spec, materialize=t.cache_data),
+        datasets=datasets,
         # Only train is split (one worker reads it whole: a split of one would only add a coordinator actor);
         # every rank reads the whole val stream and scores its share of the batches (see raypipe.train_worker.validate).
         # preserve_order: deterministic split and order.
@@ -294,8 +360,6 @@ def build_trainer(
             callbacks=list(callbacks or []),
         ),
     )
-
-
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -361,6 +425,8 @@ def fit(
     run_cfg = RaypipeConfig.model_validate(loop_config["cfg"])
     run_name = loop_config["run_name"]
     mlflow_run_id = loop_config["mlflow_run_id"]
+    marks = [tuple(m) for m in loop_config["timeline"]]
+    mark(marks, "trainer_built")
     try:
         with _EpochProgress(run_cfg, mlflow_run_id, enabled=callbacks is None):
             result = trainer.fit()
@@ -372,8 +438,8 @@ def fit(
     best_ckpt = None
     best_metrics: dict[str, float] = summary.get("best_metrics", {})
     if result.best_checkpoints:
-        pick = max if run_cfg.train.mode == "max" else min
-        ckpt, metrics = pick(result.best_checkpoints, key=lambda cm: float(cm[1].get(run_cfg.train.metric, float("nan"))))
+        t = run_cfg.train
+        ckpt, metrics = max(result.best_checkpoints, key=lambda cm: selection_key(cm[1], t.metric, t.mode))
         best_ckpt = ckpt.path
         best_metrics = best_metrics or {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     out = TrainResult(
@@ -387,19 +453,34 @@ def fit(
         model_uri=summary.get("model_uri"),
         history=list(summary.get("history", [])),
         resumed_from_epoch=int(summary.get("resumed_from_epoch", 0)),
+        timeline=marks + [tuple(m) for m in summary.get("timeline", [])],
     )
+    mark(out.timeline, "fit_returned")
     out.best_epoch = int(best_metrics["epoch"]) if "epoch" in best_metrics else None
+    out.init_from = summary.get("init_from")
     spec = DataSpec.from_dict(loop_config["spec"])
-    report = score_test_split(run_cfg, spec, out.best_checkpoint)
+    if run_cfg.train.pretrain:  # no labels were scored; the test split stays unread for the finetune's numbers
+        report = {"split": "test", "num_rows": 0, "metrics": {}, "reason": "pretraining run: no test metrics"}
+    else:
+        report = score_test_split(run_cfg, spec, out.best_checkpoint)
     out.test_metrics, out.num_test = dict(report["metrics"]), int(report["num_rows"])
-    if mlflow_run_id and run_cfg.train.register_model and out.model_uri:
+    mark(out.timeline, "test_scored")
+    if mlflow_run_id and wants_registration(run_cfg) and out.model_uri:
         out.registered_model_version = register_run_model(run_cfg, run_id=mlflow_run_id)
         out.registered_model_name = run_cfg.tracking.registered_model_name
     if mlflow_run_id:
         from raypipe.tracking import record_test_metrics
 
         record_test_metrics(run_cfg, run_id=mlflow_run_id, version=out.registered_model_version, report=report)
+    mark(out.timeline, "registered")
+    log_phases(out.phases)
     return out
+
+
+def wants_registration(cfg: RaypipeConfig) -> bool:
+    """``train.register_model``; a pretraining run (its head is untrained) registers only when it is set explicitly."""
+    t = cfg.train
+    return t.register_model and (not t.pretrain or "register_model" in t.model_fields_set)
 
 
 def score_test_split(cfg: RaypipeConfig, spec: DataSpec, checkpoint: str | None) -> dict[str, Any]:
@@ -409,7 +490,7 @@ def score_test_split(cfg: RaypipeConfig, spec: DataSpec, checkpoint: str | None)
     run's unbiased estimate. With no test rows (or no checkpoint) the report says why and holds no metrics.
     """
     from raypipe.classifier import load_classifier
-    from raypipe.evaluate import score_split
+    from raypipe.evaluate import holdout_rows, score_split
     from raypipe.metrics import compute_metrics
 
     report: dict[str, Any] = {"split": "test", "num_rows": spec.num_test, "metrics": {},
@@ -424,7 +505,12 @@ def score_test_split(cfg: RaypipeConfig, spec: DataSpec, checkpoint: str | None)
         logger.error("could not score the test split with checkpoint %s: %s", checkpoint, exc)
         report["reason"] = f"test scoring failed: {exc}"
         return report
-    report["metrics"] = compute_metrics(scores, y, task=clf.task, classes=clf.classes, prefix="test/")
+    seen = ~holdout_rows(y, clf.classes, spec.holdout_classes, clf.task)  # held-out classes are zero-shot's rows
+    report["num_rows"] = int(seen.sum())
+    if not seen.any():
+        report["reason"] = "every test row is of a held-out class"
+        return report
+    report["metrics"] = compute_metrics(scores[seen], y[seen], task=clf.task, classes=clf.classes, prefix="test/")
     report["epoch"] = int(clf.meta.get("epoch", 0))
     return report
 
@@ -440,7 +526,14 @@ def run(cfg: RaypipeConfig) -> int:
         f", registered {result.registered_model_name} v{result.registered_model_version}"
         if result.registered_model_version else "",
     )
-    if result.test_metrics:
+    if result.init_from:
+        c = result.init_from
+        logger.info("started from %s: %d tensors loaded, %d of the classifier head and %d of another shape skipped",
+                    c["uri"], c["loaded"], c["skipped_head"], c["skipped_shape"])
+    if cfg.train.pretrain:
+        logger.info("pretraining run: no test metrics claimed; finetune with --set train.init_from=%s",
+                    result.best_checkpoint)
+    elif result.test_metrics:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in result.test_metrics.items() if not k.endswith("/n"))
         logger.info("held-out test split (%d rows, read once after training): %s", result.num_test, shown)
     else:

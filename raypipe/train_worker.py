@@ -20,6 +20,7 @@ path, fault injection) is in that module's docstring.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -63,12 +64,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_factor(step: int, *, warmup: int, total: int) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+def lr_factor(
+    step: int, *, warmup: int, total: int, schedule: str = "cosine", step_size: int = 1, gamma: float = 1.0,
+    max_decays: int | None = None,
+) -> float:
+    """The LR multiplier at optimizer step ``step`` (see :class:`raypipe.config.train.OptimConfig`): linear
+    warm-up to 1 over ``warmup`` steps, then ``cosine`` decay to 0 at ``total``, ``step`` decay by ``gamma``
+    every ``step_size`` steps (at most ``max_decays`` times) or ``constant`` 1."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        decays = step // max(1, step_size)
+        return gamma ** (decays if max_decays is None else min(decays, max_decays))
     progress = (step - warmup) / max(1, total - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def lr_schedule(optim: Any, *, steps_per_epoch: int, epochs: int) -> Any:
+    """``step -> LR factor`` for ``train.optim`` over a run of ``epochs x steps_per_epoch`` optimizer steps."""
+    return functools.partial(
+        lr_factor, warmup=optim.warmup_steps, total=steps_per_epoch * epochs, schedule=optim.schedule,
+        step_size=optim.step_epochs * steps_per_epoch, gamma=optim.gamma, max_decays=optim.max_decays,
+    )
 
 
 def param_groups(model: torch.nn.Module, cfg: RaypipeConfig) -> list[dict[str, Any]]:
@@ -247,6 +266,9 @@ class Worker:
     val_it: Any = None
     example_rows: dict[str, np.ndarray] | None = None
     val_cache: list[dict[str, np.ndarray]] | None = None
+    init: dict[str, Any] | None = None  # train.init_from counts (None: not used, or resumed from the run's own)
+    # Wall-clock marks of this worker (start-up, first batch, first step, epochs); rank 0 returns them.
+    timeline: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def target_key(self) -> str:
@@ -262,11 +284,15 @@ class Worker:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The one training loop (every worker). ``loop_config``: ``cfg`` (RaypipeConfig dump), ``spec`` (DataSpec),
     ``model_kwargs``, ``run_name``, ``mlflow_run_id`` and ``fault`` (see :func:`raypipe.train.build_trainer`)."""
-    w = setup(loop_config)
+    timeline = [("worker_start", time.time())]
+    w = setup(loop_config, timeline)
+    timeline.append(("model_ready", time.time()))
     t = w.cfg.train
     for epoch in range(w.start_epoch, t.epochs + 1):
         metrics = train_one_epoch(w, epoch)
+        timeline.append((f"epoch_{epoch}_train", time.time()))
         val = validate(w)
+        timeline.append((f"epoch_{epoch}_val", time.time()))
         metrics.update(val["metrics"])
         w.history.append(dict(metrics))
         if w.run_logger is not None:
@@ -277,6 +303,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             metrics.get(t.metric, float("nan")), metrics["train/samples_per_s"],
         )
         save_checkpoint(w, epoch, metrics, val)
+        timeline.append((f"epoch_{epoch}_checkpoint", time.time()))
         _maybe_inject_fault(loop_config.get("fault"), epoch, w.rank, w.world, w.cfg.storage)
         if should_stop_early(w.history, t.metric, t.mode, t.early_stopping_patience):
             # Every rank holds the same (broadcast) val metrics, so every rank stops after the same epoch.
@@ -285,22 +312,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             break
     if w.rank != 0:
         return None
-    summary: dict[str, Any] = {"history": w.history, "resumed_from_epoch": w.start_epoch - 1}
+    summary: dict[str, Any] = {"history": w.history, "resumed_from_epoch": w.start_epoch - 1, "init_from": w.init}
     if w.run_logger is not None:
         summary.update(_log_final(w.run_logger, w.cfg, w.spec, w.history, w.example_rows))
+    timeline.append(("final_logging", time.time()))
+    summary["timeline"] = timeline  # rank 0's wall-clock marks (raypipe.train_timeline.phase_seconds)
     return summary
 
 
-def setup(loop_config: dict[str, Any]) -> Worker:
+def setup(loop_config: dict[str, Any], timeline: list[tuple[str, float]] | None = None) -> Worker:
     """Model, objective, optimizer (identical init on every rank; DDP broadcasts rank 0's anyway), resumed from
-    the run's checkpoint when there is one."""
+    the run's checkpoint when there is one. ``timeline`` gets the start-up marks (imports, model, MLflow)."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from raypipe.losses import FusionObjective
     from raypipe.models import create_model
-    from raypipe.models.resolve import AUX_TERMS, contrastive_loss_kind, effective_loss_weights
+    from raypipe.models.resolve import AUX_TERMS
+
+    timeline = timeline if timeline is not None else []
+    timeline.append(("worker_imports", time.time()))
 
     cfg = RaypipeConfig.model_validate(loop_config["cfg"])
     spec = DataSpec.from_dict(loop_config["spec"])
@@ -311,8 +342,9 @@ def setup(loop_config: dict[str, Any]) -> Worker:
 
     seed_everything(t.seed)
     model = create_model(cfg.model.name, **loop_config["model_kwargs"])
-    loss_cfg = LossConfig(**effective_loss_weights(cfg.model.name, t.loss.model_dump()))
-    objective = FusionObjective.from_config(loss_cfg, t.task, contrastive_loss=contrastive_loss_kind(model))
+    timeline.append(("model_built", time.time()))
+    loss_cfg, objective, val_objective = build_objectives(cfg, model)
+    init = _init_from(model, cfg, rank) if t.init_from and ray.train.get_checkpoint() is None else None
     start_epoch, history, train_state = _resume(model, rank)
 
     # Every parameter gets a gradient (an aux branch exists only when its loss weight is > 0, and an MLM batch
@@ -324,24 +356,64 @@ def setup(loop_config: dict[str, Any]) -> Worker:
     )
     core = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     optimizer = torch.optim.AdamW(param_groups(core, cfg), lr=t.optim.lr)
-    total_steps = steps_per_epoch(spec, cfg, world) * t.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup=t.optim.warmup_steps, total=total_steps)
+        optimizer, lr_schedule(t.optim, steps_per_epoch=steps_per_epoch(spec, cfg, world), epochs=t.epochs)
     )
     autocast, scaler = amp_setup(device, t.amp)
     if train_state is not None:
         optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
         restore_scaler(scaler, train_state.get("scaler"))
+    run_logger = _open_run_logger(cfg, spec, loop_config, rank, world)
+    timeline.append(("mlflow_params", time.time()))
     return Worker(
         cfg=cfg, spec=spec, loop_config=loop_config, rank=rank, world=world, device=device, model=ddp_model,
-        core=core, objective=objective,
-        val_objective=FusionObjective(task=t.task, classification=1.0, contrastive=0.0, mlm=0.0, vtm=0.0),
+        core=core, objective=objective, val_objective=val_objective,
         optimizer=optimizer, scheduler=scheduler, autocast=autocast, scaler=scaler,
         aux_active=any(getattr(loss_cfg, term) > 0 for term in AUX_TERMS), start_epoch=start_epoch,
-        history=history, run_logger=_open_run_logger(cfg, spec, loop_config, rank, world),
-        train_it=ray.train.get_dataset_shard("train"), val_it=ray.train.get_dataset_shard("val"),
+        history=history, run_logger=run_logger, timeline=timeline,
+        train_it=ray.train.get_dataset_shard("train"), val_it=ray.train.get_dataset_shard("val"), init=init,
     )
+
+
+def build_objectives(cfg: RaypipeConfig, model: Any) -> tuple[LossConfig, Any, Any]:
+    """``(loss weights, training objective, validation objective)`` of ``cfg`` for ``model``: one place for the
+    Train worker and the experiment trials (:mod:`raypipe.experiments.trial`).
+
+    Pretraining scores no labels: the classification weight is 0 and the head is frozen (DDP would otherwise wait
+    for a gradient it never gets); it validates its own objective per rank (no cross-rank negatives: ranks score
+    different batches). Otherwise validation is the classification loss alone.
+    """
+    from raypipe.classifier import is_head_parameter
+    from raypipe.losses import FusionObjective
+    from raypipe.models.resolve import contrastive_loss_kind, effective_loss_weights
+
+    t = cfg.train
+    weights = effective_loss_weights(cfg.model.name, t.loss.model_dump())
+    if t.pretrain:
+        weights["classification"] = 0.0
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad and not is_head_parameter(name))
+    loss_cfg = LossConfig(**weights)
+    kind = contrastive_loss_kind(model)
+    objective = FusionObjective.from_config(loss_cfg, t.task, contrastive_loss=kind)
+    if t.pretrain:
+        return loss_cfg, objective, FusionObjective.from_config(loss_cfg, t.task, contrastive_loss=kind, gather=False)
+    return loss_cfg, objective, FusionObjective(task=t.task, classification=1.0, contrastive=0.0, mlm=0.0, vtm=0.0)
+
+
+def _init_from(model: Any, cfg: RaypipeConfig, rank: int) -> dict[str, Any]:
+    """``train.init_from``: the matching tensors of another run's checkpoint (fresh head); logs the counts."""
+    from raypipe.classifier import init_from_checkpoint
+
+    counts = init_from_checkpoint(model, cfg.train.init_from, cfg.storage, model_name=cfg.model.name,
+                                  tracking_uri=cfg.tracking.tracking_uri if cfg.tracking.enabled else None)
+    if rank == 0:
+        logger.info("init_from %s: loaded %d tensors; skipped %d of the classifier head, %d of another shape; "
+                    "%d of the model not in the checkpoint, %d of the checkpoint not in the model", counts["uri"],
+                    counts["loaded"], counts["skipped_head"], counts["skipped_shape"], counts["missing"],
+                    counts["unused"])
+    return counts
 
 
 def _resume(model: Any, rank: int) -> tuple[int, list[dict[str, float]], dict[str, Any] | None]:
@@ -405,6 +477,8 @@ def train_one_epoch(w: Worker, epoch: int) -> dict[str, float]:
     for np_batch in batches:
         if w.aux_active and len(np_batch["video_id"]) < 2:
             continue  # in-batch negatives need 2 rows; equal splits make this the same on every rank
+        if epoch == w.start_epoch and n_batches == 0:
+            w.timeline.append(("first_batch", time.time()))
         batch = to_torch(np_batch, w.device)
         micro += 1
         boundary = micro % t.optim.grad_accum == 0
@@ -414,6 +488,8 @@ def train_one_epoch(w: Worker, epoch: int) -> dict[str, float]:
         )
         if boundary:
             optimizer_step(w.model, w.optimizer, w.scheduler, w.scaler, t.optim.grad_clip)
+            if w.timeline and w.timeline[-1][0] == "first_batch":
+                w.timeline.append(("first_step", time.time()))
         for name, value in {"loss": total, **{f"loss_{k}": v for k, v in terms.items()}}.items():
             value = torch.as_tensor(value, device=w.device).detach().double()
             sums[name] = sums[name] + value if name in sums else value
@@ -455,6 +531,8 @@ def validate(w: Worker) -> dict[str, Any]:
     from raypipe.metrics import compute_metrics
 
     t, n_classes = w.cfg.train, len(w.spec.classes)
+    if t.pretrain:
+        return validate_pretrain(w)
     if w.val_cache is None:
         source: Any = w.val_it.iter_batches(batch_size=t.batch_size, batch_format="numpy")
         cache: list[dict[str, np.ndarray]] | None = []
@@ -477,6 +555,53 @@ def validate(w: Worker) -> dict[str, Any]:
     return {"scores": scores, "targets": targets, "ids": ids, "metrics": metrics}
 
 
+def validate_pretrain(w: Worker) -> dict[str, Any]:
+    """``train.pretrain``: ``val/loss`` = the pretraining objective on the val rows (every rank scores batches
+    ``rank, rank + world, ...``; the row-weighted mean over all ranks). No labels, so no class scores.
+
+    The auxiliary branches run only when the model is in training mode, so the top module is switched to it while
+    every submodule stays in eval mode (no dropout), and the MLM masks / VTM negatives are drawn from a fixed
+    seed: every epoch's val/loss is measured on the same masked tokens and negatives, and the training RNG
+    state is left as it was.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from raypipe.data import to_torch
+
+    t = w.cfg.train
+    source: Any = w.val_cache if w.val_cache is not None else w.val_it.iter_batches(batch_size=t.batch_size,
+                                                                                     batch_format="numpy")
+    cache: list[dict[str, np.ndarray]] | None = [] if w.val_cache is None else None
+    w.core.eval()
+    w.core.training = True  # the top module only: dmafnet's forward adds MLM / VTM outputs
+    total, rows = 0.0, 0
+    with torch.no_grad(), torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+        torch.manual_seed(t.seed * 7_919 + w.rank)
+        for i, np_batch in enumerate(source):
+            if cache is not None:
+                cache.append(np_batch)
+            if w.example_rows is None:
+                w.example_rows = {k: np.asarray(v[:2]) for k, v in np_batch.items() if k != "video_id"}
+            n = len(np_batch["video_id"])
+            if i % w.world != w.rank or n < 2:  # in-batch negatives need 2 rows
+                continue
+            batch = to_torch(np_batch, w.device)
+            with w.autocast():
+                loss, _ = w.val_objective(w.core(batch), batch)
+            total, rows = total + float(loss) * n, rows + n
+    w.core.training = False
+    if cache is not None and sum(v.nbytes for b in cache for v in b.values()) <= VAL_CACHE_BYTES:
+        w.val_cache = cache
+    if w.distributed:
+        parts: list[Any] = [None] * w.world
+        dist.all_gather_object(parts, (total, rows))
+        total, rows = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return {"scores": np.zeros((0, len(w.spec.classes)), np.float32), "targets": np.zeros((0,), np.int64),
+            "ids": np.zeros((0,), dtype=str),
+            "metrics": {"val/loss": total / rows if rows else float("nan")}}
+
+
 def save_checkpoint(w: Worker, epoch: int, metrics: dict[str, float], val: dict[str, Any]) -> None:
     """Every rank reports the epoch's metrics; rank 0 with the checkpoint (model, train state, meta, val
     predictions), which ``CheckpointConfig`` keeps or drops by ``train.metric``."""
@@ -497,12 +622,15 @@ def save_checkpoint(w: Worker, epoch: int, metrics: dict[str, float], val: dict[
         "val_fraction": spec.val_fraction,
         "test_fraction": spec.test_fraction,
         "has_split_column": spec.has_split_column,
+        "holdout_classes": spec.holdout_classes,
         "epoch": epoch,
         "metrics": metrics,
         "history": w.history,
         "run_name": lc["run_name"],
         "mlflow_run_id": lc.get("mlflow_run_id"),
         "config": lc["cfg"],
+        "pretrain": w.cfg.train.pretrain,
+        "init_from": w.init,
     }
     with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
         write_checkpoint(
@@ -524,8 +652,7 @@ def best_epoch(history: list[dict[str, float]], metric: str, mode: str) -> int |
     seen = [h for h in history if metric in h and math.isfinite(float(h[metric]))]
     if not seen:
         return None
-    sign = 1.0 if mode == "max" else -1.0
-    return int(max(seen, key=lambda h: (sign * float(h[metric]), -float(h["epoch"])))["epoch"])
+    return int(max(seen, key=lambda h: selection_key(h, metric, mode))["epoch"])
 
 
 def should_stop_early(history: list[dict[str, float]], metric: str, mode: str, patience: int | None) -> bool:
@@ -554,9 +681,15 @@ def _best_reported(metric: str, mode: str) -> tuple[Any, dict[str, Any]] | None:
     reported = [r for r in ray.train.get_all_reported_checkpoints() if metric in r.metrics]
     if not reported:
         return None
-    pick = max if mode == "max" else min
-    best = pick(reported, key=lambda r: (float(r.metrics[metric]), -float(r.metrics.get("epoch", 0))))
+    best = max(reported, key=lambda r: selection_key(r.metrics, metric, mode))
     return best.checkpoint, dict(best.metrics)
+
+
+def selection_key(metrics: dict[str, Any], metric: str, mode: str) -> tuple[float, float]:
+    """Sort key (higher = better) of a reported epoch: its ``metric``, then the earlier epoch on ties, the rule
+    of :func:`best_epoch` and early stopping, so the checkpoint chosen is the epoch that they call best."""
+    sign = 1.0 if mode == "max" else -1.0
+    return sign * float(metrics.get(metric, float("nan"))), -float(metrics.get("epoch", 0))
 
 
 def _log_final(
@@ -589,8 +722,8 @@ def _log_final(
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="raypipe-artifacts-") as tmp:
         preds = read_val_predictions(d)
         title = f"{cfg.model.name} epoch {int(best_metrics.get('epoch', 0))} ({t.metric}={best_metrics.get(t.metric, float('nan')):.3f})"
-        for p in evaluation_artifacts(tmp, scores=preds["scores"], targets=preds["targets"], classes=spec.classes,
-                                      task=t.task, title=title):
+        for p in ([] if t.pretrain else evaluation_artifacts(tmp, scores=preds["scores"], targets=preds["targets"],
+                                                             classes=spec.classes, task=t.task, title=title)):
             run_logger.log_file(p, "best")
         if example_rows is not None:
             example = example_from_shaped(shape_columns(example_rows, spec.shard_info))

@@ -87,6 +87,9 @@ class RaypipeConfig(StrictModel):
         if self.promote.metric is not None and self.promote.metric not in allowed:
             raise ValueError(f"promote.metric {self.promote.metric!r} is not a metric of task "
                              f"{self.train.task!r}; choose one of {', '.join(allowed)}")
+        if self.eval.zero_shot and not (self.eval.class_names or self.label.class_names):
+            raise ValueError("eval.zero_shot needs class names: set eval.class_names (or label.class_names) to a "
+                             "'code<TAB>name' file")
         return self
 
 

@@ -14,7 +14,7 @@ from raypipe.config.paths import ModelUri, PathStr
 # plus the losses the trainer reports itself. ``f_sco`` additionally needs WBDC 4-digit codes as classes; that
 # is checked against the data before training starts (:func:`raypipe.train.check_metric_for_classes`).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "single_label": ("f_sco", "hit@1", "hit@2", "top1", "top5", "f1_micro", "f1_macro", "loss"),
+    "single_label": ("f_sco", "hit@1", "hit@2", "top1", "top5", "f1_micro", "f1_macro", "gap@20", "map", "loss"),
     "multi_label": ("gap@20", "map", "loss"),
 }
 
@@ -32,9 +32,28 @@ class LossConfig(StrictModel):
     vtm: float = Field(default=0.25, ge=0)
 
 
+# Which options each LR schedule reads; setting one of another schedule is rejected (a typo'd experiment row
+# fails up front instead of silently training with the default curve).
+SCHEDULE_PARAMS: dict[str, tuple[str, ...]] = {
+    "cosine": (),
+    "step": ("step_epochs", "gamma", "max_decays"),
+    "constant": (),
+}
+
+
 class OptimConfig(StrictModel):
-    """AdamW with its own learning rate for the text encoder (fine-tuned BERT wants ~5e-5, fresh heads ~1e-3);
-    linear warm-up over ``warmup_steps`` optimizer steps, then cosine decay to 0 at the last step."""
+    """AdamW with its own learning rate for the text encoder (fine-tuned BERT wants ~5e-5, fresh heads ~1e-3).
+
+    Every schedule starts with a linear warm-up over ``warmup_steps`` optimizer steps, then (step = optimizer
+    step, ``steps_per_epoch`` = train rows per worker / batch_size / grad_accum, rounded up):
+
+    * ``cosine`` (default): cosine decay to 0 at the last step (``epochs x steps_per_epoch``);
+    * ``step``: the LR is multiplied by ``gamma`` every ``step_epochs`` epochs (at the optimizer step
+      ``k x step_epochs x steps_per_epoch``), at most ``max_decays`` times (None = no limit). BiLSTM's paper
+      (Sec. 3.1): lr 7e-4, 30 epochs, decay by 0.2 at epochs 5, 10, 15 and 20 -> ``step_epochs=5, gamma=0.2,
+      max_decays=4`` (preset ``bilstm``);
+    * ``constant``: the LR after warm-up stays ``lr`` / ``text_lr``.
+    """
 
     lr: float = Field(default=3e-4, gt=0)
     text_lr: float = Field(default=5e-5, gt=0)
@@ -42,6 +61,25 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(default=10, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
     grad_accum: int = Field(default=1, ge=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_epochs: int = Field(default=5, ge=1)
+    gamma: float = Field(default=0.1, gt=0, le=1)
+    max_decays: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _only_options_of_the_schedule(self) -> OptimConfig:
+        used = set(SCHEDULE_PARAMS[self.schedule])
+        own = {n for params in SCHEDULE_PARAMS.values() for n in params}
+        # Options left at their default are not stray: a full ``model_dump()`` must validate again.
+        stray = sorted(
+            n for n in (self.model_fields_set & own) - used if getattr(self, n) != type(self).model_fields[n].default
+        )
+        if stray:
+            raise ValueError(
+                f"option(s) {stray} are not used by schedule={self.schedule!r}; it reads "
+                f"{list(SCHEDULE_PARAMS[self.schedule]) or 'none'}"
+            )
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -87,9 +125,40 @@ class TrainConfig(StrictModel):
     # Ray Train run folders (checkpoints, results); a neutral folder in the working directory by default.
     storage_path: PathStr = "raypipe_runs/ray_results"
     # Register the best checkpoint in MLflow (tracking.registered_model_name @ tracking.alias, the challenger).
+    # A pretraining run (train.pretrain) registers only when this is set explicitly.
     register_model: bool = True
+    # Zero-shot protocol (CAV-Net): rows of these classes are left out of train and val (they stay in the test
+    # split and in the model's class list), so ``eval.zero_shot`` can score them against their class names. Each
+    # must be a class of the taxonomy / data (checked before Ray starts); at least 2 classes must remain.
+    holdout_classes: list[str] = Field(default_factory=list)
+    # Self-supervised pretraining (DMAFNet's "+pretrain" row of Table 2): the objective is train.loss's contrastive
+    # + mlm + vtm terms (train.loss.classification is ignored: no labels are scored; the classifier head is frozen),
+    # unlabelled rows are kept, train.metric must be val/loss (that objective on the val rows, mode min), the
+    # test split is left unread and no test metrics are claimed. The model needs one of those heads: DMAFNet
+    # pretrains with all three, CAV-Net with its language-guided contrastive term alone (video vs the sentence
+    # embedding of its own title/text: titles as weak labels). Finetune from its checkpoint with train.init_from.
+    pretrain: bool = False
+    # Start from the weights of a checkpoint: a checkpoint folder (local or s3://) or models:/<name>@<alias> /
+    # models:/<name>/<version>. Every tensor whose name and shape match is loaded; the classifier head
+    # (head.* / classifier.*) is always fresh. It must be a checkpoint of the same model.name. Ignored when the
+    # run resumes from its own checkpoint (that one wins).
+    init_from: ModelUri | None = None
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @model_validator(mode="after")
+    def _pretrain(self) -> TrainConfig:
+        if not self.pretrain:
+            if self.loss.classification == 0:
+                raise ValueError("loss.classification=0 trains no classifier head; keep it > 0 (or set pretrain=true)")
+            return self
+        if (self.metric, self.mode) != ("val/loss", "min"):
+            raise ValueError(
+                f"pretrain=true scores no labels: set metric=val/loss and mode=min (got {self.metric}, {self.mode})"
+            )
+        if not any(w > 0 for w in (self.loss.contrastive, self.loss.mlm, self.loss.vtm)):
+            raise ValueError("pretrain=true needs a loss.contrastive / loss.mlm / loss.vtm weight > 0")
+        return self
 
     @model_validator(mode="after")
     def _metric(self) -> TrainConfig:
@@ -111,8 +180,9 @@ class TrainConfig(StrictModel):
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves under 10% of the "
                 "rows for training; lower one of them"
             )
-        if self.loss.classification == 0:
-            raise ValueError("loss.classification=0 trains no classifier head; keep it > 0")
+        dup = sorted({c for c in self.holdout_classes if self.holdout_classes.count(c) > 1})
+        if dup:
+            raise ValueError(f"holdout_classes lists {dup} more than once")
         return self
 
 
@@ -129,7 +199,25 @@ class EvalConfig(StrictModel):
     # "auto": a GPU when one is visible (raypipe eval runs in the driver, outside Ray's GPU assignment), else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
+    # A grid in one call (raypipe.evaluate.evaluate_grid): every model x every corruption, the data read once and
+    # each model loaded once. Empty lists mean [model_uri] and [corruption]. "none" in corruptions is the clean row.
+    models: list[ModelUri] = Field(default_factory=list)
+    corruptions: list[CorruptionConfig] = Field(default_factory=list)
+    # Also score zero-shot (models with a zero_shot_logits head, CAV-Net): each row against the text embeddings of
+    # the class names (embedded like raypipe label's zero_shot mode) -> zs/top1, zs/top5. The rows scored are the
+    # split's rows of the model's train.holdout_classes, or every row of the split when it held none out.
+    zero_shot: bool = False
+    # "code<TAB>name" lines (the corpus's class_names.txt); None: label.class_names. Needed by zero_shot.
+    class_names: PathStr | None = None
     # JSON report with the metrics (optional); the metrics are also logged and returned.
     output: PathStr | None = None
-    # Log an MLflow run (metrics + report) into tracking.experiment when tracking.enabled.
+    # Log an MLflow run (metrics + report) into tracking.experiment when tracking.enabled; a grid of several rows
+    # logs a parent run (the whole report) with one child run per (model, corruption).
     log_mlflow: bool = True
+
+    @model_validator(mode="after")
+    def _grid(self) -> EvalConfig:
+        dup = sorted({m for m in self.models if self.models.count(m) > 1})
+        if dup:
+            raise ValueError(f"models lists {dup} more than once")
+        return self

@@ -22,7 +22,7 @@ the inputs of the auxiliary losses in :mod:`raypipe.losses`:
 """
 
 # Importing the model modules runs their @register_model decorators.
-from raypipe.models import baselines, bilstm_attn, cavnet, dmafnet, mfb  # noqa: F401
+from raypipe.models import baselines, bilstm_attn, cavnet, dmafnet, mfb, videobert  # noqa: F401
 from raypipe.models.registry import builder_params, create_model, list_models, register_model
 from raypipe.models.resolve import ModelOptionError, resolve_kwargs
 

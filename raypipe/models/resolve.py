@@ -96,6 +96,24 @@ def resolve_kwargs(
     return kwargs
 
 
+def pretrain_problem(name: str, weights: Mapping[str, float] | None = None) -> str | None:
+    """Why model ``name`` cannot pretrain (``train.pretrain``: its auxiliary objectives without labels) under the
+    loss ``weights`` (None: any weight), or None. At least one weighted auxiliary term must be a head the model
+    has, else it would train nothing but an unused head: DMAFNet pretrains with contrastive + MLM + VTM, CAV-Net
+    with its one language-guided contrastive term (video vs the sentence embedding of its own text)."""
+    from raypipe.models.registry import list_models
+
+    have = [t for t in AUX_TERMS if t in builder_params(name)]
+    if any((weights or {}).get(t, 1.0) > 0 for t in have):
+        return None
+    if have:
+        return (f"model {name!r} pretrains with its {' / '.join(have)} head(s), which train.loss weighs 0 "
+                f"(set train.loss.{have[0]} > 0)")
+    able = [m for m in list_models() if any(t in builder_params(m) for t in AUX_TERMS)]
+    return (f"model {name!r} has no contrastive / MLM / VTM head to pretrain (models that have one: "
+            f"{', '.join(able)})")
+
+
 def contrastive_loss_kind(model: Any) -> str:
     """The contrastive loss a model was designed with: its ``contrastive_loss`` attribute (CAV-Net: InfoNCE),
     MIL-NCE otherwise (DMAFNet's paper, Eq. 9)."""

@@ -42,6 +42,7 @@ TINY: dict[str, dict[str, Any]] = {
     "frames_only": dict(aggregation="avgpool", hidden=32),
     "audio_only": dict(aggregation="avgpool", hidden=32),
     "text_only": dict(hidden=32),
+    "videobert": dict(text_encoder_path=None, text_hidden=16, text_layers=1, text_heads=2),
 }
 
 # The comparison runs: same data, split, epochs, optimiser defaults (train.optim: lr, text_lr, warm-up) and workers;
@@ -235,30 +236,37 @@ def test_mlflow_run_has_params_metrics_artifacts_and_a_loadable_registered_model
 
 
 def test_eval_reproduces_training_metrics_and_measures_corruptions(fusion_run, tmp_path: Path) -> None:
-    from raypipe.evaluate import evaluate
+    from raypipe.config.corruption import CorruptionConfig
+    from raypipe.evaluate import evaluate_grid
+    from raypipe.evaluate import run as eval_run
 
     cfg, res = fusion_run
     name, alias = cfg.tracking.registered_model_name, cfg.tracking.alias
     base = cfg.model_copy(deep=True)
     base.eval.model_uri = f"models:/{name}@{alias}"
     base.eval.output = str(tmp_path / "eval.json")
-    report = evaluate(base)  # eval.split=auto: the model has a test split, so that is what is scored
-    assert report["split"] == "test" and report["num_rows"] == res.num_test
-    assert report["metrics"]["eval/f_sco"] == pytest.approx(res.test_metrics["test/f_sco"], abs=1e-9)
-    on_val = base.model_copy(deep=True)
-    on_val.eval.split, on_val.eval.log_mlflow, on_val.eval.output = "val", False, None
-    assert evaluate(on_val)["metrics"]["eval/f_sco"] == pytest.approx(res.best_metrics["val/f_sco"], abs=1e-9)
-    assert json.loads((tmp_path / "eval.json").read_text())["num_rows"] == report["num_rows"]
-    assert MlflowClient(cfg.tracking.tracking_uri).get_run(report["mlflow_run_id"]).data.metrics["eval/f_sco"] == (
-        pytest.approx(report["metrics"]["eval/f_sco"]))
+    assert eval_run(base) == 0  # eval.split=auto: the model has a test split, so that is what is scored
+    report = json.loads((tmp_path / "eval.json").read_text())
+    (clean,) = report["rows"]
+    assert clean["split"] == "test" and clean["rows"] == res.num_test
+    assert clean["metrics"]["test/f_sco"] == pytest.approx(res.test_metrics["test/f_sco"], abs=1e-9)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    (child,) = client.search_runs([client.get_run(report["mlflow_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{report['mlflow_run_id']}'")
+    assert child.data.metrics["test/f_sco"] == pytest.approx(clean["metrics"]["test/f_sco"])
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    quiet = base.model_copy(deep=True)
+    quiet.eval.log_mlflow, quiet.eval.output = False, None
+    on_val = quiet.model_copy(deep=True)
+    on_val.eval.split = "val"
+    assert evaluate_grid(on_val)[0]["metrics"]["val/f_sco"] == pytest.approx(res.best_metrics["val/f_sco"], abs=1e-9)
 
-    noisy = cfg.model_copy(deep=True)
-    noisy.eval.model_uri = base.eval.model_uri
-    noisy.eval.log_mlflow = False
-    noisy.eval.corruption = noisy.eval.corruption.model_validate({"kind": "zero_modality", "modality": "text"})
-    no_text = evaluate(noisy)
-    assert no_text["metrics"] == report["metrics"]
-    # The reference: the val rows with the text removed by hand, scored by the same registered model.
+    no_text = CorruptionConfig(kind="zero_modality", modality="text")
+    drop, drop_none = CorruptionConfig(kind="drop_features", p=0.3), CorruptionConfig(kind="drop_features", p=0.0)
+    rows = evaluate_grid(quiet, corruptions=[CorruptionConfig(), no_text, drop, drop, drop_none])
+    again, text_free_m, dropped, dropped_again, dropped_none = [r["metrics"] for r in rows]
+    assert again == pytest.approx(clean["metrics"], abs=1e-12)
+    # The reference: the test rows with the text removed by hand, scored by the same registered model.
     clf = load_classifier(base.eval.model_uri, tracking_uri=cfg.tracking.tracking_uri)
     arrays = _split_arrays(cfg, clf.classes, clf.meta, "test")
     batch = to_torch({k: v for k, v in arrays.items() if k != "video_id"})
@@ -267,19 +275,10 @@ def test_eval_reproduces_training_metrics_and_measures_corruptions(fusion_run, t
     text_free = clf.scores_from_logits(clf.logits(apply_corruption(batch, "zero_modality", modality="text",
                                                                    pad_token_id=pad)))
     assert not np.allclose(text_free, clean_scores, atol=1e-4)  # the fusion model does read the text
-    expected = compute_metrics(text_free, arrays["label"], task="single_label", classes=clf.classes,
-                               prefix="eval_zero_modality/")
-    assert no_text["corrupted_metrics"] == pytest.approx(expected, abs=1e-9)
-    assert no_text["delta"]["f_sco"] == pytest.approx(
-        expected["eval_zero_modality/f_sco"] - report["metrics"]["eval/f_sco"], abs=1e-9)
-    noisy.eval.corruption = noisy.eval.corruption.model_validate({"kind": "drop_features", "p": 0.3})
-    dropped = evaluate(noisy)
-    assert set(dropped["corrupted_metrics"]) == {k.replace("eval/", "eval_drop_features/") for k in report["metrics"]}
-    assert evaluate(noisy)["corrupted_metrics"] == dropped["corrupted_metrics"]  # seeded: the same frames dropped
-    # dropping nothing is the clean evaluation, value for value
-    noisy.eval.corruption = noisy.eval.corruption.model_validate({"kind": "drop_features", "p": 0.0})
-    assert {k.replace("eval_drop_features/", "eval/"): v for k, v in evaluate(noisy)["corrupted_metrics"].items()} == (
-        pytest.approx(report["metrics"], abs=1e-12))
+    expected = compute_metrics(text_free, arrays["label"], task="single_label", classes=clf.classes, prefix="test/")
+    assert text_free_m == pytest.approx(expected, abs=1e-9)
+    assert set(dropped) == set(again) and dropped == dropped_again  # seeded: the same frames dropped each time
+    assert dropped_none == pytest.approx(again, abs=1e-12)  # dropping nothing is the clean evaluation
 
 
 def test_injected_crash_resumes_from_checkpoint_with_the_same_curve(tiny_text_run, make_cfg, monkeypatch) -> None:
@@ -292,6 +291,8 @@ def test_injected_crash_resumes_from_checkpoint_with_the_same_curve(tiny_text_ru
                        name="resume"))
     assert (Path(res.run_dir) / FAULT_MARKER).is_file()  # the first attempt crashed after epoch 1 ...
     assert res.resumed_from_epoch == 1  # ... and the restarted attempt continued from its checkpoint
+    # the run's timeline reaches the restarted attempt's first step (its start-up phases are in the log line)
+    assert {"ray_init", "worker_start", "model_built", "first_step"} <= set(res.phases) and res.phases["startup"] > 0
     epochs = list(range(1, len(reference.history) + 1))
     assert [h["epoch"] for h in res.history] == [h["epoch"] for h in reference.history] == epochs
     for ref, got in zip(reference.history, res.history, strict=True):

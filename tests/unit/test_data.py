@@ -187,7 +187,7 @@ def test_prepare_counts_train_val_test(tmp_path: Path) -> None:
 
 
 def test_early_stopping_reads_only_the_history_of_the_selection_metric() -> None:
-    from raypipe.train_worker import best_epoch, should_stop_early
+    from raypipe.train_worker import best_epoch, selection_key, should_stop_early
 
     hist = [{"epoch": e, "val/f_sco": v} for e, v in enumerate([0.2, 0.5, 0.5, 0.4, 0.45], start=1)]
     assert best_epoch(hist, "val/f_sco", "max") == 2  # the first of equal scores
@@ -195,6 +195,10 @@ def test_early_stopping_reads_only_the_history_of_the_selection_metric() -> None
     assert should_stop_early(hist, "val/f_sco", "max", 3)
     assert not should_stop_early(hist, "val/f_sco", "max", None)
     assert best_epoch([{"epoch": 1, "val/loss": 2.0}, {"epoch": 2, "val/loss": 1.0}], "val/loss", "min") == 2
+    # The checkpoint choice (driver and rank 0) uses the same key: the first of equal values, in both modes.
+    tied = [{"epoch": 3, "val/loss": 1.0}, {"epoch": 2, "val/loss": 1.0}, {"epoch": 1, "val/loss": 1.5}]
+    assert max(tied, key=lambda h: selection_key(h, "val/loss", "min"))["epoch"] == 2
+    assert max(hist, key=lambda h: selection_key(h, "val/f_sco", "max"))["epoch"] == best_epoch(hist, "val/f_sco", "max")
 
 
 def test_shape_and_collate_from_arrow_and_numpy_agree(tmp_path: Path) -> None:

@@ -187,3 +187,20 @@ def test_compute_metrics_multi_label() -> None:
     assert m["val/map"] == pytest.approx(mean_average_precision(scores, labels))
     with pytest.raises(ValueError, match="30 classes"):
         compute_metrics(scores[:, :5], labels, task="multi_label", classes=[str(i) for i in range(30)])
+
+
+def test_compute_metrics_single_label_gap_and_map_hand_computed() -> None:
+    """Every metric column of the four papers' tables from one single-label scoring (MFB's GAP@20 included).
+
+    Hand computation, 3 videos x 3 classes, truths 0, 2, 1. Pooled top-3 pairs by score: .7 (v0,c0 +), .6 (v1,c1),
+    .5 (v2,c1 +), .3 (v1,c2 +), .2 (v0,c1), .2 (v2,c0), .1 (v0,c2), .1 (v1,c0), .1 (v2,c2); relevant at ranks 1, 3,
+    4 -> GAP = (1/1 + 2/3 + 3/4) / 3 = 29/36. Per-class AP: c0 has one positive ranked first -> 1; c1: scores
+    .6 (v1 -), .5 (v2 +), .2 (v0 -) -> 1/2; c2: .3 (v1 +) first -> 1; mAP = 2.5 / 3 = 5/6. Hit@1: v0, v2 -> 2/3.
+    """
+    scores = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.5, 0.1]])
+    y = np.array([0, 2, 1])
+    m = compute_metrics(scores, y, task="single_label", classes=["0101", "0102", "0201"], prefix="test/")
+    assert m["test/gap@20"] == pytest.approx(29 / 36) and m["test/map"] == pytest.approx(5 / 6)
+    assert m["test/hit@1"] == m["test/top1"] == pytest.approx(2 / 3)
+    assert m["test/hit@2"] == pytest.approx(1.0) and m["test/top5"] == pytest.approx(1.0)
+    assert set(m) >= {f"test/{k}" for k in ("f_sco", "hit@1", "hit@2", "top1", "top5", "gap@20", "map")}

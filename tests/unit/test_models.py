@@ -43,6 +43,7 @@ TINY: dict[str, dict[str, Any]] = {
     "frames_only": dict(clusters=4, nextvlad_out=8, hidden=16),
     "audio_only": dict(clusters=4, nextvlad_out=8, hidden=16),
     "text_only": dict(text_encoder_path=None, text_hidden=16, text_layers=1, text_heads=2, hidden=16),
+    "videobert": dict(text_encoder_path=None, text_hidden=16, text_layers=1, text_heads=2),
 }
 ALL_AUX = {"classification": 1.0, "contrastive": 1.0, "mlm": 0.25, "vtm": 0.25}
 CLS_ONLY = {"classification": 1.0, "contrastive": 0.0, "mlm": 0.0, "vtm": 0.0}
@@ -164,7 +165,8 @@ def case_id(case: tuple[str, dict[str, Any], dict[str, float], bool]) -> str:
 
 
 def test_registry_has_every_paper_model_and_baseline() -> None:
-    expected = {"dmafnet", "mfb", "bilstm_attn", "cavnet", "wbdc_baseline", "frames_only", "audio_only", "text_only"}
+    expected = {"dmafnet", "mfb", "bilstm_attn", "cavnet", "wbdc_baseline", "frames_only", "audio_only", "text_only",
+                "videobert"}
     assert expected <= set(list_models())
     for name in list_models():
         params = builder_params(name)
