@@ -163,7 +163,7 @@ def main() -> int:
           f"plain loop spends {ratios['plain_decode_share']:.0%} of its time decoding")
     for name, r in (("pipeline", pipe), *variants.items()):
         print(f"{name}: stage busy share of wall {r.get('stage_busy_share')}, decode {r['decode_seconds']:.1f} s, "
-              f"encode {r.get('encode_seconds', 0):.1f} s over {r['seconds']:.1f} s")
+              f"encode {(r.get('stage_seconds') or {}).get('encode', 0):.1f} s over {r['seconds']:.1f} s")
     print(f"encode cost fit (plain loop): {per_video:.4f} s per video + {per_frame:.4f} s per frame")
     return 0
 

@@ -120,6 +120,9 @@ def _stage_train(overrides: list[str]) -> dict[str, Any]:
     steps = sum(math.ceil(h["train/samples_per_s"] * h["train/epoch_s"] / t.num_workers / t.batch_size) for h in later)
     return {"steps_per_s": round(steps / max(seconds, 1e-9), 2), "samples_per_s": round(samples / max(seconds, 1e-9), 1),
             "workers": t.num_workers, "epochs": len(res.history), "best_checkpoint": res.best_checkpoint,
+            # start-up to the first step and its phases, as bench/bench_train.py reports them (Ray already up here)
+            "startup_s": res.phases.get("startup"),
+            "startup_phases": {k: v for k, v in res.phases.items() if not k.startswith("epoch_") and k != "startup"},
             "best_metrics": {k: v for k, v in res.best_metrics.items() if k.startswith("val/")}}
 
 
