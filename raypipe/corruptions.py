@@ -8,13 +8,15 @@ stays exactly zero. Every function returns a new dict and leaves the input batch
 touch are shared, not copied.
 
 DMAFNet's robustness study drops 30 % of the features (``drop_features(p=0.3)``) and adds Gaussian noise to the
-frame features (``gaussian_noise``); ``zero_modality`` gives the single-modality ablations at test time.
+frame features (``gaussian_noise``); ``zero_modality`` gives the single-modality ablations at test time;
+``drop_tokens`` drops words of the text (each non-special token with probability ``p``), the text counterpart of
+``drop_features``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +34,11 @@ MODALITY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 # Options that are not part of CorruptionConfig (they follow from the data, not the experiment).
-_EXTRA_PARAMS: dict[str, set[str]] = {"drop_features": {"keep_one_frame"}, "zero_modality": {"pad_token_id"}}
+_EXTRA_PARAMS: dict[str, set[str]] = {
+    "drop_features": {"keep_one_frame"},
+    "drop_tokens": {"pad_token_id", "special_token_ids"},
+    "zero_modality": {"pad_token_id"},
+}
 
 
 def _draw(kind: str, shape: torch.Size, *, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -82,6 +88,48 @@ def drop_features(
         raise KeyError(
             f"drop_features needs frame_feats/frame_mask or audio_feats/audio_mask; present: {sorted(batch)}"
         )
+    return out
+
+
+def drop_tokens(
+    batch: Batch,
+    p: float,
+    generator: torch.Generator | None = None,
+    *,
+    pad_token_id: int = 0,
+    special_token_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Drop each real, non-special text token independently with probability ``p``.
+
+    A dropped token becomes ``pad_token_id`` with its attention bit cleared, so the text encoder reads a shorter
+    text (the tokens are not moved together: positions keep their embeddings, as for a dropped frame).
+    Special tokens ([CLS], [SEP], ...) stay: a BERT tower pools from [CLS] and was never trained without it.
+    They are ``special_token_ids`` (``raypipe eval`` passes the tokenizer's ``special_ids`` from ShardInfo);
+    with None the first and the last real position of each row are kept (BERT's [CLS] ... [SEP] layout).
+
+    ``text_emb`` is one sentence embedding of the whole text, which cannot be recomputed from the surviving
+    tokens without the text encoder; it is zeroed for each row with probability ``p`` (one draw per row), so a
+    model reading it loses the same expected share of its text evidence as one reading the tokens.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"drop probability p must be in [0, 1], got {p}")
+    _require(batch, ("input_ids", "attention_mask"), "drop_tokens")
+    ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, L), (B, L)
+    real = attn.bool()
+    if special_token_ids is not None:
+        special = torch.isin(ids, torch.as_tensor(list(special_token_ids), dtype=ids.dtype, device=ids.device))
+    else:
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]  # (1, L)
+        first = real.float().argmax(dim=1, keepdim=True)  # (B, 1)
+        last = ids.shape[1] - 1 - real.flip(1).float().argmax(dim=1, keepdim=True)  # (B, 1)
+        special = (positions == first) | (positions == last)  # (B, L)
+    drop = real & ~special & (_draw("uniform", ids.shape, like=attn, generator=generator) < p)  # (B, L)
+    out = dict(batch)
+    out["input_ids"] = ids.masked_fill(drop, pad_token_id)
+    out["attention_mask"] = attn.masked_fill(drop, 0)
+    if "text_emb" in batch:
+        gone = _draw("uniform", batch["text_emb"].shape[:1], like=batch["text_emb"], generator=generator) < p  # (B,)
+        out["text_emb"] = batch["text_emb"].masked_fill(gone[:, None], 0.0)
     return out
 
 
@@ -145,6 +193,9 @@ def apply_corruption(
         return dict(batch)
     if kind == "drop_features":
         return drop_features(batch, params.get("p", 0.3), generator, keep_one_frame=params.get("keep_one_frame", True))
+    if kind == "drop_tokens":
+        return drop_tokens(batch, params.get("p", 0.3), generator, pad_token_id=params.get("pad_token_id", 0),
+                           special_token_ids=params.get("special_token_ids"))
     if kind == "gaussian_noise":
         return gaussian_noise(batch, params.get("std", 0.1), generator, relative=params.get("relative", False))
     return zero_modality(batch, params.get("modality", "frames"), pad_token_id=params.get("pad_token_id", 0))

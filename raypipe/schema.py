@@ -9,12 +9,12 @@ column             arrow type          meaning
 video_id           string              stable id (file stem, manifest id or annotation id)
 source_uri         string              where the video was read from
 duration_s         float64             container duration
-num_frames         int32               sampled frames, <= MAX_FRAMES
+num_frames         int32               sampled frames, <= T
 frame_times        list<float32>       timestamps (s) of the sampled frames
-frame_emb          list<float16>       [MAX_FRAMES, frame_dim] flat, zero-padded
-frame_mask         list<bool>          [MAX_FRAMES]
-audio_emb          list<float16>       [MAX_FRAMES, audio_dim] flat, aligned to frame_times
-audio_mask         list<bool>          [MAX_FRAMES], all false when the video has no audio
+frame_emb          list<float16>       [T, frame_dim] flat, zero-padded
+frame_mask         list<bool>          [T]
+audio_emb          list<float16>       [T, audio_dim] flat, aligned to frame_times
+audio_mask         list<bool>          [T], all false when the video has no audio
 title, asr, ocr    string              raw sidecar text (ocr/asr flattened to text)
 text               string              cleaned "title asr ocr"
 input_ids          list<int32>         [text_len] token ids of ``text``
@@ -26,6 +26,10 @@ labels             list<string>        multi-label corpora (YouTube-8M); empty o
 ocr_timed          string (JSON)       only with ``embed.ocr``: the text read, ``[{time, text}]`` like WBDC
 asr_timed          string (JSON)       only with ``embed.asr``: ``{"text", "words": [{word, start, end}]}``
 =================  ==================  ==========================================================
+
+T is ``ShardInfo.max_frames`` (``embed.decode.max_frames``: 32 by default, up to 300; :data:`MAX_FRAMES` is only
+the default of shards written before the field existed). A row costs ``T x (frame_dim + audio_dim) x 2`` bytes of
+features (691 KB at T = 300 for YouTube-8M's 1024 + 128).
 
 Failed videos never appear here: they go to the errors table (:data:`ERROR_COLUMNS`). :func:`to_feature_tables`
 turns a batch of fixed-shape arrays (the embed job's and the importers' rows) into both tables, so the columns

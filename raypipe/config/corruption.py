@@ -12,12 +12,13 @@ from pydantic import Field, model_validator
 
 from raypipe.config.base import StrictModel
 
-CorruptionKind = Literal["none", "drop_features", "gaussian_noise", "zero_modality"]
+CorruptionKind = Literal["none", "drop_features", "drop_tokens", "gaussian_noise", "zero_modality"]
 
 # Which options each kind reads; setting another one is rejected so a typo'd experiment fails up front.
 KIND_PARAMS: dict[str, tuple[str, ...]] = {
     "none": (),
     "drop_features": ("p",),
+    "drop_tokens": ("p",),
     "gaussian_noise": ("std", "relative"),
     "zero_modality": ("modality",),
 }
@@ -25,6 +26,9 @@ KIND_PARAMS: dict[str, tuple[str, ...]] = {
 
 class CorruptionConfig(StrictModel):
     """One corruption applied to every evaluation batch (DMAFNet robustness: drop 30 %, Gaussian noise).
+
+    ``drop_features`` drops frame and audio vectors, ``drop_tokens`` text tokens (and the row's pooled
+    ``text_emb`` with the same probability), each with probability ``p``.
 
     ``seed`` seeds the generator of the random corruptions, so two evaluations of one model see the same
     dropped frames and the same noise.

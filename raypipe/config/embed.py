@@ -59,8 +59,25 @@ class SourceConfig(StrictModel):
 
 
 class DecodeConfig(StrictModel):
+    """Which frames (and frame-aligned audio windows) of a video are decoded; see :mod:`raypipe.io.decode`.
+
+    ``max_frames`` (1..300): 32 is the WBDC/DMAFNet setting, 300 the YouTube-8M / MFB one (every second of a
+    5-minute video). Memory grows linearly with it. Per video at 300 frames:
+
+    * decode (one decode task holds ``embed.videos_per_block`` such videos): frames ``300 x image_size^2 x 3``
+      bytes uint8 (11.3 MB at 112 px, 45 MB at 224 px) + audio ``300 x window x 4`` bytes float32 (19.2 MB for
+      1 s windows at 16 kHz); the resource planner raises the decode task's memory ask above
+      ``embed.decode_memory_mb`` when a block needs more (:func:`raypipe.resources.decode_bytes_per_video`);
+    * feature shards: ``300 x (frame_dim + audio_dim) x 2`` bytes float16, padded to max_frames for every video
+      (307 KB for resnet10t's 512 + 0; 691 KB for YouTube-8M's 1024 + 128); training and eval batches hold them
+      as float32 (``x 4`` bytes: 1.4 MB per YouTube-8M video).
+
+    The models' positional embeddings are sized from the shards' ``max_frames`` (ShardInfo), so a model trained
+    on 300-frame shards only reads 300-frame shards.
+    """
+
     fps: float = Field(default=1.0, gt=0)
-    max_frames: int = Field(default=32, ge=1, le=32)
+    max_frames: int = Field(default=32, ge=1, le=300)
     sampling: Literal["head", "uniform"] = "head"
     audio_sample_rate: int = Field(default=16000, ge=8000)
     # Audio window per sampled frame, centred on the frame time; None = 1 / fps.

@@ -11,7 +11,10 @@ tokenised and embedded with the configured text encoder so the rows are complete
   the JSON. No audio: ``audio_dim = 0`` and all-false ``audio_mask``. Ids without features -> errors
   (reason ``missing_features``); unreadable arrays -> ``corrupt``.
 * YouTube-8M: ``embed.source.uri`` = TFRecord path or glob; ``rgb`` (1024) and ``audio`` (128) uint8 per second,
-  dequantised like the starter code (``x * 4/255 + (4/512 - 2)``), ``labels`` = class indices as strings.
+  dequantised like the starter code (``x * 4/255 + (4/512 - 2)``), ``labels`` = class indices as strings. Up to
+  ``embed.decode.max_frames`` seconds are kept (300 = every second of a YouTube-8M record, as the MFB paper
+  trains); a longer record is subsampled uniformly over its whole length (:func:`uniform_indices`), never cut to
+  its first seconds: the video-level labels describe the whole video. ``frame_times`` are the kept seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ def dequantize(x: np.ndarray, max_q: float = 2.0, min_q: float = -2.0) -> np.nda
     scalar = (max_q - min_q) / 255.0
     bias = (max_q - min_q) / 512.0 + min_q
     return x.astype(np.float32) * scalar + bias
+
+
+def uniform_indices(n: int, t: int) -> np.ndarray:
+    """Which of ``n`` per-second feature rows to keep for at most ``t`` frames: all of them when ``n <= t``, else
+    ``t`` evenly spaced over the whole video (``floor(k * n / t)``, the decoder's ``sampling=uniform`` rule)."""
+    if n <= t:
+        return np.arange(n)
+    return (np.arange(t) * n) // t
 
 
 def _wbdc_items(cfg: RaypipeConfig) -> Iterator[dict[str, Any]]:
@@ -83,9 +94,12 @@ def _yt8m_items(cfg: RaypipeConfig) -> Iterator[dict[str, Any]]:
                 vid = (ctx.get("id") or [f"{p}:{k}".encode()])[0].decode()
                 ref = VideoRef(video_id=vid, source_uri=f"{cfg.embed.source.uri}#{vid}",
                                labels=[str(x) for x in ctx.get("labels", [])])
-                rgb = [np.frombuffer(x[0], np.uint8) for x in lists.get("rgb", [])[:t]]
-                aud = [np.frombuffer(x[0], np.uint8) for x in lists.get("audio", [])[:t]]
-                item = {"ref": ref, "frames": None, "audio": None, "reason": "", "error": ""}
+                rgb_all, aud_all = lists.get("rgb", []), lists.get("audio", [])
+                keep = uniform_indices(len(rgb_all), t)
+                rgb = [np.frombuffer(rgb_all[i][0], np.uint8) for i in keep]
+                aud = [np.frombuffer(aud_all[i][0], np.uint8) for i in keep if i < len(aud_all)]
+                item = {"ref": ref, "frames": None, "audio": None, "reason": "", "error": "",
+                        "times": keep.astype(np.float32), "duration": float(len(rgb_all))}
                 if not rgb:
                     item.update(reason="no_video_stream", error="record has no rgb frames")
                 else:
@@ -131,6 +145,8 @@ def import_features(cfg: RaypipeConfig) -> dict[str, Any]:
         audio_emb = np.zeros((b, t, audio_dim), np.float16)
         num = np.zeros(b, np.int32)
         amask = np.zeros((b, t), bool)
+        times = np.tile(np.arange(t, dtype=np.float32), (b, 1))  # WBDC: one feature row per second
+        duration = np.zeros(b, np.float64)
         for i, it in enumerate(chunk):
             r = it["ref"]
             for k in ("video_id", "source_uri", "title", "asr", "ocr"):
@@ -146,6 +162,9 @@ def import_features(cfg: RaypipeConfig) -> dict[str, Any]:
             if it["frames"] is not None:
                 n = len(it["frames"])
                 num[i] = n
+                duration[i] = it.get("duration", n)
+                if it.get("times") is not None:
+                    times[i, :n] = it["times"][:n]
                 frame_emb[i, :n] = it["frames"][:, :frame_dim]
                 if it["audio"] is not None and audio_dim:
                     na = min(n, len(it["audio"]))
@@ -155,7 +174,7 @@ def import_features(cfg: RaypipeConfig) -> dict[str, Any]:
         arrays["status"] = np.array(batch["status"])
         arrays = encoder(arrays)
         arrays.update(
-            num_frames=num, duration_s=num.astype(np.float64), frame_times=np.tile(np.arange(t, dtype=np.float32), (b, 1)),
+            num_frames=num, duration_s=duration, frame_times=times,
             frame_emb=frame_emb, frame_mask=np.arange(t)[None] < num[:, None], audio_emb=audio_emb, audio_mask=amask,
         )
         table, errors = to_feature_tables(arrays, info)

