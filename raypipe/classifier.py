@@ -364,9 +364,10 @@ def load_classifier(uri: str, storage: StorageConfig | None = None, *, tracking_
 # ------------------------------------------------------------------------------------------ warm start
 
 # The parameters that map the fused representation to class logits, by name prefix in every registered model
-# (dmafnet / baselines: ``head``, cavnet / mfb / bilstm_attn / nextvlad: ``classifier``): a finetune always
-# starts them fresh, since a pretraining checkpoint's head was never trained (or was trained for other classes).
-HEAD_PREFIXES = ("head.", "classifier.")
+# (dmafnet / baselines: ``head``, cavnet / mfb / bilstm_attn / nextvlad: ``classifier``; DMAFNet's per-stream
+# heads: ``uni_heads``): a finetune always starts them fresh, since a pretraining checkpoint's head was never
+# trained (or was trained for other classes).
+HEAD_PREFIXES = ("head.", "classifier.", "uni_heads.")
 
 
 def is_head_parameter(name: str) -> bool:

@@ -8,7 +8,9 @@ The losses follow the reference semantics in the project's reference sheet (sect
   language-guided contrastive learning.
 * :func:`mask_tokens` / :class:`MLMLoss` implement BERT masking (15 %, then 80/10/10) with labels ``-100``.
 * :func:`sample_hard_negatives` / :class:`VTMLoss` implement ALBEF's in-batch hard-negative matching.
-* :class:`FusionObjective` combines them with the weights of :class:`raypipe.config.LossConfig`.
+* :class:`FusionObjective` combines them with the weights of :class:`raypipe.config.LossConfig`; its optional
+  ``unimodal`` term is the classification loss of per-stream heads (deep supervision of each input, see
+  :class:`raypipe.models.dmafnet.DMAFNet`).
 
 Why the temperature is *not* a parameter of the loss: under DDP only the wrapped model's parameters are
 all-reduced, so a parameter living in a loss module would drift apart on every rank (and would also be missed
@@ -350,9 +352,10 @@ class ClassificationLoss(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ the objective
 
-TERMS = ("classification", "contrastive", "mlm", "vtm")
+TERMS = ("classification", "contrastive", "mlm", "vtm", "unimodal")
 _REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
     "classification": ("logits",),
+    "unimodal": ("uni_logits",),
     "contrastive": ("con_video", "con_text", "logit_scale"),
     "mlm": ("mlm_logits", "mlm_labels"),
     "vtm": ("vtm_logits", "vtm_labels"),
@@ -360,9 +363,10 @@ _REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
 
 
 class FusionObjective(nn.Module):
-    """``L = w_cls l_class + w_con l_con + w_mlm l_mlm + w_vtm l_vtm`` over a model's output dict.
+    """``L = w_cls l_class + w_con l_con + w_mlm l_mlm + w_vtm l_vtm + w_uni l_uni`` over a model's output dict.
 
-    Paper default (DMAFNet): weights 1, 1, 0.25, 0.25. A weight of 0 switches its term off (its outputs, if the
+    Paper default (DMAFNet): weights 1, 1, 0.25, 0.25 (and 0 for ``unimodal``, which is not in the paper:
+    ``l_uni`` is the mean classification loss of the per-stream heads' ``uni_logits`` ``(B, S, C)``). A weight of 0 switches its term off (its outputs, if the
     model still produces them, are ignored); a positive weight whose outputs are missing is a configuration
     error and raises, naming the missing keys and the config key to change. ``forward`` returns the total and
     the unweighted terms (detached, for logging). ``contrastive="infonce"`` selects CAV-Net's symmetric InfoNCE
@@ -377,11 +381,13 @@ class FusionObjective(nn.Module):
         contrastive: float = 1.0,
         mlm: float = 0.25,
         vtm: float = 0.25,
+        unimodal: float = 0.0,
         contrastive_loss: Literal["milnce", "infonce"] = "milnce",
         gather: bool = True,
     ) -> None:
         super().__init__()
-        self.weights = {"classification": classification, "contrastive": contrastive, "mlm": mlm, "vtm": vtm}
+        self.weights = {"classification": classification, "contrastive": contrastive, "mlm": mlm, "vtm": vtm,
+                        "unimodal": unimodal}
         for name, w in self.weights.items():
             if not math.isfinite(w) or w < 0:
                 raise ValueError(f"train.loss.{name} must be a finite weight >= 0, got {w}")
@@ -409,6 +415,7 @@ class FusionObjective(nn.Module):
             contrastive=cfg.contrastive,
             mlm=cfg.mlm,
             vtm=cfg.vtm,
+            unimodal=cfg.unimodal,
             contrastive_loss=contrastive_loss,
             gather=gather,
         )
@@ -424,15 +431,24 @@ class FusionObjective(nn.Module):
                 f"enable the matching switch in model.params or set train.loss.{name}=0"
             )
 
+    def _unimodal(self, uni_logits: Tensor, target: Tensor) -> Tensor:
+        """Mean over the S streams of each stream head's classification loss; ``uni_logits`` is ``(B, S, C)``."""
+        if uni_logits.dim() != 3:
+            raise ValueError(f"uni_logits must be (B, S, C); got {tuple(uni_logits.shape)}")
+        per_stream = [self.classification(uni_logits[:, s], target) for s in range(uni_logits.shape[1])]
+        return torch.stack(per_stream).mean()
+
     def forward(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         terms: dict[str, Tensor] = {}
         total: Tensor | None = None
         for name in self.active_terms():
             self._require(outputs, name)
+            if name in ("classification", "unimodal") and batch.get(self.target_key) is None:
+                raise ValueError(f"task {self.task!r} needs batch[{self.target_key!r}] for the {name} loss")
             if name == "classification":
-                if batch.get(self.target_key) is None:
-                    raise ValueError(f"task {self.task!r} needs batch[{self.target_key!r}] for the classification loss")
                 value = self.classification(outputs["logits"], batch[self.target_key])
+            elif name == "unimodal":
+                value = self._unimodal(outputs["uni_logits"], batch[self.target_key])
             elif name == "contrastive":
                 value = self.contrastive(outputs["con_video"], outputs["con_text"], outputs["logit_scale"])
             elif name == "mlm":

@@ -30,6 +30,10 @@ class LossConfig(StrictModel):
     contrastive: float = Field(default=1.0, ge=0)
     mlm: float = Field(default=0.25, ge=0)
     vtm: float = Field(default=0.25, ge=0)
+    # Not in the papers: the classification loss of one head per input stream (DMAFNet: the frame stream's
+    # [VCLS], the text's [CLS]), averaged over streams. Deep supervision against one stream carrying the fused
+    # head while another stops learning (docs/GENERALIZATION.md measures it); 0 builds no such heads.
+    unimodal: float = Field(default=0.0, ge=0)
 
 
 # Which options each LR schedule reads; setting one of another schedule is rejected (a typo'd experiment row
@@ -158,6 +162,8 @@ class TrainConfig(StrictModel):
             )
         if not any(w > 0 for w in (self.loss.contrastive, self.loss.mlm, self.loss.vtm)):
             raise ValueError("pretrain=true needs a loss.contrastive / loss.mlm / loss.vtm weight > 0")
+        if self.loss.unimodal > 0:
+            raise ValueError("pretrain=true scores no labels: set loss.unimodal=0 (its stream heads are classifiers)")
         return self
 
     @model_validator(mode="after")

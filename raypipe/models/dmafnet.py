@@ -13,6 +13,7 @@
     text_as_query=False (Eq. 4, F_vt^0 = F_v):  x = F_v;  N x { x += CA(LN x, LN F_t); x += FFN(LN x) }
     x -> LN -> F_vt;  F_vt[:,0] -> MLP -> logits (B,C)
 
+    F_v[:,0] -> MLP, F_t[:,0] -> MLP -> uni_logits (B,2,C)   one head per stream, training only      [unimodal]
     masked ids -> BERT -> fusion -> MLM head (tied to the word embeddings) -> mlm_logits (B,L,V)  [mlm]
     (F_t, F_v) positives + ALBEF hard negatives -> fusion -> F_vt[:,0] -> Linear -> vtm_logits (3B,2)  [vtm]
 
@@ -43,6 +44,12 @@ Choices where the paper is open, and why:
   of each of K-1 contiguous windows of its real tokens (roughly title / speech / on-screen text, in that order):
   the video must match at least one part of its own text, not necessarily the whole. A window with no tokens
   (a short text) repeats the [CLS] state. ``milnce_candidates=1`` is the plain [CLS] symmetric NCE.
+* Per-stream heads (``unimodal``, ``train.loss.unimodal`` > 0; not in the paper, off by default): a classifier
+  on the frame stream's [VCLS] and one on the text's [CLS], trained with the label, their loss averaged. Only
+  the fused head predicts. Why: on small corpora the fused head can lean on one stream (the text) and leave
+  the frame stream unlearnt, and then loses to a frames-only MLP where the text is wrong; deep supervision keeps
+  each stream learning its own evidence (the auxiliary single-modality heads of issue #10; measured in
+  docs/GENERALIZATION.md).
 * MLM runs a second text pass on the masked ids, as ALBEF does, so classification, contrastive and VTM see the
   clean text. MLM and VTM are training-time objectives: in eval mode the model returns logits (and the
   contrastive outputs), never random masks or random negatives.
@@ -104,6 +111,7 @@ class DMAFNet(nn.Module):
         contrastive: bool,
         mlm: bool,
         vtm: bool,
+        unimodal: bool,
         mask_token_id: int | None,
         special_token_ids: Sequence[int] | None,
         mlm_probability: float,
@@ -114,10 +122,10 @@ class DMAFNet(nn.Module):
         self.video_streams = tuple(m for m in self.modalities if m in ("frames", "audio"))
         self.use_text = "text" in self.modalities
         both = bool(self.video_streams) and self.use_text
-        for name, on in (("contrastive", contrastive), ("mlm", mlm), ("vtm", vtm)):
+        for name, on in (("contrastive", contrastive), ("mlm", mlm), ("vtm", vtm), ("unimodal", unimodal)):
             if on and not both:
                 raise ValueError(
-                    f"{name}=True aligns video and text but modalities={self.modalities}; "
+                    f"{name}=True needs a video stream and the text but modalities={self.modalities}; "
                     f"add 'text' and 'frames' to model.params.modalities or set train.loss.{name}=0"
                 )
         if mlm and not text_as_query:
@@ -128,7 +136,7 @@ class DMAFNet(nn.Module):
         if mlm and (mask_token_id is None or special_token_ids is None):
             raise ValueError("mlm=True needs mask_token_id and special_token_ids (from the shards' tokenizer metadata)")
         self.text_as_query = text_as_query
-        self.contrastive, self.mlm, self.vtm = contrastive, mlm, vtm
+        self.contrastive, self.mlm, self.vtm, self.unimodal = contrastive, mlm, vtm, unimodal
         self.mask_token_id = mask_token_id
         self.special_token_ids = tuple(special_token_ids or ())
         self.mlm_probability = mlm_probability
@@ -173,6 +181,10 @@ class DMAFNet(nn.Module):
             self.fusion_norm = nn.LayerNorm(hidden)
 
         self.head = MLPHead(hidden, hidden, num_classes, dropout=dropout)
+        if unimodal:
+            self.uni_heads = nn.ModuleDict(
+                {s: MLPHead(hidden, hidden, num_classes, dropout=dropout) for s in ("video", "text")}
+            )
 
         if contrastive:
             self.con_video_proj = nn.Linear(hidden, proj_dim)
@@ -239,6 +251,9 @@ class DMAFNet(nn.Module):
             cands = text_candidates(text, text_mask, self.milnce_candidates)  # (B, K, H)
             out["con_text"] = self.con_text_proj(cands).flatten(0, 1)  # (B*K, P): clip i's K rows are i*K..i*K+K-1
             out["logit_scale"] = self.logit_scale.exp()  # ()
+        if self.training and self.unimodal:
+            uni = [self.uni_heads["video"](video[:, 0]), self.uni_heads["text"](text[:, 0])]  # 2 x (B, C)
+            out["uni_logits"] = torch.stack(uni, dim=1)  # (B, 2, C)
         if self.training and self.mlm:
             out.update(self._mlm(batch, video, video_mask))
         if self.training and self.vtm:
@@ -336,6 +351,7 @@ def dmafnet(
     contrastive: bool = False,
     mlm: bool = False,
     vtm: bool = False,
+    unimodal: bool = False,
     mask_token_id: int | None = None,
     special_token_ids: Sequence[int] | None = None,
     mlm_probability: float = 0.15,
@@ -369,6 +385,7 @@ def dmafnet(
         contrastive=contrastive,
         mlm=mlm,
         vtm=vtm,
+        unimodal=unimodal,
         mask_token_id=mask_token_id,
         special_token_ids=special_token_ids,
         mlm_probability=mlm_probability,

@@ -5,7 +5,7 @@ data (dims, vocabulary, number of classes, task) and the loss weights. :func:`re
 
 * data-derived kwargs (``num_classes``, ``frame_dim``, ``vocab_size`` ...) are passed only to builders whose
   signature has them, and may not be set by hand (they follow from the feature shards);
-* an auxiliary branch (``contrastive``, ``mlm``, ``vtm``) is switched on exactly when its loss weight is > 0 and
+* an auxiliary branch (``contrastive``, ``mlm``, ``vtm``, ``unimodal``) is switched on exactly when its loss weight is > 0 and
   the builder has the switch, so every parameter of a built model receives a gradient
   (:func:`effective_loss_weights` turns off the weight of a branch the model lacks);
 * ``params`` (``model.params``) must be options of the builder.
@@ -24,7 +24,10 @@ from raypipe.models.registry import builder_params
 
 logger = logging.getLogger(__name__)
 
-AUX_TERMS = ("contrastive", "mlm", "vtm")
+# The label-free objectives: what pretraining trains, and what needs >= 2 clips per batch (in-batch negatives).
+SELF_SUPERVISED_TERMS = ("contrastive", "mlm", "vtm")
+# Every term with a model-side switch (a branch built only when its loss weight is > 0).
+AUX_TERMS = (*SELF_SUPERVISED_TERMS, "unimodal")
 
 
 class ModelOptionError(ValueError):
@@ -103,13 +106,13 @@ def pretrain_problem(name: str, weights: Mapping[str, float] | None = None) -> s
     with its one language-guided contrastive term (video vs the sentence embedding of its own text)."""
     from raypipe.models.registry import list_models
 
-    have = [t for t in AUX_TERMS if t in builder_params(name)]
+    have = [t for t in SELF_SUPERVISED_TERMS if t in builder_params(name)]
     if any((weights or {}).get(t, 1.0) > 0 for t in have):
         return None
     if have:
         return (f"model {name!r} pretrains with its {' / '.join(have)} head(s), which train.loss weighs 0 "
                 f"(set train.loss.{have[0]} > 0)")
-    able = [m for m in list_models() if any(t in builder_params(m) for t in AUX_TERMS)]
+    able = [m for m in list_models() if any(t in builder_params(m) for t in SELF_SUPERVISED_TERMS)]
     return (f"model {name!r} has no contrastive / MLM / VTM head to pretrain (models that have one: "
             f"{', '.join(able)})")
 

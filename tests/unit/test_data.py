@@ -262,10 +262,14 @@ def test_prepare_passes_data_dims_and_loss_switches(train_overrides: list[str]) 
     assert Path(cfg.train.data).is_absolute() and cfg.tracking.tracking_uri.startswith("sqlite:////")
     assert kwargs["num_classes"] == 6 and kwargs["frame_dim"] == 6 and kwargs["vocab_size"] == 2100
     assert kwargs["contrastive"] is True and kwargs["mlm"] is False and kwargs["vtm"] is True
+    assert kwargs["unimodal"] is False  # train.loss.unimodal defaults to 0: no per-stream heads
     assert kwargs["mask_token_id"] == 103 and "text_dim" in kwargs
+    _, _, kw = _prepare(train_overrides + ["model.name=dmafnet", "train.loss.unimodal=0.5"])
+    assert kw["unimodal"] is True
     # A builder without aux switches gets none, and its aux weights are ignored.
-    _, _, kw = _prepare(train_overrides + ["model.name=frames_only", "model.params={aggregation: avgpool}"])
-    assert not {"contrastive", "mlm", "vtm"} & set(kw)
+    _, _, kw = _prepare(train_overrides + ["model.name=frames_only", "model.params={aggregation: avgpool}",
+                                           "train.loss.unimodal=0.5"])
+    assert not {"contrastive", "mlm", "vtm", "unimodal"} & set(kw)
 
 
 @pytest.mark.parametrize(

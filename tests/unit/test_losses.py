@@ -361,6 +361,22 @@ def test_fusion_objective_zero_weight_switches_a_term_off() -> None:
     assert torch.isfinite(total)
 
 
+def test_unimodal_term_is_the_mean_of_each_stream_heads_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(3)
+    out = {"logits": torch.randn(4, 5, generator=g), "uni_logits": torch.randn(4, 2, 5, generator=g, requires_grad=True)}
+    label = torch.tensor([0, 1, 2, 3])
+    objective = FusionObjective(contrastive=0, mlm=0, vtm=0, unimodal=0.5, gather=False)
+    total, terms = objective(out, {"label": label})
+    expected = (F.cross_entropy(out["uni_logits"][:, 0], label) + F.cross_entropy(out["uni_logits"][:, 1], label)) / 2
+    torch.testing.assert_close(terms["unimodal"], expected)
+    torch.testing.assert_close(total, terms["classification"] + 0.5 * expected)
+    total.backward()
+    assert bool(out["uni_logits"].grad[:, 0].abs().sum() > 0) and bool(out["uni_logits"].grad[:, 1].abs().sum() > 0)
+    del out["uni_logits"]
+    with pytest.raises(ValueError, match=r"'unimodal'.*uni_logits.*train\.loss\.unimodal=0"):
+        objective(out, {"label": label})
+
+
 def test_fusion_objective_missing_outputs_raise_clearly() -> None:
     out = _outputs()
     del out["vtm_logits"]

@@ -17,6 +17,7 @@ from torch import nn
 from raypipe.losses import IGNORE_INDEX, FusionObjective
 from raypipe.models import builder_params, create_model, list_models
 from raypipe.models.layers import MFB, DBoF, FCConcat, GatedPooling, MoE, NetVLAD
+from raypipe.models.resolve import AUX_TERMS
 
 C = 4
 DIMS = {"frame_dim": 16, "audio_dim": 8, "text_dim": 12, "vocab_size": 60}
@@ -53,7 +54,7 @@ def build(name: str, weights: dict[str, float], *, multi_label: bool = False, **
     """What the trainer does: the loss switches only for builders whose signature has them."""
     accepted = builder_params(name)
     kwargs: dict[str, Any] = {"num_classes": C, **DIMS, **TINY[name], **params}
-    for switch in ("contrastive", "mlm", "vtm"):
+    for switch in AUX_TERMS:
         if switch in accepted:
             kwargs[switch] = weights.get(switch, 0.0) > 0
     if "multi_label" in accepted:
@@ -68,7 +69,7 @@ def build(name: str, weights: dict[str, float], *, multi_label: bool = False, **
 def active_weights(model: nn.Module, weights: dict[str, float]) -> dict[str, float]:
     """Weights of the terms the model actually produces (a model without a switch gets that weight 0)."""
     out = dict(weights)
-    for switch in ("contrastive", "mlm", "vtm"):
+    for switch in AUX_TERMS:
         if not getattr(model, switch, False):
             out[switch] = 0.0
     return out
@@ -140,6 +141,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, float], bool]] = [
     ("dmafnet", {}, {**ALL_AUX, "mlm": 0.0, "vtm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "vtm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "contrastive": 0.0, "mlm": 0.0}, False),
+    ("dmafnet", {}, {**ALL_AUX, "unimodal": 1.0}, False),
+    ("dmafnet", {}, {**CLS_ONLY, "unimodal": 0.5}, True),
     ("dmafnet", {"modalities": ("frames",)}, CLS_ONLY, False),
     ("dmafnet", {"modalities": ("text",)}, CLS_ONLY, False),
     ("dmafnet", {"modalities": ("frames", "audio", "text")}, ALL_AUX, False),
@@ -209,6 +212,8 @@ def test_forward_backward_every_parameter_gets_a_gradient(case) -> None:
             )
         if term == "mlm":
             assert out["mlm_logits"].shape == (4, 10, DIMS["vocab_size"]) and out["mlm_labels"].shape == (4, 10)
+        if term == "unimodal":
+            assert out["uni_logits"].shape == (4, 2, C)
         if term == "vtm":
             assert out["vtm_logits"].shape == (12, 2)
             assert out["vtm_labels"].tolist() == [1] * 4 + [0] * 8
@@ -231,6 +236,7 @@ def test_eval_is_deterministic_and_has_no_random_aux_outputs(case) -> None:
         a, b = model(batch), model(batch)
     torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=0)
     assert "mlm_logits" not in a and "vtm_logits" not in a  # random masks / negatives are training-only
+    assert "uni_logits" not in a  # only the fused head predicts
 
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n != "text_only"])

@@ -27,6 +27,8 @@ TINY_DMAFNET = ("model.params={frame_layers: 1, frame_heads: 2, fusion_layers: 1
         (["train.pretrain=true"], "pretrain=true scores no labels: set metric=val/loss and mode=min (got val/f_sco, max)"),
         (PRETRAIN + ["train.loss.contrastive=0", "train.loss.mlm=0", "train.loss.vtm=0"],
          "pretrain=true needs a loss.contrastive / loss.mlm / loss.vtm weight > 0"),
+        (PRETRAIN + ["train.loss.unimodal=0.5"],
+         "pretrain=true scores no labels: set loss.unimodal=0 (its stream heads are classifiers)"),
     ],
 )
 def test_pretrain_config_rules(overrides: list[str], expected: str) -> None:
