@@ -55,6 +55,9 @@ VARIANTS: dict[str, list[str]] = {
     # The audio stream as DMAFNet input too (the paper's default is frames + text): where a layout puts evidence
     # in the audio (weak_text: the audio backs up a text that is wrong half the time), fusion without it cannot use it.
     "audio": ["model.params.modalities=[frames,audio,text]"],
+    # One classifier head per input stream beside the fused head (train.loss.unimodal, deep supervision): keeps
+    # the frame stream learning its own evidence where the fused head would lean on a wrong text.
+    "uni": ["train.loss.unimodal=1.0"],
 }
 
 log = logging.getLogger("bench_generalization")
