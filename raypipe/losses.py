@@ -366,10 +366,10 @@ class FusionObjective(nn.Module):
     """``L = w_cls l_class + w_con l_con + w_mlm l_mlm + w_vtm l_vtm + w_uni l_uni`` over a model's output dict.
 
     Paper default (DMAFNet): weights 1, 1, 0.25, 0.25 (and 0 for ``unimodal``, which is not in the paper:
-    ``l_uni`` is the mean classification loss of the per-stream heads' ``uni_logits`` ``(B, S, C)``). A weight of 0 switches its term off (its outputs, if the
-    model still produces them, are ignored); a positive weight whose outputs are missing is a configuration
-    error and raises, naming the missing keys and the config key to change. ``forward`` returns the total and
-    the unweighted terms (detached, for logging). ``contrastive="infonce"`` selects CAV-Net's symmetric InfoNCE
+    ``l_uni`` is the mean classification loss of the per-stream heads' ``uni_logits`` ``(B, S, C)``).
+    A weight of 0 switches its term off (its outputs, if the model still produces them, are ignored); a positive
+    weight whose outputs are missing is a configuration error and raises, naming the missing keys and the config
+    key to change. ``forward`` returns the total and the unweighted terms (detached, for logging). ``contrastive="infonce"`` selects CAV-Net's symmetric InfoNCE
     instead of MIL-NCE (which needs ``con_text`` rows == ``con_video`` rows).
     """
 
