@@ -41,12 +41,12 @@ from raypipe.config import load_config
 from raypipe.data import prepare_batch, to_torch
 from raypipe.losses import FusionObjective
 from raypipe.models import create_model
-from raypipe.models.resolve import SELF_SUPERVISED_TERMS, contrastive_loss_kind, effective_loss_weights
+from raypipe.models.resolve import contrastive_loss_kind, effective_loss_weights
 from raypipe.config import LossConfig
 from raypipe.io import fs as rfs
 from raypipe.metrics import compute_metrics
 from raypipe.train import prepare
-from raypipe.train_worker import (amp_setup, forward_backward, lr_schedule, optimizer_step, param_groups,
+from raypipe.train_worker import (amp_setup, forward_backward, lr_schedule, needs_pairs, optimizer_step, param_groups,
                                   seed_everything, steps_per_epoch, validate_batches)
 marks.append(("imports", time.time()))
 if int(sys.argv[5]):
@@ -76,7 +76,7 @@ optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.optim.lr)
 scheduler = torch.optim.lr_scheduler.LambdaLR(
     optimizer, lr_schedule(t.optim, steps_per_epoch=steps_per_epoch(spec, cfg, 1), epochs=t.epochs))
 autocast, scaler = amp_setup(torch.device("cpu"), "none")
-aux = any(getattr(loss_cfg, k) > 0 for k in SELF_SUPERVISED_TERMS)
+aux = needs_pairs(loss_cfg)
 marks.append(("model_ready", time.time()))
 n_train = len(data["train"]["video_id"])
 epochs, best = [], None

@@ -328,7 +328,6 @@ def setup(loop_config: dict[str, Any], timeline: list[tuple[str, float]] | None 
     import torch
 
     from raypipe.models import create_model
-    from raypipe.models.resolve import SELF_SUPERVISED_TERMS
 
     timeline = timeline if timeline is not None else []
     timeline.append(("worker_imports", time.time()))
@@ -370,10 +369,17 @@ def setup(loop_config: dict[str, Any], timeline: list[tuple[str, float]] | None 
         cfg=cfg, spec=spec, loop_config=loop_config, rank=rank, world=world, device=device, model=ddp_model,
         core=core, objective=objective, val_objective=val_objective,
         optimizer=optimizer, scheduler=scheduler, autocast=autocast, scaler=scaler,
-        aux_active=any(getattr(loss_cfg, term) > 0 for term in SELF_SUPERVISED_TERMS), start_epoch=start_epoch,
+        aux_active=needs_pairs(loss_cfg), start_epoch=start_epoch,
         history=history, run_logger=run_logger, timeline=timeline,
         train_it=ray.train.get_dataset_shard("train"), val_it=ray.train.get_dataset_shard("val"), init=init,
     )
+
+
+def needs_pairs(loss_cfg: LossConfig) -> bool:
+    """Whether a weighted label-free term draws its negatives from the batch (a batch of one is then skipped)."""
+    from raypipe.models.resolve import SELF_SUPERVISED_TERMS
+
+    return any(getattr(loss_cfg, term) > 0 for term in SELF_SUPERVISED_TERMS)
 
 
 def build_objectives(cfg: RaypipeConfig, model: Any) -> tuple[LossConfig, Any, Any]:

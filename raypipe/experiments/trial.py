@@ -78,8 +78,15 @@ def build_worker(cfg: RaypipeConfig, spec: DataSpec, model_kwargs: dict[str, Any
     import torch
 
     from raypipe.models import create_model
-    from raypipe.models.resolve import SELF_SUPERVISED_TERMS
-    from raypipe.train_worker import Worker, amp_setup, build_objectives, param_groups, seed_everything, steps_per_epoch
+    from raypipe.train_worker import (
+        Worker,
+        amp_setup,
+        build_objectives,
+        needs_pairs,
+        param_groups,
+        seed_everything,
+        steps_per_epoch,
+    )
 
     t = cfg.train
     seed_everything(t.seed)
@@ -92,7 +99,7 @@ def build_worker(cfg: RaypipeConfig, spec: DataSpec, model_kwargs: dict[str, Any
         cfg=cfg, spec=spec, loop_config={}, rank=0, world=1, device=device, model=model, core=model,
         objective=objective, val_objective=val_objective,
         optimizer=optimizer, scheduler=scheduler, autocast=autocast, scaler=scaler,
-        aux_active=any(getattr(loss_cfg, term) > 0 for term in SELF_SUPERVISED_TERMS),
+        aux_active=needs_pairs(loss_cfg),
         train_it=MemorySplit(splits["train"]), val_it=MemorySplit(splits["val"]),
     )
 
