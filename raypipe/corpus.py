@@ -79,6 +79,8 @@ LONG_THRESHOLD_S = 32.0
 LONG_CAP_S = 75.0
 FPS_CHOICES = (15, 24, 25, 30)
 RESOLUTIONS = ((160, 120), (176, 144), (240, 180), (320, 180), (320, 240), (426, 240), (480, 270), (640, 360))
+# ``corpus.resolutions: hd``: what phones and uploads carry; decoding dominates embedding at these sizes (benchmarks).
+HD_RESOLUTIONS = ((854, 480), (960, 540), (1280, 720), (1280, 720), (1920, 1080))
 GOP_CHOICES = (12, 30, 50, 100, 250)
 AAC_RATES = (16000, 22050, 44100)
 TONE_MIN_HZ, TONE_MAX_HZ = 300.0, 4000.0
@@ -442,7 +444,8 @@ def plan_video(
         silent_audio = has_audio and index % 16 == 10
     drawn_fps = int(rng.choice(FPS_CHOICES))
     fps = fps or drawn_fps
-    width, height = (int(x) for x in RESOLUTIONS[int(rng.integers(0, len(RESOLUTIONS)))])
+    sizes = HD_RESOLUTIONS if cfg.resolutions == "hd" else RESOLUTIONS
+    width, height = (int(x) for x in sizes[int(rng.integers(0, len(sizes)))])
     gop = int(rng.choice(GOP_CHOICES))
     sample_rate = 48000 if container == "webm" else int(rng.choice(AAC_RATES))
 

@@ -76,6 +76,9 @@ class CorpusConfig(StrictModel):
     # Evidence layout (raypipe.corpus.LAYOUTS): which modality carries which part of the label, per-modality noise,
     # missing audio. "split" is the original scheme (frames: level 1; audio and text: the level-2 index).
     layout: Literal["split", "text_rich", "weak_text", "no_audio"] = "split"
+    # Frame sizes drawn per video: "small" 160x120 to 640x360 (fast to generate, the tests' corpora), "hd" 480p to
+    # 1080p (raypipe.corpus.HD_RESOLUTIONS), where decoding costs what it costs on real uploads.
+    resolutions: Literal["small", "hd"] = "small"
 
     @model_validator(mode="after")
     def _durations(self) -> CorpusConfig:

@@ -338,3 +338,20 @@ def test_evidence_layouts_change_what_each_modality_shows(tmp_path: Path) -> Non
     assert rate(no_audio, lambda s: s.has_audio) < 0.4 < rate(split, lambda s: s.has_audio)
     # The layout draws use their own stream: everything but the evidence is as in the split corpus.
     assert [p.spec.width for p in rich] == [p.spec.width for p in split]
+
+
+def test_hd_resolutions_draw_480p_to_1080p_and_change_nothing_else(tmp_path: Path) -> None:
+    """``corpus.resolutions: hd`` (the benchmarks' realistic decode load): only the frame size differs."""
+    from raypipe.config import CorpusConfig
+    from raypipe.corpus import HD_RESOLUTIONS, plan_video
+
+    def plans(resolutions: str) -> list:
+        cfg = CorpusConfig(out=str(tmp_path), videos=60, seed=3, resolutions=resolutions)
+        return [plan_video(cfg, index=i, video_id=f"v{i}", label_idx=i % 12, duration_s=3.0, videos_dir=tmp_path)
+                for i in range(60)]
+
+    small, hd = plans("small"), plans("hd")
+    assert {(p.spec.width, p.spec.height) for p in hd} == set(HD_RESOLUTIONS)
+    assert all(p.spec.height >= 480 for p in hd) and all(p.spec.height <= 360 for p in small)
+    same = lambda p: (p.spec.label, p.spec.fps, p.spec.keyframe_interval, p.spec.frame_l1, p.annotation)  # noqa: E731
+    assert [same(p) for p in hd] == [same(p) for p in small]
