@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import importlib
 import logging
 import math
 import os
@@ -64,13 +65,40 @@ def joining_cluster(cfg: RaypipeConfig) -> bool:
         return False
 
 
+# What every stage imports on the driver after Ray is up (encoder and model dims, the text tower's tokenizer).
+WARM_IMPORTS = ("torch", "timm", "transformers")
+
+
+def warm_imports(modules: tuple[str, ...] = WARM_IMPORTS) -> threading.Thread:
+    """Import ``modules`` in a daemon thread while the caller waits on something else.
+
+    Why: ``ray.init`` spends most of its 4-5 s waiting for the GCS and raylet processes to come up, and the
+    stage then spends as long again importing torch, timm and transformers (measured, docs/PERFORMANCE.md). Done
+    here they overlap; :func:`ensure_ray` joins the thread once Ray is up, so stage code never imports beside it.
+    A failure is left for the stage's own import to raise with its own message.
+    """
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the stage's own import reports it
+                return
+
+    thread = threading.Thread(target=run, name="raypipe-warm-imports", daemon=True)
+    thread.start()
+    return thread
+
+
 def ensure_ray(cfg: RaypipeConfig) -> None:
     """Start or join Ray once per process. ``ray.num_cpus`` / ``ray.num_gpus`` only apply to a local instance
-    raypipe starts itself: Ray refuses them when connecting to a cluster (every job under ``ray job submit``)."""
+    raypipe starts itself: Ray refuses them when connecting to a cluster (every job under ``ray job submit``).
+    The stage's heavy imports run beside ``ray.init`` (:func:`warm_imports`)."""
     import ray
 
     if ray.is_initialized():
         return
+    warming = warm_imports()
     from raypipe.logs import verbose
 
     kwargs: dict[str, Any] = {
@@ -92,6 +120,7 @@ def ensure_ray(cfg: RaypipeConfig) -> None:
         where = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a new local instance"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RayUnavailableError(f"cannot start or reach Ray at {where}: {first}") from exc
+    warming.join()  # the stage's own code never imports beside the thread
     log.debug("ray: %s, session logs in %s", ray.cluster_resources(), session_log_dir())
 
 

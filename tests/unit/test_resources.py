@@ -272,3 +272,21 @@ def test_a_lone_cpu_worker_on_cached_data_gets_every_cpu() -> None:
     two = load_config(None, ["train.num_workers=2", "train.cache_data=true"])
     assert plan_train(two.train, LAPTOP).settings["train.cpus_per_worker"] == 0.5
     assert problems(plan_train(cached.train, LAPTOP), LAPTOP) == []
+
+
+def test_warm_imports_loads_modules_in_the_background_and_leaves_failures_to_the_stage() -> None:
+    """ensure_ray overlaps the stage's heavy imports with ray.init: the modules end up imported, a missing one
+    does not raise in the thread (the stage's own import reports it) and stops the rest of the list."""
+    import sys
+
+    from raypipe.runtime import WARM_IMPORTS, warm_imports
+
+    assert set(WARM_IMPORTS) == {"torch", "timm", "transformers"}
+    sys.modules.pop("colorsys", None)
+    warm_imports(("colorsys",)).join(timeout=30)
+    assert "colorsys" in sys.modules
+    sys.modules.pop("this_module_does_not_exist", None)
+    sys.modules.pop("wave", None)
+    thread = warm_imports(("this_module_does_not_exist", "wave"))
+    thread.join(timeout=30)
+    assert not thread.is_alive() and "wave" not in sys.modules
