@@ -72,9 +72,10 @@ import ray
 from raypipe.config import load_config
 from raypipe.embed.pipeline import embed_videos
 corpus, out, preset, cpus = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+from raypipe.runtime import ensure_ray
 cfg = load_config(preset or None, [f"embed.source.uri={corpus}/videos", f"embed.source.annotations={corpus}/annotations.json",
-                           f"embed.output={out}", "embed.progress_bars=false", *sys.argv[5:]])
-ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+                           f"embed.output={out}", "embed.progress_bars=false", f"ray.num_cpus={int(cpus)}", *sys.argv[5:]])
+ensure_ray(cfg)  # as `raypipe embed` starts Ray (imports warmed beside ray.init); embed_videos' seconds exclude it
 print("START", flush=True)
 s = embed_videos(cfg)
 s["total_s"] = time.perf_counter() - t0
@@ -83,11 +84,15 @@ ray.shutdown()
 """
 
 
-def run_child(code: str, corpus: str, out: str, preset: str, cpus: float, extra: list[str] | None = None) -> dict:
+def run_child(code: str, corpus: str, out: str, preset: str, cpus: float, extra: list[str] | None = None,
+              pin: int | None = None) -> dict:
+    """Run ``code`` in a fresh process; ``pin``: confine it (and every process it starts: Ray's raylet, workers
+    and actors inherit the affinity) to the first ``pin`` cores, for the 1-to-2 CPU scaling."""
     log_path = Path(out + ".log")
+    taskset = ["taskset", "-c", ",".join(str(c) for c in range(pin))] if pin else []
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code, corpus, out, preset, str(cpus), *(extra or [])], stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ})
+        proc = subprocess.Popen([*taskset, sys.executable, "-c", code, corpus, out, preset, str(cpus), *(extra or [])],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         peak, started = 0.0, False
         while proc.poll() is None:
             started = started or "START" in log_path.read_text()
@@ -118,6 +123,10 @@ def main() -> int:
     ap.add_argument("--cpus", type=float, default=2)
     ap.add_argument("--preset", default="default", help="config preset or YAML (default: the production encoders)")
     ap.add_argument("--corpus-dir", default=None, help="generate the corpus here once and reuse it")
+    ap.add_argument("--resolutions", choices=("small", "hd"), default="small",
+                    help="frame sizes of the generated corpus (corpus.resolutions; hd: 480p to 1080p)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="also run the pipeline and the plain loop pinned to 1 core (taskset, ray num_cpus=1)")
     ap.add_argument("--out", default="bench/results/bench_loop.json")
     ap.add_argument("--variant", action="append", default=None, metavar="KEY=VAL[,KEY=VAL]",
                     help="also run the pipeline with these overrides (repeatable; '' = the defaults, always run first)")
@@ -130,11 +139,16 @@ def main() -> int:
         root = Path(args.corpus_dir or f"{tmp}/corpus")
         if not (root / "corpus.json").is_file():
             generate_corpus(CorpusConfig(out=str(root), videos=args.videos, seed=5, max_duration_s=20.0,
-                                         long_fraction=0.0, bad_inputs=True, workers=2))
+                                         long_fraction=0.0, bad_inputs=True, workers=2,
+                                         resolutions=args.resolutions))
         plain = run_child(PLAIN, str(root), f"{tmp}/plain", preset or "", args.cpus)
         pipe = run_child(PIPE, str(root), f"{tmp}/pipe", preset or "", args.cpus)
         variants = {v: run_child(PIPE, str(root), f"{tmp}/pipe{i}", preset or "", args.cpus, [x for x in v.split(",") if x])
                     for i, v in enumerate(args.variant or [])}
+        one_cpu = {}
+        if args.scaling:
+            one_cpu = {"plain": run_child(PLAIN, str(root), f"{tmp}/plain1", preset or "", 1, pin=1),
+                       "pipeline": run_child(PIPE, str(root), f"{tmp}/pipe1", preset or "", 1, pin=1)}
         durations = [v["duration_s"] for v in json.loads((root / "corpus.json").read_text())["videos"]]
     per_video, per_frame = encode_fit(plain["per_batch"])
     n = plain["videos"]
@@ -147,16 +161,23 @@ def main() -> int:
     plain.pop("per_batch")
     for v, r in variants.items():
         ratios[f"pipeline[{v}]_vs_plain_videos_per_s"] = round(plain["seconds"] / r["seconds"], 3)
+    if one_cpu:
+        one_cpu["plain"].pop("per_batch")
+        ratios["pipeline_2cpu_vs_1cpu_videos_per_s"] = round(one_cpu["pipeline"]["seconds"] / pipe["seconds"], 3)
+        ratios["plain_2cpu_vs_1cpu_videos_per_s"] = round(one_cpu["plain"]["seconds"] / plain["seconds"], 3)
+        ratios["pipeline_vs_plain_videos_per_s_1cpu"] = round(one_cpu["plain"]["seconds"] / one_cpu["pipeline"]["seconds"], 3)
     result = {"benchmark": "bench_loop", **environment(), "cpus": args.cpus, "preset": args.preset,
-              "corpus": {"generator": "raypipe.corpus seed=5 max_duration_s=20 bad_inputs=true", "files": n,
+              "corpus": {"generator": f"raypipe.corpus seed=5 max_duration_s=20 bad_inputs=true resolutions={args.resolutions}",
+                         "files": n,
                          "mean_duration_s": round(sum(durations) / len(durations), 2)},
-              "plain": plain, "pipeline": pipe, "variants": variants, "ratios": ratios,
+              "plain": plain, "pipeline": pipe, "variants": variants, "one_cpu": one_cpu, "ratios": ratios,
               "costs": {"encode_per_video_s": round(per_video, 5), "encode_per_frame_s": round(per_frame, 5)}}
     write_result(args.out, result)
-    print(f"{'run':<9} {'videos':>6} {'ok':>4} {'start-up s':>10} {'work s':>7} {'videos/s':>8} {'peak RSS MiB':>12}")
-    for name, r in (("plain", plain), ("pipeline", pipe), *variants.items()):
+    print(f"{'run':<14} {'videos':>6} {'ok':>4} {'start-up s':>10} {'work s':>7} {'videos/s':>8} {'peak RSS MiB':>12}")
+    rows = [("plain", plain), ("pipeline", pipe), *variants.items(), *((f"{k} 1 CPU", r) for k, r in one_cpu.items())]
+    for name, r in rows:
         start = r.get("startup_s", r["total_s"] - r["seconds"])
-        print(f"{name[:30]:<9} {n:>6} {r['videos_ok']:>4} {start:>10.1f} {r['seconds']:>7.1f} {n / r['seconds']:>8.2f} "
+        print(f"{name[:30]:<14} {n:>6} {r['videos_ok']:>4} {start:>10.1f} {r['seconds']:>7.1f} {n / r['seconds']:>8.2f} "
               f"{r['peak_rss_mb']:>12.0f}")
     print(f"pipeline / plain: videos/s x{ratios['pipeline_vs_plain_videos_per_s']:.2f}, total time "
           f"x{ratios['pipeline_vs_plain_total_time']:.2f}, peak RSS x{ratios['pipeline_vs_plain_peak_rss']:.2f}; "
@@ -164,6 +185,10 @@ def main() -> int:
     for name, r in (("pipeline", pipe), *variants.items()):
         print(f"{name}: stage busy share of wall {r.get('stage_busy_share')}, decode {r['decode_seconds']:.1f} s, "
               f"encode {(r.get('stage_seconds') or {}).get('encode', 0):.1f} s over {r['seconds']:.1f} s")
+    if one_cpu:
+        print(f"1 -> 2 CPUs, videos/s: pipeline x{ratios['pipeline_2cpu_vs_1cpu_videos_per_s']:.2f}, plain loop "
+              f"x{ratios['plain_2cpu_vs_1cpu_videos_per_s']:.2f}; pipeline / plain on 1 CPU "
+              f"x{ratios['pipeline_vs_plain_videos_per_s_1cpu']:.2f}")
     print(f"encode cost fit (plain loop): {per_video:.4f} s per video + {per_frame:.4f} s per frame")
     return 0
 
