@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "RAYPIPE_FAULT_CRASH_AT_EPOCH"
+FAULT_DELAY_S = 5.0  # > two of Ray Train's 2 s health-check polls (see _maybe_inject_fault)
 FAULT_MARKER = ".raypipe_fault_injected"
 VAL_CACHE_BYTES = 256 * 2**20  # each rank keeps a val split up to this size in memory after the first epoch
 
@@ -127,6 +128,10 @@ def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int, wor
     if fs.exists(marker):
         return
     rfs.atomic_write_bytes(fs, marker, f"crashed after epoch {epoch}\n".encode())
+    # Ray Train's controller polls the worker group every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); an error it sees
+    # in the same poll as this epoch's report drops the report and its checkpoint (seen once in CI: the restart
+    # began at epoch 1). A crash after two polls is one that lands after a registered checkpoint, as the test means.
+    time.sleep(FAULT_DELAY_S)
     raise InjectedFault(f"injected worker crash after epoch {epoch} (rank {rank}; {FAULT_ENV})")
 
 
