@@ -79,7 +79,8 @@ LONG_THRESHOLD_S = 32.0
 LONG_CAP_S = 75.0
 FPS_CHOICES = (15, 24, 25, 30)
 RESOLUTIONS = ((160, 120), (176, 144), (240, 180), (320, 180), (320, 240), (426, 240), (480, 270), (640, 360))
-# ``corpus.resolutions: hd``: what phones and uploads carry; decoding dominates embedding at these sizes (benchmarks).
+# ``corpus.resolutions: hd``: what phones and uploads carry (720p listed twice: drawn twice as often); decoding
+# dominates embedding at these sizes (benchmarks).
 HD_RESOLUTIONS = ((854, 480), (960, 540), (1280, 720), (1280, 720), (1920, 1080))
 GOP_CHOICES = (12, 30, 50, 100, 250)
 AAC_RATES = (16000, 22050, 44100)
