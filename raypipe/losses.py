@@ -369,8 +369,9 @@ class FusionObjective(nn.Module):
     ``l_uni`` is the mean classification loss of the per-stream heads' ``uni_logits`` ``(B, S, C)``).
     A weight of 0 switches its term off (its outputs, if the model still produces them, are ignored); a positive
     weight whose outputs are missing is a configuration error and raises, naming the missing keys and the config
-    key to change. ``forward`` returns the total and the unweighted terms (detached, for logging). ``contrastive="infonce"`` selects CAV-Net's symmetric InfoNCE
-    instead of MIL-NCE (which needs ``con_text`` rows == ``con_video`` rows).
+    key to change. ``forward`` returns the total and the unweighted terms (detached, for logging).
+    ``contrastive="infonce"`` selects CAV-Net's symmetric InfoNCE instead of MIL-NCE (which needs ``con_text``
+    rows == ``con_video`` rows).
     """
 
     def __init__(
