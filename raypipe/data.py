@@ -331,6 +331,11 @@ def prepare_data(
         vocab = read_taxonomy(taxonomy, storage)
     else:
         vocab = found
+    if not labelled.any() and not keep_unlabelled:
+        raise DataError(
+            f"none of the {len(targets)} rows at {uri!r} has a label: embed the videos with their labels "
+            "(embed.source.annotations, class folders, or a manifest's labels column)"
+        )
     known = set(vocab)
     in_vocab = np.fromiter(
         (

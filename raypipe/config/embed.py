@@ -48,6 +48,8 @@ class SourceConfig(StrictModel):
         "auto", "folder", "glob", "s3", "manifest", "class_folders", "webdataset", "wbdc_features", "yt8m"
     ] = "auto"
     annotations: PathStr | None = None
+    # Unset ``annotations``: join the ``annotations.json`` found in a folder source or its parent (logged).
+    annotations_auto: bool = True
     extensions: list[str] = Field(default_factory=lambda: [".mp4", ".mkv", ".webm", ".mov", ".avi"])
     # Manifest column names (CSV / JSONL / Parquet); only ``uri`` is required in the file.
     manifest_uri_column: str = "uri"

@@ -273,6 +273,29 @@ def _list_manifest(cfg: SourceConfig, storage: StorageConfig | None) -> list[Vid
     return refs
 
 
+ANNOTATIONS_FILE = "annotations.json"
+
+
+def _annotations_beside(cfg: SourceConfig, kind: str, storage: StorageConfig | None) -> str | None:
+    """``annotations.json`` in a folder source or its parent (the WBDC layout, and what ``raypipe corpus`` writes),
+    when ``embed.source.annotations`` is unset and ``annotations_auto`` is on.
+
+    Why: a user who points embed at ``corpus/videos`` expects the titles and labels that sit beside the videos;
+    without them every row is unlabelled and training fails two commands later. The join is logged.
+    """
+    if not cfg.annotations_auto or kind not in ("folder", "s3", "class_folders"):
+        return None
+    fs, root = resolve(cfg.uri, storage)
+    root = root.rstrip("/")
+    for folder in (root, posixpath.dirname(root)):
+        path = posixpath.join(folder, ANNOTATIONS_FILE)
+        if folder and fs.isfile(path):
+            uri = to_uri(fs, path)
+            log.info("using annotations %s found beside the videos (embed.source.annotations_auto=false to skip)", uri)
+            return uri
+    return None
+
+
 def list_videos(source_cfg: SourceConfig, storage: StorageConfig | None = None) -> list[VideoRef]:
     """Every video of the source, sorted by id, with annotations (when configured) joined by id.
 
@@ -297,8 +320,9 @@ def list_videos(source_cfg: SourceConfig, storage: StorageConfig | None = None) 
         if r.video_id in seen:
             raise ValueError(f"duplicate video id {r.video_id!r}: {seen[r.video_id]} and {r.source_uri}")
         seen[r.video_id] = r.source_uri
-    if source_cfg.annotations:
-        anns = load_annotations(source_cfg.annotations, storage)
+    annotations = source_cfg.annotations or _annotations_beside(source_cfg, kind, storage)
+    if annotations:
+        anns = load_annotations(annotations, storage)
         joined = []
         for r in refs:
             ann = anns.get(r.video_id) or anns.get(posixpath.basename(r.video_id))

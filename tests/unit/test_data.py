@@ -92,6 +92,17 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path: Path) -> None:
         find_shard_files(str(tmp_path / "empty"))
 
 
+def test_shards_without_any_label_name_the_embed_option_not_a_split_fraction(tmp_path: Path) -> None:
+    """Videos embedded without their annotations: the error says so (it once blamed train.val_fraction)."""
+    rows = synthetic_rows(6)
+    rows["label"], rows["label_l1"], rows["labels"] = [None] * 6, [None] * 6, [[]] * 6
+    (tmp_path / "f").mkdir()
+    pq.write_table(pa.Table.from_pydict(rows, schema=feature_schema(INFO)), tmp_path / "f" / "part-00000.parquet")
+    with pytest.raises(DataError, match="none of the 6 rows .* has a label: .*embed.source.annotations"):
+        prepare_data(str(tmp_path / "f"), task="single_label", val_fraction=0.2)
+    assert prepare_data(str(tmp_path / "f"), task="single_label", val_fraction=0.2, keep_unlabelled=True).num_train
+
+
 def test_mixed_embedder_dims_are_rejected(tmp_path: Path) -> None:
     write_shards(tmp_path / "f" / "a", 4, num_files=1)
     other = ShardInfo(frame_dim=9, audio_dim=4, text_dim=5, text_len=7, max_frames=8)

@@ -102,3 +102,17 @@ def test_class_folders_take_the_label_from_the_folder_and_annotations_still_join
     first = joined[f"0101/{videos.videos[0].path.stem}"]
     assert first.title == "annotated title" and first.label == "0101"
     assert all(_decodes(r.source_uri) for r in refs.values())
+
+
+def test_a_folder_source_joins_the_annotations_json_beside_it(videos: CorpusInfo, tmp_path: Path) -> None:
+    """``raypipe embed --source corpus/videos`` joins ``corpus/annotations.json`` (the WBDC layout) unless
+    ``annotations_auto`` is off; an explicit ``annotations`` wins; a folder with no such file lists unlabelled."""
+    auto = {r.video_id: r for r in list_videos(SourceConfig(uri=str(videos.videos_dir)))}
+    given = {r.video_id: r for r in list_videos(SourceConfig(uri=str(videos.videos_dir),
+                                                             annotations=str(videos.annotations_path)))}
+    assert auto == given and any(r.label for r in auto.values())
+    off = list_videos(SourceConfig(uri=str(videos.videos_dir), annotations_auto=False))
+    assert not any(r.label or r.title for r in off)
+    bare = tmp_path / "bare" / "videos"
+    shutil.copytree(videos.videos_dir, bare)
+    assert not any(r.label for r in list_videos(SourceConfig(uri=str(bare))))
