@@ -8,6 +8,10 @@ before any Ray work starts. Explicit config values always win; the check still a
 
 The rules (C = CPUs, G = GPUs the cluster has or its node types can provide; "small" = C < 6):
 
+- ``embed.inline_decode: auto``: on a small CPU-only cluster without OCR / ASR, decode nodes
+  (``ray.decode_resource``) or ``fuse_encoders: false``, the embed stage is one pool of actors that decode,
+  encode and write, one per CPU (:func:`plan_inline`); no decode tasks, no other pools. Measured x1.26-1.33 the
+  staged pipeline's videos/s on 2 CPUs (docs/PERFORMANCE.md).
 - Encoder pools (embed and label): ``embed.fuse_encoders: auto`` fuses the three encoders into one pool on a
   small CPU-only cluster (three pools plus decoding do not fit), and keeps three pools otherwise.
 - ``num_gpus: auto``: 0 without GPUs; with GPUs every GPU pool of the stage (3 encoders, or 1 fused; plus the
@@ -205,6 +209,10 @@ def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pool
     """
     cpus, gpus = cluster.total("CPU"), cluster.total("GPU")
     small = cpus < SMALL_CPUS
+    decode_nodes = bool(decode_resource and cluster.has(decode_resource))
+    if stage == "embed" and _auto(e.inline_decode, small and gpus == 0 and not decode_nodes and
+                                  e.fuse_encoders is not False and not e.ocr.enabled and not e.asr.enabled):
+        return plan_inline(e, cluster, auto=e.inline_decode == "auto")
     plan = StagePlan(stage)
     fuse = _auto(e.fuse_encoders, small and gpus == 0)
     if e.fuse_encoders == "auto":
@@ -216,6 +224,8 @@ def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pool
     cpu_only = {k for k, on in (("ocr_pool", e.ocr.enabled), ("asr_pool", e.asr.enabled)) if on}
     pools += [(k, "OcrStage" if k == "ocr_pool" else "AsrStage", 0.25) for k in sorted(cpu_only, reverse=True)]
     plan.settings["embed.fuse_encoders"] = fuse
+    if stage == "embed":
+        plan.settings["embed.inline_decode"] = False
     if e.encoder_threads != "auto":  # auto: Ray's default (the actor's CPUs); see docs/PERFORMANCE.md
         plan.settings["embed.encoder_threads"] = int(e.encoder_threads)
     actor_cpus = actor_share(cpus, len(pools) + extra_pools)
@@ -251,6 +261,34 @@ def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pool
     plan.settings["embed.decode_resources"] = {k: v for k, v in shape.items() if k not in ("CPU", "memory")}
     plan.settings["embed.decode_memory"] = shape.get("memory", 0)  # bytes Ray reserves per decode task (0: none)
     plan.requests.append(Request("decode task", ("embed.decode_num_cpus", "embed.decode_memory_mb"), shape))
+    return plan
+
+
+def plan_inline(e: Any, cluster: Cluster, *, auto: bool = False) -> StagePlan:
+    """``embed.inline_decode``: one pool of actors that each decode, encode and write (``frame_pool`` keys).
+
+    ``num_cpus: auto`` = 1 (each actor is a single-threaded plain loop) or all the CPUs below 1; ``max_size:
+    auto`` = one actor per CPU, at most one per GPU when the actors ask GPUs (``num_gpus: auto`` = 1 with GPUs).
+    There are no decode tasks, so nothing else needs CPUs.
+    """
+    cpus, gpus = cluster.total("CPU"), cluster.total("GPU")
+    why = " (small CPU-only cluster)" if auto else ""
+    plan = StagePlan("embed", rules=[f"decode, encode and write in one actor pool{why}"])
+    p = e.frame_pool
+    ncpu = float(_auto(p.num_cpus, min(1.0, max(0.25, _floor(cpus, 0.25)))))
+    ngpu = float(_auto(p.num_gpus, 1.0 if gpus > 0 else 0.0))
+    default_max = max(1, int(_floor(cpus / ncpu, 1)))
+    if ngpu > 0:
+        default_max = max(1, min(default_max, int(gpus / ngpu)))
+    max_size = int(_auto(p.max_size, max(default_max, p.min_size)))
+    plan.settings.update({"embed.inline_decode": True, "embed.fuse_encoders": True, "embed.frame_pool.num_cpus": ncpu,
+                          "embed.frame_pool.num_gpus": ngpu, "embed.frame_pool.min_size": p.min_size,
+                          "embed.frame_pool.max_size": max_size})
+    if e.encoder_threads != "auto":
+        plan.settings["embed.encoder_threads"] = int(e.encoder_threads)
+    plan.requests.append(Request("InlineEmbedder actor (embed.frame_pool)",
+                                 ("embed.frame_pool.min_size", "embed.frame_pool.num_cpus", "embed.frame_pool.num_gpus"),
+                                 {"CPU": ncpu, "GPU": ngpu}, p.min_size))
     return plan
 
 

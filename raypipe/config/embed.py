@@ -229,6 +229,11 @@ class EmbedConfig(StrictModel):
     # 1). Not part of the feature hash. 2 threads for a 0.5-CPU actor on 2 CPUs measured no reliable gain
     # (docs/PERFORMANCE.md), so auto stays Ray's default.
     encoder_threads: int | Literal["auto"] = "auto"
+    # Decode, encode and write in one actor pool (raypipe.embed.pipeline.InlineEmbedder, sized by frame_pool)
+    # instead of decode tasks feeding encoder actors: no decoded video crosses the object store. Embed only (the
+    # label job keeps its stages), no OCR / ASR stages. "auto": on a small CPU-only cluster (raypipe.resources),
+    # where it measured x1.26-1.33 the staged pipeline (docs/PERFORMANCE.md).
+    inline_decode: bool | Literal["auto"] = "auto"
     output: PathStr | None = None  # required by embed (--output)
     num_shards: int = Field(default=4, ge=1)
     # CPUs per decode task; "auto": 0.5 on a small cluster, else 1.
@@ -245,6 +250,13 @@ class EmbedConfig(StrictModel):
     # Replace an output folder made with a different feature config instead of refusing to mix them.
     overwrite: bool = False
     progress_bars: bool = True
+
+    @model_validator(mode="after")
+    def _inline(self) -> EmbedConfig:
+        if self.inline_decode is True and (self.ocr.enabled or self.asr.enabled or self.fuse_encoders is False):
+            raise ValueError("inline_decode runs the fused encoders without OCR / ASR stages: "
+                             "turn off ocr.enabled / asr.enabled and leave fuse_encoders auto or true")
+        return self
 
 
 def feature_hash_fields(cfg: EmbedConfig, compute: dict | None = None) -> dict:

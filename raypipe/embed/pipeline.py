@@ -235,6 +235,47 @@ class FusedEncoder:
         return batch
 
 
+class InlineEmbedder:
+    """``embed.inline_decode``: decode, encode and write each batch of videos inside one actor.
+
+    Why: on a small CPU-only node the staged pipeline moves every decoded video (frames + audio windows, ~10x
+    the file) through the object store into the encoder process and back out to a write task; measured on 2
+    CPUs that serialisation and the extra processes cost more than the overlap gains (docs/PERFORMANCE.md). Here
+    each actor is a plain loop over its share of the videos, and the pool runs one per CPU. The rows are those
+    of the staged pipeline (same decode, same encoders); a video that fails to decode is an error row as there.
+    """
+
+    def __init__(self, cfg: EmbedConfig, image_size: int, store: ShardStore, info: ShardInfo,
+                 storage: StorageConfig | None = None, **encoder_kwargs: Any):
+        self.cfg, self.image_size, self.store, self.info, self.storage = cfg, image_size, store, info, storage
+        self.encoder = FusedEncoder(cfg, storage, **encoder_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [{k: _item(v[i]) for k, v in batch.items()} for i in range(len(batch["video_id"]))]
+        rows = [_decode_row(it, decode_cfg=self.cfg.decode, image_size=self.image_size, storage=self.storage)
+                for it in items]
+        return _write_parts(self.encoder(_stack(rows)), store=self.store, info=self.info)
+
+
+def _item(value: Any) -> Any:
+    """A numpy batch cell back as the Python value ``_ref_item`` put in (str / int / float)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _stack(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows of ``_decode_row`` as the numpy batch Ray Data would hand the encoders (arrays stacked on axis 0)."""
+    out: dict[str, np.ndarray] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if isinstance(values[0], np.ndarray):
+            out[key] = np.stack(values)
+        else:
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = values
+            out[key] = arr if isinstance(values[0], str | list | dict) else np.asarray(values)
+    return out
+
+
 def _write_parts(batch: dict[str, np.ndarray], *, store: ShardStore, info: ShardInfo) -> dict[str, np.ndarray]:
     table, errors = to_feature_tables(batch, info)
     if table.num_rows:
@@ -288,10 +329,13 @@ def _stream(cfg: RaypipeConfig, plan: StagePlan, pending: list[VideoRef], store:
     e = cfg.embed
     expected = Counter(shard_of(r.video_id, e.num_shards) for r in pending)
     got: Counter[int] = Counter()
-    ds = build_feature_dataset(cfg, pending, plan=plan).map_batches(
-        _write_parts, batch_size=e.write_batch_size, batch_format="numpy", num_cpus=0.25,
-        fn_kwargs={"store": store, "info": info},
-    )
+    if e.inline_decode is True:  # planned: "auto" is resolved by now
+        ds = _inline_dataset(cfg, pending, store, info)
+    else:
+        ds = build_feature_dataset(cfg, pending, plan=plan).map_batches(
+            _write_parts, batch_size=e.write_batch_size, batch_format="numpy", num_cpus=0.25,
+            fn_kwargs={"store": store, "info": info},
+        )
     progress = Progress("embed", len(pending))
     with decode_capacity_request(cfg, plan, len(pending)), Watchdog("embed", cfg.ray.stall_timeout_s) as dog:
         try:
@@ -308,6 +352,36 @@ def _stream(cfg: RaypipeConfig, plan: StagePlan, pending: list[VideoRef], store:
             raise
         finally:
             progress.close()
+
+
+def _inline_dataset(cfg: RaypipeConfig, pending: list[VideoRef], store: ShardStore, info: ShardInfo) -> Any:
+    """The ``embed.inline_decode`` stream: the listing straight into one :class:`InlineEmbedder` pool (sized and
+    resourced by ``embed.frame_pool``), whose output is the status rows :func:`_write_parts` returns."""
+    import ray
+
+    from raypipe.embed.common import fault_from_env, stall_from_env
+    from raypipe.logs import quiet_ray_data, verbose
+
+    e = cfg.embed
+    quiet_ray_data()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = e.progress_bars and verbose()
+    ctx.print_on_execution_start = verbose()
+    batch = min(e.frames.batch_size, e.audio.batch_size, e.text.batch_size)
+    items = [_ref_item(r) for r in pending]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch)))
+    p = e.frame_pool
+    crash_after, stall_after = fault_from_env(), stall_from_env()
+    return ds.map_batches(
+        InlineEmbedder, batch_size=batch, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=p.min_size, max_size=p.max_size),
+        num_cpus=p.num_cpus, num_gpus=p.num_gpus,
+        # An injected crash fails the job (instead of Ray restarting the actor) so resume is exercised.
+        **({"max_restarts": 0} if crash_after is not None or stall_after is not None else {}),
+        fn_constructor_kwargs={"cfg": e, "image_size": e.frames.image_size, "store": store, "info": info,
+                               "storage": cfg.storage, "crash_after": crash_after, "stall_after": stall_after,
+                               "threads": e.encoder_threads if e.encoder_threads != "auto" else None},
+    )
 
 
 def embed_videos(cfg: RaypipeConfig) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raypipe.config import load_config
+from raypipe.config import ConfigError, load_config
 from raypipe.resources import (
     Cluster,
     NodeType,
@@ -50,10 +50,15 @@ def test_default_config_on_a_2cpu_laptop_fuses_and_fits() -> None:
     for stage, plan in plans.items():
         assert problems(plan, LAPTOP) == [], stage
     embed = plans["embed"].settings
-    assert embed["embed.fuse_encoders"] is True  # three pools + decoding do not fit 2 CPUs
-    assert embed["embed.frame_pool.num_gpus"] == 0
-    # the pool leaves room to decode: actors at their max plus one decode task fit the 2 CPUs
-    assert _max_use(plans["embed"], "CPU") + embed["embed.decode_num_cpus"] <= 2
+    # embed: one actor per CPU decodes, encodes and writes (no decode tasks, no other pool)
+    assert embed["embed.inline_decode"] is True and embed["embed.fuse_encoders"] is True
+    assert (embed["embed.frame_pool.num_cpus"], embed["embed.frame_pool.max_size"]) == (1.0, 2)
+    assert [r.what for r in plans["embed"].requests] == ["InlineEmbedder actor (embed.frame_pool)"]
+    label = plans["label"].settings
+    assert label["embed.fuse_encoders"] is True and "embed.inline_decode" not in label  # three pools do not fit
+    assert label["embed.frame_pool.num_gpus"] == 0
+    # the label pools leave room to decode: actors at their max plus one decode task fit the 2 CPUs
+    assert _max_use(plans["label"], "CPU") + label["embed.decode_num_cpus"] <= 2
     assert plans["train"].settings == {"train.use_gpu": False, "train.num_workers": 2, "train.cpus_per_worker": 0.5}
 
 
@@ -95,6 +100,20 @@ def test_gpu_pools_share_one_gpu_on_a_1gpu_node() -> None:
     assert all(0 < s < 1 for s in shares) and sum(shares) <= 1
 
 
+def test_inline_decode_only_where_it_was_measured_to_win_and_never_with_text_stages() -> None:
+    """auto: inline on a small CPU-only cluster; staged with GPUs, on 6+ CPUs, with OCR / ASR or unfused encoders;
+    an explicit true with OCR is refused when the config loads."""
+    def inline(cluster, *sets):
+        return stage_plan(load_config(None, list(sets)), "embed", cluster).settings["embed.inline_decode"]
+
+    assert inline(LAPTOP) is True and inline(Cluster.single(4)) is True
+    assert inline(Cluster.single(2, 1)) is False and inline(Cluster.single(16)) is False
+    assert inline(LAPTOP, "embed.ocr.enabled=true") is False and inline(LAPTOP, "embed.fuse_encoders=false") is False
+    assert inline(Cluster.single(16), "embed.inline_decode=true") is True
+    with pytest.raises(ConfigError, match="inline_decode runs the fused encoders without OCR"):
+        load_config(None, ["embed.inline_decode=true", "embed.asr.enabled=true"])
+
+
 def test_infeasible_requests_are_one_line_naming_the_keys() -> None:
     cfg = load_config(None, ["embed.frame_pool.num_gpus=2", "embed.fuse_encoders=false"])
     with pytest.raises(ResourceError) as err:
@@ -129,9 +148,12 @@ def test_cold_autoscaling_cluster_plans_from_its_node_types() -> None:
 
 
 def test_decode_resource_only_when_some_node_defines_it() -> None:
-    cfg = load_config(None)
+    cfg = load_config(None, ["embed.inline_decode=false"])  # auto on a laptop: no decode tasks at all
     plain = plan_embed(cfg.embed, LAPTOP, decode_resource="raypipe_cpu_worker")
     assert plain.settings["embed.decode_resources"] == {}
+    small = Cluster((NodeType({"CPU": 1}), NodeType({"CPU": 2, "raypipe_cpu_worker": 1000})))
+    auto = plan_embed(load_config(None).embed, small, decode_resource="raypipe_cpu_worker")
+    assert auto.settings["embed.inline_decode"] is False  # decode nodes of their own: staged
     two = Cluster((NodeType({"CPU": 2}), NodeType({"CPU": 16, "raypipe_cpu_worker": 1000}, 2)))
     assert plan_embed(cfg.embed, two, decode_resource="raypipe_cpu_worker").requests[-1].shape["raypipe_cpu_worker"] == 1
 
