@@ -15,6 +15,11 @@
       -> map_batches(write parts)               tasks: rows to _parts/shard-k, failures to _parts/errors
       -> driver: commit shard k once all its videos are in, then errors.parquet, then the manifest
 
+    or, with ``embed.inline_decode`` (auto on a small CPU-only cluster; embed only, no OCR / ASR):
+      refs -> from_items -> map_batches(InlineEmbedder)   ActorPoolStrategy(frame_pool): decode, the fused
+                                                           encoders and write parts in one actor per CPU
+           -> driver: the same commits
+
 Nothing is materialised: the driver only sees one small status row per video. Rows of
 :func:`build_feature_dataset` (reused by the labelling job, which appends its classify stage) carry the feature
 columns as fixed-shape tensors plus ``status`` / ``stage`` / ``reason`` / ``error``; failed rows keep zero
@@ -108,6 +113,18 @@ def _decode_row(
     return out
 
 
+def _quiet_data_context(e: EmbedConfig) -> None:
+    """Ray Data's own bars and log lines (one per operator) give way to the stage's single progress line unless -v."""
+    import ray
+
+    from raypipe.logs import quiet_ray_data, verbose
+
+    quiet_ray_data()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = e.progress_bars and verbose()
+    ctx.print_on_execution_start = verbose()
+
+
 def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_after: int | None = None,
                           plan: StagePlan | None = None):
     """Lazy Ray Dataset of one row per video (see module docstring). ``crash_after`` defaults to the env var.
@@ -118,7 +135,6 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
     import ray
 
     from raypipe.embed.common import fault_from_env, stall_from_env
-    from raypipe.logs import quiet_ray_data
 
     if plan is None:
         cfg, plan = planned(cfg, "embed")
@@ -126,13 +142,7 @@ def build_feature_dataset(cfg: RaypipeConfig, refs: list[VideoRef], *, crash_aft
     if crash_after is None:
         crash_after = fault_from_env()
     stall_after = stall_from_env()
-    quiet_ray_data()
-    ctx = ray.data.DataContext.get_current()
-    # Ray Data's own bars/log lines (one per operator) are replaced by the stage's single progress line unless -v.
-    from raypipe.logs import verbose
-
-    ctx.enable_progress_bars = e.progress_bars and verbose()
-    ctx.print_on_execution_start = verbose()
+    _quiet_data_context(e)
     items = [_ref_item(r) for r in refs]
     blocks = max(1, min(len(items), math.ceil(len(items) / e.videos_per_block)))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
@@ -364,13 +374,9 @@ def _inline_dataset(cfg: RaypipeConfig, pending: list[VideoRef], store: ShardSto
     import ray
 
     from raypipe.embed.common import fault_from_env, stall_from_env
-    from raypipe.logs import quiet_ray_data, verbose
 
     e = cfg.embed
-    quiet_ray_data()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = e.progress_bars and verbose()
-    ctx.print_on_execution_start = verbose()
+    _quiet_data_context(e)
     batch = min(e.frames.batch_size, e.audio.batch_size, e.text.batch_size)
     items = [_ref_item(r) for r in pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch)))
