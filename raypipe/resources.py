@@ -10,7 +10,7 @@ The rules (C = CPUs, G = GPUs the cluster has or its node types can provide; "sm
 
 - ``embed.inline_decode: auto``: on a small CPU-only cluster without OCR / ASR, decode nodes
   (``ray.decode_resource``) or ``fuse_encoders: false``, the embed stage is one pool of actors that decode,
-  encode and write, one per CPU (:func:`plan_inline`); no decode tasks, no other pools. Measured x1.26-1.33 the
+  encode and write, one per CPU (:func:`plan_inline`); no decode tasks, no other pools. Measured x1.18-1.39 the
   staged pipeline's videos/s on 2 CPUs (docs/PERFORMANCE.md).
 - Encoder pools (embed and label): ``embed.fuse_encoders: auto`` fuses the three encoders into one pool on a
   small CPU-only cluster (three pools plus decoding do not fit), and keeps three pools otherwise.

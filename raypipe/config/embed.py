@@ -232,7 +232,7 @@ class EmbedConfig(StrictModel):
     # Decode, encode and write in one actor pool (raypipe.embed.pipeline.InlineEmbedder, sized by frame_pool)
     # instead of decode tasks feeding encoder actors: no decoded video crosses the object store. Embed only (the
     # label job keeps its stages), no OCR / ASR stages. "auto": on a small CPU-only cluster (raypipe.resources),
-    # where it measured x1.26-1.33 the staged pipeline (docs/PERFORMANCE.md).
+    # where it measured x1.18-1.39 the staged pipeline on 2 CPUs (docs/PERFORMANCE.md).
     inline_decode: bool | Literal["auto"] = "auto"
     output: PathStr | None = None  # required by embed (--output)
     num_shards: int = Field(default=4, ge=1)
