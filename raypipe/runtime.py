@@ -98,7 +98,6 @@ def ensure_ray(cfg: RaypipeConfig) -> None:
 
     if ray.is_initialized():
         return
-    warming = warm_imports()
     from raypipe.logs import verbose
 
     kwargs: dict[str, Any] = {
@@ -114,13 +113,17 @@ def ensure_ray(cfg: RaypipeConfig) -> None:
     else:
         kwargs.update(local)
     _check_reachable(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    warming = warm_imports()
     try:
         ray.init(**kwargs)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         where = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a new local instance"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RayUnavailableError(f"cannot start or reach Ray at {where}: {first}") from exc
-    warming.join()  # the stage's own code never imports beside the thread
+    finally:
+        # Joined on every path: a thread left importing would race the caller's own next import of the same
+        # module (a half-initialised transformers: "cannot import name 'AutoConfig'"; seen in the unit tests).
+        warming.join()
     log.debug("ray: %s, session logs in %s", ray.cluster_resources(), session_log_dir())
 
 
