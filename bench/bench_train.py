@@ -10,7 +10,9 @@ same seed), the same objective, AdamW groups and schedule, and runs raypipe's ow
   ``train/epoch_s`` of the run history);
 * **start-up**: from the process start to the first optimizer step, split into phases (imports, config and shard
   checks, Ray start, MLflow run, datasets, worker group, model build, first batch: :func:`raypipe.train_timeline.phase_seconds`),
-  and the rest of the wall time (validation, checkpoints, final logging, test scoring, registration) beside it.
+  and the rest of the wall time (validation, checkpoints, final logging, test scoring, registration) beside it;
+* **Ray Train's floor**: once per repeat, the same Ray start and worker group running a loop that does nothing
+  (``FLOOR``): the part of the start-up that belongs to Ray and Ray Train, not to raypipe (``--no-floor`` skips it).
 
 Each run is a fresh child process (the way ``raypipe train`` runs), plain and Ray alternated ``--repeats`` times
 on the same shards, so every ratio is measured side by side in one invocation. Needs the machine-wide Ray lock:
@@ -129,17 +131,51 @@ print("SUMMARY " + json.dumps({"timeline": marks + [tuple(m) for m in res.timeli
                                "best": res.best_value, "registered": res.registered_model_version}), flush=True)
 """
 
+# Ray Train's own start-up: the same Ray start as ``raypipe train`` (``ensure_ray``, imports of torch, timm and
+# transformers warmed beside ``ray.init``), the worker group it plans, and a loop that only notes the time it was
+# entered; ``trainer.fit`` to the loop is Ray Train's part alone, which no raypipe change can cut (Train V2 starts
+# its controller, a placement-group cleaner, a synchronization actor, the worker and a dataset manager, each a
+# fresh process).
+FLOOR = r"""
+import json, sys, time
+marks = [("start", float(sys.argv[1]))]
+from raypipe.config import load_config
+from raypipe.runtime import ensure_ray, planned
+from raypipe.train import worker_group_configs
+marks.append(("imports", time.time()))
+cfg = load_config(sys.argv[2], json.loads(sys.argv[3]))
+ensure_ray(cfg)
+marks.append(("ray_init", time.time()))
+cfg, _ = planned(cfg, "train")
+from ray.train import RunConfig
+from ray.train.torch import TorchTrainer
+torch_config, scaling_config = worker_group_configs(cfg.train)
+entered = sys.argv[4] + "/floor_entered.txt"
+def loop(_):
+    with open(entered, "w") as f:
+        f.write(repr(time.time()))
+trainer = TorchTrainer(loop, torch_config=torch_config, scaling_config=scaling_config,
+                       run_config=RunConfig(storage_path=cfg.train.storage_path, name="floor"))
+marks.append(("trainer_built", time.time()))
+trainer.fit()
+returned = time.time()
+marks += [("worker_start", float(open(entered).read())), ("fit_returned", returned)]
+print("SUMMARY " + json.dumps({"timeline": marks}), flush=True)
+"""
 
 CHILD_TIMEOUT_S = 300
 
 
-def run_child(code: str, preset: str, overrides: list[str], workdir: str, name: str, threads: int = 0) -> dict:
-    """One child process; returns its SUMMARY plus wall time (process start to exit) and peak tree RSS."""
+def run_child(code: str, preset: str, overrides: list[str], workdir: str, name: str, threads: int = 0,
+              pythonpath: str | None = None) -> dict:
+    """One child process; returns its SUMMARY plus wall time (process start to exit) and peak tree RSS.
+    ``pythonpath``: import raypipe from that tree instead (``--before-tree``)."""
+    env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     log_path = Path(workdir) / f"{name}.log"
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", code, repr(start), preset, json.dumps(overrides), workdir, str(threads)],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, cwd=workdir)
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
         peak = 0.0
         while proc.poll() is None:
             peak = max(peak, _tree_rss_mb(proc.pid))
@@ -177,6 +213,16 @@ def summarise_run(r: dict, steps_per_epoch: int) -> dict:
     }
 
 
+def summarise_floor(r: dict) -> dict:
+    """Ray Train's fixed start-up: process start to the (empty) loop, Ray start and Train's own part apart."""
+    from raypipe.train_timeline import phase_seconds
+
+    phases = phase_seconds([tuple(m) for m in r["timeline"]])
+    t = dict(r["timeline"])
+    return {"to_loop_s": round(t["worker_start"] - t["start"], 2), "phases": phases, "wall_s": r["wall_s"],
+            "peak_rss_mb": r["peak_rss_mb"]}
+
+
 def make_shards(root: Path, videos: int) -> str:
     """Feature shards of a generated corpus (demo class grid), embedded once with the tiny test encoders."""
     import ray
@@ -209,6 +255,11 @@ def main() -> int:
     ap.add_argument("--ray-variant", action="append", default=[], metavar="KEY=VAL[,KEY=VAL]",
                     help="also run Ray with these overrides in every repeat (e.g. the settings before a change)")
     ap.add_argument("--plain-threads", type=int, default=0, help="torch threads of the plain loop (0: torch's default)")
+    ap.add_argument("--before-tree", default=None, metavar="DIR",
+                    help="also run the Ray side with raypipe imported from DIR (a checkout of an earlier commit), "
+                         "labelled 'before', in every repeat")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the Ray Train floor run (an empty loop on the same Ray and worker group) per repeat")
     ap.add_argument("--out", default="bench/results/bench_train.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -216,7 +267,9 @@ def main() -> int:
         data = str(root / "features")
         if not (root / "features").is_dir():
             make_shards(root, args.videos)
-        runs: dict[str, list[dict]] = {"plain": [], "ray": [], **{f"ray[{v}]": [] for v in args.ray_variant}}
+        runs: dict[str, list[dict]] = {"plain": [], "ray": [], **{f"ray[{v}]": [] for v in args.ray_variant},
+                                       **({"before": []} if args.before_tree else {})}
+        floors: list[dict] = []
         for i in range(args.repeats):
             common = [f"train.data={data}", "train.taxonomy=null", "train.num_workers=1", f"train.epochs={args.epochs}",
                       f"train.storage_path={tmp}/ray_{i}", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow_{i}.db",
@@ -226,6 +279,12 @@ def main() -> int:
             for j, v in enumerate(args.ray_variant):
                 extra = [f"train.storage_path={tmp}/ray_{i}_{j}", *[x for x in v.split(",") if x]]
                 runs[f"ray[{v}]"].append(run_child(RAY, args.preset, common + extra, tmp, f"ray_{i}_{j}"))
+            if args.before_tree:
+                runs["before"].append(run_child(RAY, args.preset, common + [f"train.storage_path={tmp}/before_{i}"],
+                                                tmp, f"before_{i}", pythonpath=args.before_tree))
+            if args.floor:
+                floors.append(run_child(FLOOR, args.preset, common + [f"train.storage_path={tmp}/floor_{i}"], tmp,
+                                        f"floor_{i}"))
         from raypipe.config import load_config
         from raypipe.train import prepare
 
@@ -238,12 +297,13 @@ def main() -> int:
               | {f"{side}_vs_plain_wall": round(table[side][i]["wall_s"] / p["wall_s"], 3) for side in table if side != "plain"}
               for i, p in enumerate(table["plain"])]
     result = {"benchmark": "bench_train", **environment(), "preset": args.preset, "overrides": args.set,
+              "before_tree": args.before_tree,
               "plain_threads": args.plain_threads or "torch default",
               "corpus": {"generator": "raypipe.corpus seed=3 2x2 classes max_duration_s=5, test-preset encoders",
                          "videos": args.videos, "train_rows": spec.num_train, "val_rows": spec.num_val,
                          "test_rows": spec.num_test, "batch_size": cfg.train.batch_size, "steps_per_epoch": steps,
                          "epochs": args.epochs, "model": cfg.model.name},
-              "runs": table, "ratios": ratios}
+              "runs": table, "ratios": ratios, "ray_train_floor": [summarise_floor(r) for r in floors]}
     write_result(args.out, result)
     print(f"{'run':<12} {'steps/s':>8} {'start-up s':>10} {'train s':>8} {'val s':>6} {'ckpt s':>7} {'wall s':>7} {'RSS MiB':>8}")
     for side, rs in table.items():
@@ -251,6 +311,10 @@ def main() -> int:
             print(f"{(side[:8] + '_' + str(i)):<12} {r['steps_per_s']:>8.2f} {r['startup_s']:>10.1f} {r['train_s']:>8.1f} {r['val_s']:>6.1f} "
                   f"{r['checkpoint_s']:>7.1f} {r['wall_s']:>7.1f} {r['peak_rss_mb']:>8.0f}")
             print("    start-up phases: " + ", ".join(f"{k} {v:.1f}" for k, v in r["startup_phases"].items()))
+    for i, f in enumerate(result["ray_train_floor"]):
+        ph = f["phases"]
+        print(f"floor_{i}: process start to an empty Train loop {f['to_loop_s']:.1f} s (ray_init {ph['ray_init']:.1f}, "
+              f"trainer.fit to the loop {ph['worker_start']:.1f}); fit returned {ph['fit_returned']:.1f} s later")
     for i, r in enumerate(ratios):
         for side in (s for s in table if s != "plain"):
             print(f"repeat {i}: {side} / plain steps/s x{r[f'{side}_vs_plain_steps_per_s']:.2f}, start-up "

@@ -29,8 +29,10 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +95,33 @@ def make_client(tracking: TrackingConfig) -> MlflowClient:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def client_warming(tracking: TrackingConfig, *, needed: bool = True) -> Iterator[None]:
+    """Build ``tracking``'s MLflow client in a daemon thread while the ``with`` body does other start-up work.
+
+    Why: importing MLflow and opening its SQLite store takes 1.5-4 s on 2 CPUs, and a training run paid it
+    twice in series before its first step (the driver's run, then rank 0's logger; docs/PERFORMANCE.md). MLflow
+    caches the store per URI, so the caller's own :func:`make_client` after the block is quick. The thread is
+    joined on every way out of the block (a thread left importing races the process's next import of the same
+    module, see :func:`raypipe.runtime.warm_imports`); a failure in it is left for that later call to raise.
+    """
+
+    def run() -> None:
+        try:
+            make_client(tracking)
+        except Exception:  # noqa: BLE001 - the caller's own make_client reports it
+            return
+
+    thread = threading.Thread(target=run, name="raypipe-warm-mlflow", daemon=True)
+    if needed and tracking.enabled:
+        thread.start()
+    try:
+        yield
+    finally:
+        if thread.is_alive():
+            thread.join()
 
 
 def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:

@@ -298,15 +298,17 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from raypipe.runtime import ensure_ray, planned
+    from raypipe.tracking import client_warming
 
     marks: list[tuple[str, float]] = []
     mark(marks, "build_start")
     cfg, spec, kwargs = prepare(cfg)
     mark(marks, "prepare")
-    ensure_ray(cfg)
-    mark(marks, "ray_init")
-    cfg, _ = planned(cfg, "train")  # auto workers / CPUs / GPU from the cluster; refuses what cannot be placed
-    check_workers(cfg, spec)
+    with client_warming(cfg.tracking):  # MLflow's import and store open run beside ray.init
+        ensure_ray(cfg)
+        mark(marks, "ray_init")
+        cfg, _ = planned(cfg, "train")  # auto workers / CPUs / GPU from the cluster; refuses what cannot be placed
+        check_workers(cfg, spec)
     run_name = run_name or cfg.train.run_name
     run_dir = _run_dir(cfg, run_name)
     from raypipe.data import ray_datasets

@@ -333,6 +333,7 @@ def setup(loop_config: dict[str, Any], timeline: list[tuple[str, float]] | None 
     import torch
 
     from raypipe.models import create_model
+    from raypipe.tracking import client_warming
 
     timeline = timeline if timeline is not None else []
     timeline.append(("worker_imports", time.time()))
@@ -345,7 +346,9 @@ def setup(loop_config: dict[str, Any], timeline: list[tuple[str, float]] | None 
     device = ray.train.torch.get_device()
 
     seed_everything(t.seed)
-    model = create_model(cfg.model.name, **loop_config["model_kwargs"])
+    # Rank 0's MLflow client (import, store) is built beside the model (transformers, MiniLM), not after it.
+    with client_warming(cfg.tracking, needed=_logs_to_mlflow(loop_config, rank)):
+        model = create_model(cfg.model.name, **loop_config["model_kwargs"])
     timeline.append(("model_built", time.time()))
     loss_cfg, objective, val_objective = build_objectives(cfg, model)
     init = _init_from(model, cfg, rank) if t.init_from and ray.train.get_checkpoint() is None else None
@@ -442,9 +445,13 @@ def _resume(model: Any, rank: int) -> tuple[int, list[dict[str, float]], dict[st
     return int(meta["epoch"]) + 1, list(meta["history"]), train_state
 
 
+def _logs_to_mlflow(loop_config: dict[str, Any], rank: int) -> bool:
+    return rank == 0 and bool(loop_config.get("mlflow_run_id"))
+
+
 def _open_run_logger(cfg: RaypipeConfig, spec: DataSpec, loop_config: dict[str, Any], rank: int, world: int) -> Any:
     """Rank 0's MLflow handle with the run's params logged (None on other ranks or without tracking)."""
-    if rank != 0 or not loop_config.get("mlflow_run_id"):
+    if not _logs_to_mlflow(loop_config, rank):
         return None
     from raypipe.tracking import RunLogger, flatten_config
 

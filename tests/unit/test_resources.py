@@ -312,3 +312,26 @@ def test_warm_imports_loads_modules_in_the_background_and_leaves_failures_to_the
     thread = warm_imports(("this_module_does_not_exist", "wave"))
     thread.join(timeout=30)
     assert not thread.is_alive() and "wave" not in sys.modules
+
+
+def test_client_warming_opens_the_mlflow_store_beside_the_block_and_joins_it_on_every_exit(tmp_path: Path) -> None:
+    """Training builds its MLflow client beside ray.init (driver) and the model build (rank 0): the store is
+    open when the block ends, also when the block raises, and nothing is started when it is not needed."""
+    import threading
+
+    from raypipe.config import TrackingConfig
+    from raypipe.tracking import client_warming
+
+    def warming() -> bool:
+        return any(t.name == "raypipe-warm-mlflow" for t in threading.enumerate())
+
+    with client_warming(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/a/mlflow.db")):
+        pass
+    assert (tmp_path / "a" / "mlflow.db").stat().st_size > 0 and not warming()
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with client_warming(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/b/mlflow.db")):
+            raise RuntimeError("stage failed")
+    assert (tmp_path / "b" / "mlflow.db").stat().st_size > 0 and not warming()
+    with client_warming(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/c/mlflow.db"), needed=False):
+        assert not warming()
+    assert not (tmp_path / "c").exists()
