@@ -58,6 +58,9 @@ VARIANTS: dict[str, list[str]] = {
     # One classifier head per input stream beside the fused head (train.loss.unimodal, deep supervision): keeps
     # the frame stream learning its own evidence where the fused head would lean on a wrong text.
     "uni": ["train.loss.unimodal=1.0"],
+    # Modality dropout (model.params.modality_dropout): 30% of the training clips classified from one stream
+    # alone, the other emptied (the paper's robustness study drops 30% of the features, at test time only).
+    "drop": ["model.params.modality_dropout=0.3"],
 }
 
 log = logging.getLogger("bench_generalization")

@@ -14,6 +14,7 @@
     x -> LN -> F_vt;  F_vt[:,0] -> MLP -> logits (B,C)
 
     F_v[:,0] -> MLP, F_t[:,0] -> MLP -> uni_logits (B,2,C)   one head per stream, training only      [unimodal]
+    training, a fraction p of clips: the fused head sees only one stream (the other one empty)   [modality_dropout]
     masked ids -> BERT -> fusion -> MLM head (tied to the word embeddings) -> mlm_logits (B,L,V)  [mlm]
     (F_t, F_v) positives + ALBEF hard negatives -> fusion -> F_vt[:,0] -> Linear -> vtm_logits (3B,2)  [vtm]
 
@@ -50,6 +51,13 @@ Choices where the paper is open, and why:
   the frame stream unlearnt, and then loses to a frames-only MLP where the text is wrong; deep supervision keeps
   each stream learning its own evidence (the auxiliary single-modality heads of issue #10; measured in
   docs/GENERALIZATION.md).
+* Modality dropout (``modality_dropout`` = p, not in the paper, off by default): in training, each clip with
+  probability p has one stream (text or video, even odds) replaced by an *empty* one for the classification
+  path only: the text by its [CLS] alone, the video by its [VCLS] alone (every frame masked), which is also what
+  a clip with no title/speech/on-screen text or no decodable frames looks like at inference. The fused head must
+  then classify from the other stream alone, so it cannot leave a stream unlearnt by leaning on the other; the
+  contrastive, VTM and MLM losses keep the clean streams. The paper's robustness study drops 30% of the frame and
+  text features at test time only; training with it is the issue #10 idea (measured in docs/GENERALIZATION.md).
 * MLM runs a second text pass on the masked ids, as ALBEF does, so classification, contrastive and VTM see the
   clean text. MLM and VTM are training-time objectives: in eval mode the model returns logits (and the
   contrastive outputs), never random masks or random negatives.
@@ -116,6 +124,7 @@ class DMAFNet(nn.Module):
         special_token_ids: Sequence[int] | None,
         mlm_probability: float,
         milnce_candidates: int,
+        modality_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.modalities = check_modalities(modalities, MODALITIES)
@@ -143,6 +152,11 @@ class DMAFNet(nn.Module):
         if milnce_candidates < 1:
             raise ValueError(f"milnce_candidates must be >= 1, got {milnce_candidates}")
         self.milnce_candidates = milnce_candidates
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        if modality_dropout and not both:
+            raise ValueError(f"modality_dropout needs a video stream and the text but modalities={self.modalities}")
+        self.modality_dropout = modality_dropout
         self.vocab_size = vocab_size
 
         hidden = text_hidden
@@ -240,6 +254,8 @@ class DMAFNet(nn.Module):
 
         if video is not None and text is not None:
             first = self.fuse(text, text_mask, video, video_mask)[:, 0]  # (B, H) fused first token
+            if self.training and self.modality_dropout:
+                first = self._drop_streams(batch, first, text, text_mask, video, video_mask)  # (B, H)
         elif video is not None:
             first = video[:, 0]  # (B, H) [VCLS]
         else:
@@ -259,6 +275,38 @@ class DMAFNet(nn.Module):
         if self.training and self.vtm:
             out.update(self._vtm(out, first, text, text_mask, video, video_mask))
         return out
+
+    def _drop_streams(
+        self, batch: Mapping[str, Tensor], first: Tensor, text: Tensor, text_mask: Tensor, video: Tensor,
+        video_mask: Tensor,
+    ) -> Tensor:
+        """The fused first token with, for a random fraction of clips, one stream emptied (module doc).
+
+        Only the dropped clips are re-encoded (their empty stream) and re-fused, so the clean pass above stays
+        the one the auxiliary losses read.
+        """
+        b = first.shape[0]
+        dropped = torch.rand(b, device=first.device) < self.modality_dropout  # (B,)
+        drop_text = dropped & (torch.rand(b, device=first.device) < 0.5)  # (B,) the rest of `dropped`: video
+        drop_video = dropped & ~drop_text
+        if not dropped.any():
+            return first
+        text, text_mask = text.clone(), text_mask.clone()
+        video, video_mask = video.clone(), video_mask.clone()
+        if drop_text.any():
+            ids, att = batch["input_ids"][drop_text], batch["attention_mask"][drop_text].clone()  # (n, L)
+            att[:, 1:] = 0  # [CLS] alone
+            text[drop_text] = self.encode_text(ids, att)  # (n, L, H)
+            text_mask[drop_text] = att.bool()
+        if drop_video.any():
+            sub = {k: batch[k][drop_video] for m in self.video_streams for k in (f"{m[:5]}_feats", f"{m[:5]}_mask")}
+            for m in self.video_streams:
+                sub[f"{m[:5]}_mask"] = torch.zeros_like(sub[f"{m[:5]}_mask"])  # every frame masked: [VCLS] alone
+            video[drop_video], video_mask[drop_video] = self.encode_video(sub)  # (n, 1+S, H), (n, 1+S)
+        fused = self.fuse(text[dropped], text_mask[dropped], video[dropped], video_mask[dropped])[:, 0]  # (n, H)
+        first = first.clone()
+        first[dropped] = fused
+        return first
 
     def _mlm(self, batch: Mapping[str, Tensor], video: Tensor, video_mask: Tensor) -> dict[str, Tensor]:
         masked_ids, labels = mask_tokens(
@@ -356,6 +404,7 @@ def dmafnet(
     special_token_ids: Sequence[int] | None = None,
     mlm_probability: float = 0.15,
     milnce_candidates: int = 3,
+    modality_dropout: float = 0.0,
 ) -> DMAFNet:
     """Paper defaults: 12 frame layers, N = 6 multimodal layers, BERT-base text, frames + text (audio off).
 
@@ -390,4 +439,5 @@ def dmafnet(
         special_token_ids=special_token_ids,
         mlm_probability=mlm_probability,
         milnce_candidates=milnce_candidates,
+        modality_dropout=modality_dropout,
     )

@@ -138,6 +138,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, float], bool]] = [
     ("mfb", {"modalities": ("audio",), "fusion": "fc_concat"}, CLS_ONLY, False),
     ("dmafnet", {"text_as_query": False}, {**ALL_AUX, "mlm": 0.0}, False),
     ("dmafnet", {"text_as_query": True}, CLS_ONLY, False),
+    ("dmafnet", {"modality_dropout": 0.5}, ALL_AUX, False),
     ("dmafnet", {}, {**ALL_AUX, "mlm": 0.0, "vtm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "vtm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "contrastive": 0.0, "mlm": 0.0}, False),
@@ -614,3 +615,25 @@ def test_dmafnet_gives_milnce_k_text_candidates_per_clip() -> None:
     got = text_candidates(text, mask, 3)[..., 0]
     assert got.tolist() == [[0.0, 1.5, 3.5], [6.0, 6.0, 6.0]]
     assert text_candidates(text, mask, 1).shape == (2, 1, 1)
+
+
+def test_dmafnet_modality_dropout_empties_one_stream_per_dropped_clip_in_training_only() -> None:
+    model = build("dmafnet", CLS_ONLY, dropout=0.0, modality_dropout=0.99).train()
+    batch = make_batch(b=8, seed=3, frame_lengths=[6] * 8)
+    other_text = {**batch, "input_ids": torch.where(batch["attention_mask"].bool() & (torch.arange(10) > 0),
+                                                     batch["input_ids"].flip(0), batch["input_ids"])}
+    other_video = {**batch, "frame_feats": batch["frame_feats"].flip(0)}
+
+    def logits(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        torch.manual_seed(0)  # the same clips dropped, the same stream each
+        return model(b)["logits"].detach()
+
+    base = logits(batch)
+    text_blind = (logits(other_text) - base).abs().amax(-1) < 1e-5  # (B,) clips whose text was emptied
+    video_blind = (logits(other_video) - base).abs().amax(-1) < 1e-5  # (B,) clips whose video was emptied
+    assert (text_blind ^ video_blind).all(), "every clip (p=0.99) sees exactly one of its two streams"
+    assert text_blind.any() and video_blind.any()
+    model.eval()  # inference: both streams always
+    assert ((model(other_text)["logits"] - model(batch)["logits"]).abs().amax(-1) > 1e-5).all()
+    with pytest.raises(ValueError, match="modality_dropout needs a video stream and the text"):
+        build("dmafnet", CLS_ONLY, modalities=("frames",), modality_dropout=0.3)
