@@ -204,7 +204,9 @@ def val_table(rows: list[dict[str, Any]], base_lr: float | None = None) -> str:
     """DMAFNet as shipped vs its diagnostic variants: best-epoch VAL F_sco per layout (mean +- std over seeds).
 
     The variants train at the shipped lr; where DMAFNet's own lr was chosen on val, its column is its run at
-    ``base_lr`` (from ``lr_candidates``), not the val-chosen maximum of several lrs (that would flatter it)."""
+    ``base_lr`` (from ``lr_candidates``), not the val-chosen maximum of several lrs (that would flatter it). A
+    variant may have run on fewer seeds than DMAFNet: its cell also gives its mean difference from DMAFNet on the
+    seeds both have, the number a default is chosen on."""
     # lr candidates (``dmafnet@lr=...``) exist only where they lost: their means would be biased; see lr_val_table.
     names = ["dmafnet", *sorted({r["model"] for r in rows
                                  if r["model"].startswith("dmafnet@") and "@lr=" not in r["model"]})]
@@ -217,13 +219,16 @@ def val_table(rows: list[dict[str, Any]], base_lr: float | None = None) -> str:
 
     layouts = sorted({r["layout"] for r in rows}, key=list(GRIDS).index)
     head = [f"dmafnet lr={base_lr:g} (val)" if base_lr is not None else "dmafnet (val)",
-            *(f"{n} (val)" for n in names[1:])]
+            *(f"{n} (val; minus dmafnet, same seeds)" for n in names[1:])]
     lines = ["| layout | " + " | ".join(head) + " |", "|---|" + "---|" * len(names)]
     for lay in layouts:
-        cells = []
-        for n in names:
-            vals = [val(r) for r in rows if r["layout"] == lay and r["model"] == n]
-            cells.append(_mean_sd(vals))
+        base = {r["seed"]: val(r) for r in rows if r["layout"] == lay and r["model"] == "dmafnet"}
+        cells = [f"{_mean_sd(list(base.values()))} ({len(base)} seeds)"]
+        for n in names[1:]:
+            got = {r["seed"]: r["val_f_sco"] for r in rows if r["layout"] == lay and r["model"] == n}
+            diffs = [v - base[s] for s, v in got.items() if s in base]
+            diff = f"; {statistics.mean(diffs):+.3f} on {len(diffs)} seeds" if diffs else ""
+            cells.append(_mean_sd(list(got.values())) + diff)
         lines.append(f"| {lay} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -118,7 +118,12 @@ def test_lr_tables_read_every_candidate_and_show_the_shipped_run(bench) -> None:
     assert bench.val_table(rows) == ""  # losing lr candidates are not variants (their means would be biased)
     # A variant (trained at the shipped lr) is compared with DMAFNet's shipped-lr run, not with its val-chosen max.
     variant = [{"layout": "split", "seed": s, "model": "dmafnet@audio", "val_f_sco": 0.65} for s in (0, 1)]
-    assert bench.val_table(rows + variant, 3e-4).splitlines()[-1] == "| split | 0.650 +- 0.050 | 0.650 +- 0.000 |"
+    assert bench.val_table(rows + variant, 3e-4).splitlines()[-1] == (
+        "| split | 0.650 +- 0.050 (2 seeds) | 0.650 +- 0.000; +0.000 on 2 seeds |")
+    # A variant run on fewer seeds is compared with DMAFNet on the seeds both have (seed 0: 0.6 at 3e-4).
+    one = [{"layout": "split", "seed": 0, "model": "dmafnet@drop", "val_f_sco": 0.7}]
+    assert bench.val_table(rows + one, 3e-4).splitlines()[-1] == (
+        "| split | 0.650 +- 0.050 (2 seeds) | 0.700 (1 seed); +0.100 on 1 seeds |")
     _, margins = bench.summarise(rows)  # the table's DMAFNet is the chosen row per seed
     assert margins["split"]["per_seed"] == []  # (no single-modality rows here)
 
