@@ -328,9 +328,9 @@ def test_client_warming_opens_the_mlflow_store_beside_the_block_and_joins_it_on_
     with client_warming(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/a/mlflow.db")):
         pass
     assert (tmp_path / "a" / "mlflow.db").stat().st_size > 0 and not warming()
-    with pytest.raises(RuntimeError, match="stage failed"):
-        with client_warming(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/b/mlflow.db")):
-            raise RuntimeError("stage failed")
+    failing = client_warming(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/b/mlflow.db"))
+    with pytest.raises(RuntimeError, match="stage failed"), failing:
+        raise RuntimeError("stage failed")
     assert (tmp_path / "b" / "mlflow.db").stat().st_size > 0 and not warming()
     with client_warming(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/c/mlflow.db"), needed=False):
         assert not warming()
