@@ -299,9 +299,10 @@ class DMAFNet(nn.Module):
             text[drop_text] = self.encode_text(ids, att)  # (n, L, H)
             text_mask[drop_text] = att.bool()
         if drop_video.any():
-            sub = {k: batch[k][drop_video] for m in self.video_streams for k in (f"{m[:5]}_feats", f"{m[:5]}_mask")}
-            for m in self.video_streams:
-                sub[f"{m[:5]}_mask"] = torch.zeros_like(sub[f"{m[:5]}_mask"])  # every frame masked: [VCLS] alone
+            sub = {}
+            for m in (m[:5] for m in self.video_streams):
+                sub[f"{m}_feats"] = batch[f"{m}_feats"][drop_video]  # (n, T, D_m)
+                sub[f"{m}_mask"] = torch.zeros_like(batch[f"{m}_mask"][drop_video])  # every frame masked: [VCLS] alone
             video[drop_video], video_mask[drop_video] = self.encode_video(sub)  # (n, 1+S, H), (n, 1+S)
         fused = self.fuse(text[dropped], text_mask[dropped], video[dropped], video_mask[dropped])[:, 0]  # (n, H)
         first = first.clone()
