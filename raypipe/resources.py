@@ -10,7 +10,8 @@ The rules (C = CPUs, G = GPUs the cluster has or its node types can provide; "sm
 
 - ``embed.inline_decode: auto``: on a small CPU-only cluster without OCR / ASR, decode nodes
   (``ray.decode_resource``) or ``fuse_encoders: false``, the embed stage is one pool of actors that decode,
-  encode and write, one per CPU (:func:`plan_inline`); no decode tasks, no other pools. Measured x1.18-1.39 the
+  encode and write, one per CPU (:func:`plan_inline`; ``inline_calls: auto`` = the actor's whole CPUs, as
+  threaded calls, for an actor given more than one); no decode tasks, no other pools. Measured x1.18-1.39 the
   staged pipeline's videos/s on 2 CPUs (docs/PERFORMANCE.md).
 - Encoder pools (embed and label): ``embed.fuse_encoders: auto`` fuses the three encoders into one pool on a
   small CPU-only cluster (three pools plus decoding do not fit), and keeps three pools otherwise.
@@ -267,9 +268,11 @@ def plan_embed(e: Any, cluster: Cluster, *, extra_pools: int = 0, extra_gpu_pool
 def plan_inline(e: Any, cluster: Cluster, *, auto: bool = False) -> StagePlan:
     """``embed.inline_decode``: one pool of actors that each decode, encode and write (``frame_pool`` keys).
 
-    ``num_cpus: auto`` = 1 (each actor is a single-threaded plain loop) or all the CPUs below 1; ``max_size:
-    auto`` = one actor per CPU, at most one per GPU when the actors ask GPUs (``num_gpus: auto`` = 1 with GPUs).
-    There are no decode tasks, so nothing else needs CPUs.
+    ``num_cpus: auto`` = 1 (each actor is a plain loop) or all the CPUs below 1; ``inline_calls: auto`` = the
+    actor's whole CPUs: an actor given more than one CPU runs that many batches at once, in threads of one torch
+    thread each (``encoder_threads: auto`` = the actor's CPUs / calls), instead of one batch on a single decode
+    thread; ``max_size: auto`` = as many actors as the CPUs hold, at most one per GPU when the actors ask GPUs
+    (``num_gpus: auto`` = 1 with GPUs). There are no decode tasks, so nothing else needs CPUs.
     """
     cpus, gpus = cluster.total("CPU"), cluster.total("GPU")
     why = " (small CPU-only cluster)" if auto else ""
@@ -277,15 +280,16 @@ def plan_inline(e: Any, cluster: Cluster, *, auto: bool = False) -> StagePlan:
     p = e.frame_pool
     ncpu = float(_auto(p.num_cpus, min(1.0, max(0.25, _floor(cpus, 0.25)))))
     ngpu = float(_auto(p.num_gpus, 1.0 if gpus > 0 else 0.0))
+    calls = int(_auto(e.inline_calls, max(1, int(ncpu))))
     default_max = max(1, int(_floor(cpus / ncpu, 1)))
     if ngpu > 0:
         default_max = max(1, min(default_max, int(gpus / ngpu)))
     max_size = int(_auto(p.max_size, max(default_max, p.min_size)))
     plan.settings.update({"embed.inline_decode": True, "embed.fuse_encoders": True, "embed.frame_pool.num_cpus": ncpu,
                           "embed.frame_pool.num_gpus": ngpu, "embed.frame_pool.min_size": p.min_size,
-                          "embed.frame_pool.max_size": max_size})
-    if e.encoder_threads != "auto":
-        plan.settings["embed.encoder_threads"] = int(e.encoder_threads)
+                          "embed.frame_pool.max_size": max_size, "embed.inline_calls": calls})
+    if e.encoder_threads != "auto" or calls > 1:  # auto with threads: the actor's CPUs shared by its calls
+        plan.settings["embed.encoder_threads"] = int(_auto(e.encoder_threads, max(1, int(ncpu) // calls)))
     plan.requests.append(Request("InlineEmbedder actor (embed.frame_pool)",
                                  ("embed.frame_pool.min_size", "embed.frame_pool.num_cpus", "embed.frame_pool.num_gpus"),
                                  {"CPU": ncpu, "GPU": ngpu}, p.min_size))

@@ -234,6 +234,12 @@ class EmbedConfig(StrictModel):
     # label job keeps its stages), no OCR / ASR stages. "auto": on a small CPU-only cluster (raypipe.resources),
     # where it measured x1.18-1.39 the staged pipeline on 2 CPUs (docs/PERFORMANCE.md).
     inline_decode: bool | Literal["auto"] = "auto"
+    # Batches one InlineEmbedder actor works on at once, each in its own thread with one torch thread. "auto":
+    # the actor's whole CPUs (at least 1), so an actor given 2 CPUs (frame_pool.num_cpus=2) decodes two batches
+    # at once instead of one on a single thread (PyAV and torch release the GIL). The default stays one 1-CPU
+    # actor per CPU: on 2 CPUs that measured ~7 % faster than one 2-CPU actor of 2 calls, which holds one copy
+    # of the models instead of two (peak RSS -20 %; docs/PERFORMANCE.md).
+    inline_calls: int | Literal["auto"] = "auto"
     output: PathStr | None = None  # required by embed (--output)
     num_shards: int = Field(default=4, ge=1)
     # CPUs per decode task; "auto": 0.5 on a small cluster, else 1.
@@ -256,6 +262,8 @@ class EmbedConfig(StrictModel):
         if self.inline_decode is True and (self.ocr.enabled or self.asr.enabled or self.fuse_encoders is False):
             raise ValueError("inline_decode runs the fused encoders without OCR / ASR stages: "
                              "turn off ocr.enabled / asr.enabled and leave fuse_encoders auto or true")
+        if self.inline_calls != "auto" and self.inline_calls < 1:
+            raise ValueError(f"inline_calls must be 'auto' or at least 1, got {self.inline_calls}")
         return self
 
 

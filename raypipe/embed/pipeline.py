@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -229,6 +230,7 @@ class FusedEncoder:
         from raypipe.embed.text import TextEncoder
 
         self.stall = FaultInjector(None, stall_after=stall_after)
+        self.text_lock = threading.Lock()  # a fast tokenizer is not safe to call from two threads at once
         self.stages = (
             FrameEncoder(cfg.frames, storage),
             AudioEncoder(cfg.audio, cfg.decode.audio_sample_rate, storage),
@@ -238,8 +240,10 @@ class FusedEncoder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.stall.tick()
         t0 = time.perf_counter()
-        for stage in self.stages:
-            batch = stage(batch)
+        frames, audio, text = self.stages
+        batch = audio(frames(batch))
+        with self.text_lock:
+            batch = text(batch)
         n = len(batch["video_id"])
         batch["encode_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))  # the summary's per-stage time
         return batch
@@ -253,6 +257,8 @@ class InlineEmbedder:
     CPUs that serialisation and the extra processes cost more than the overlap gains (docs/PERFORMANCE.md). Here
     each actor is a plain loop over its share of the videos, and the pool runs one per CPU. The rows are those
     of the staged pipeline (same decode, same encoders); a video that fails to decode is an error row as there.
+    An actor given N CPUs runs N calls at once in threads (``embed.inline_calls``); nothing here is shared
+    between calls but the encoders, whose text stage takes a lock.
     """
 
     def __init__(self, cfg: EmbedConfig, image_size: int, store: ShardStore, info: ShardInfo,
@@ -384,7 +390,9 @@ def _inline_dataset(cfg: RaypipeConfig, pending: list[VideoRef], store: ShardSto
     crash_after, stall_after = fault_from_env(), stall_from_env()
     return ds.map_batches(
         InlineEmbedder, batch_size=batch, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=p.min_size, max_size=p.max_size),
+        compute=ray.data.ActorPoolStrategy(min_size=p.min_size, max_size=p.max_size,
+                                           max_concurrent_calls_per_actor=e.inline_calls,
+                                           enable_true_multi_threading=e.inline_calls > 1),
         num_cpus=p.num_cpus, num_gpus=p.num_gpus,
         # An injected crash fails the job (instead of Ray restarting the actor) so resume is exercised.
         **({"max_restarts": 0} if crash_after is not None or stall_after is not None else {}),

@@ -183,6 +183,9 @@ def test_s3_in_and_out(feature_shards, corpus, moto_s3, test_config_factory) -> 
         f"embed.source.uri=s3://{moto_s3.bucket}/videos",
         f"embed.source.annotations=s3://{moto_s3.bucket}/meta/annotations.json",
         f"embed.output={out}", f"storage.endpoint_url={moto_s3.endpoint_url}",
+        # inline actors of 2 CPUs, each decoding, encoding and writing two batches at once in threads
+        # (embed.inline_calls auto): the same rows as the three-pool reference, S3 read and written from threads
+        "embed.inline_decode=true", "embed.frame_pool.num_cpus=2", "embed.text.batch_size=2",
         name="s3",
     )
     summary = embed_videos(cfg)

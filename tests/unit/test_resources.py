@@ -53,6 +53,7 @@ def test_default_config_on_a_2cpu_laptop_fuses_and_fits() -> None:
     # embed: one actor per CPU decodes, encodes and writes (no decode tasks, no other pool)
     assert embed["embed.inline_decode"] is True and embed["embed.fuse_encoders"] is True
     assert (embed["embed.frame_pool.num_cpus"], embed["embed.frame_pool.max_size"]) == (1.0, 2)
+    assert embed["embed.inline_calls"] == 1 and "embed.encoder_threads" not in embed
     assert [r.what for r in plans["embed"].requests] == ["InlineEmbedder actor (embed.frame_pool)"]
     label = plans["label"].settings
     assert label["embed.fuse_encoders"] is True and "embed.inline_decode" not in label  # three pools do not fit
@@ -112,6 +113,24 @@ def test_inline_decode_only_where_it_was_measured_to_win_and_never_with_text_sta
     assert inline(Cluster.single(16), "embed.inline_decode=true") is True
     with pytest.raises(ConfigError, match="inline_decode runs the fused encoders without OCR"):
         load_config(None, ["embed.inline_decode=true", "embed.asr.enabled=true"])
+
+
+def test_an_inline_actor_given_several_cpus_runs_one_threaded_call_per_cpu() -> None:
+    """Default: one 1-CPU actor per CPU, one call each; an actor of N CPUs runs N calls of one torch thread each;
+    explicit values win, and one call per actor gives the actor's CPUs to torch."""
+    def inline(cluster, *sets):
+        s = stage_plan(load_config(None, list(sets)), "embed", cluster).settings
+        return (s["embed.frame_pool.num_cpus"], s["embed.frame_pool.max_size"], s["embed.inline_calls"],
+                s.get("embed.encoder_threads"))
+
+    assert inline(Cluster.single(4)) == (1.0, 4, 1, None)
+    assert inline(Cluster.single(0.5)) == (0.5, 1, 1, None)
+    assert inline(LAPTOP, "embed.frame_pool.num_cpus=2") == (2.0, 1, 2, 1)
+    assert inline(Cluster.single(4), "embed.frame_pool.num_cpus=2") == (2.0, 2, 2, 1)
+    assert inline(LAPTOP, "embed.frame_pool.num_cpus=2", "embed.inline_calls=1") == (2.0, 1, 1, None)  # Ray: 2 threads
+    assert inline(LAPTOP, "embed.frame_pool.num_cpus=2", "embed.encoder_threads=2") == (2.0, 1, 2, 2)
+    with pytest.raises(ConfigError, match="inline_calls must be 'auto' or at least 1"):
+        load_config(None, ["embed.inline_calls=0"])
 
 
 def test_infeasible_requests_are_one_line_naming_the_keys() -> None:
