@@ -21,7 +21,8 @@ Why it is built this way:
   epoch), and DDP skips its unused-parameter search (``train.find_unused_parameters``).
 * **Every rank reports, rank 0 writes the checkpoint** (model, optimizer, scheduler, scaler, epoch, classes,
   model config, ShardInfo, the history so far and the epoch's val predictions); ``CheckpointConfig`` keeps the
-  best ``keep_best`` by ``train.metric`` (and Ray always keeps the latest, for resuming).
+  best ``keep_best`` by ``train.metric``, the earlier epoch of equal values first (``checkpoint_rank``), and Ray
+  always keeps the latest, for resuming.
 * **Fault tolerance.** ``FailureConfig(max_failures)`` restarts the worker group from
   ``ray.train.get_checkpoint()``; the RNGs are re-seeded from (seed, epoch, rank) at every epoch start, so the
   epochs after a restart are the epochs an uninterrupted run would have had. Re-running with the same
@@ -48,7 +49,7 @@ from raypipe.config.train import TASK_METRICS
 from raypipe.data import DataError, DataSpec, prepare_data
 from raypipe.io import fs as rfs
 from raypipe.train_timeline import log_phases, mark, phase_seconds
-from raypipe.train_worker import FAULT_ENV, FAULT_MARKER, selection_key, train_loop_per_worker
+from raypipe.train_worker import FAULT_ENV, FAULT_MARKER, RANK_KEY, selection_key, train_loop_per_worker
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -357,7 +358,7 @@ def build_trainer(
             storage_path=t.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=t.keep_best, checkpoint_score_attribute=t.metric, checkpoint_score_order=t.mode
+                num_to_keep=t.keep_best, checkpoint_score_attribute=RANK_KEY, checkpoint_score_order="max"
             ),
             callbacks=list(callbacks or []),
         ),

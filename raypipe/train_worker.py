@@ -622,13 +622,15 @@ def validate_pretrain(w: Worker) -> dict[str, Any]:
 
 def save_checkpoint(w: Worker, epoch: int, metrics: dict[str, float], val: dict[str, Any]) -> None:
     """Every rank reports the epoch's metrics; rank 0 with the checkpoint (model, train state, meta, val
-    predictions), which ``CheckpointConfig`` keeps or drops by ``train.metric``."""
+    predictions), which ``CheckpointConfig`` keeps or drops by its :func:`checkpoint_rank`."""
     import ray.train
 
     from raypipe.classifier import write_checkpoint
 
+    t = w.cfg.train
+    reported = {**metrics, RANK_KEY: checkpoint_rank(metrics, t.metric, t.mode)}
     if w.rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+        ray.train.report(reported, checkpoint=None)
         return
     lc, spec = w.loop_config, w.spec
     meta = {
@@ -656,7 +658,7 @@ def save_checkpoint(w: Worker, epoch: int, metrics: dict[str, float], val: dict[
             val_scores=val["scores"], val_targets=val["targets"], val_ids=val["ids"],
         )
         ray.train.report(
-            metrics,
+            reported,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
         )
@@ -708,6 +710,19 @@ def selection_key(metrics: dict[str, Any], metric: str, mode: str) -> tuple[floa
     of :func:`best_epoch` and early stopping, so the checkpoint chosen is the epoch that they call best."""
     sign = 1.0 if mode == "max" else -1.0
     return sign * float(metrics.get(metric, float("nan"))), -float(metrics.get("epoch", 0))
+
+
+RANK_KEY = "checkpoint_rank"
+
+
+def checkpoint_rank(metrics: dict[str, Any], metric: str, mode: str) -> float:
+    """:func:`selection_key` as one float (higher = better), the single attribute that ``CheckpointConfig`` orders
+    by. Ray ranks the *later* of two equal scores higher, so with ``train.metric`` itself as the attribute three
+    equal val scores dropped the first of them, the epoch that :func:`best_epoch` and early stopping call best,
+    and the run was scored on another epoch's weights. Here the earlier epoch of equal values ranks higher, by
+    1e-12 an epoch: below any real difference of two metric values, above float64 resolution at their scale."""
+    value, neg_epoch = selection_key(metrics, metric, mode)
+    return value + 1e-12 * neg_epoch
 
 
 def _log_final(

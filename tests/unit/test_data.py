@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -210,6 +211,30 @@ def test_early_stopping_reads_only_the_history_of_the_selection_metric() -> None
     tied = [{"epoch": 3, "val/loss": 1.0}, {"epoch": 2, "val/loss": 1.0}, {"epoch": 1, "val/loss": 1.5}]
     assert max(tied, key=lambda h: selection_key(h, "val/loss", "min"))["epoch"] == 2
     assert max(hist, key=lambda h: selection_key(h, "val/f_sco", "max"))["epoch"] == best_epoch(hist, "val/f_sco", "max")
+
+
+@pytest.mark.parametrize("metric,mode", [("val/f_sco", "max"), ("val/loss", "min")])
+def test_keeping_the_best_checkpoints_never_drops_the_epoch_called_best(metric: str, mode: str) -> None:
+    """Ray's own ordering of ``CheckpointConfig`` (ties: the later report ranks higher) over the reported
+    ``checkpoint_rank``, keep_best=2: on plateaus of equal val scores, as small val splits give, the epoch that
+    best_epoch / early stopping chose is always among the kept checkpoints, and is their best."""
+    from ray.train import Checkpoint
+    from ray.train._internal.checkpoint_manager import _insert_into_sorted_list
+
+    from raypipe.train_worker import RANK_KEY, best_epoch, checkpoint_rank
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        values = rng.choice([0.5, 0.6, 0.7, 1.0 / 3.0], size=int(rng.integers(3, 12)))
+        hist = [{"epoch": e, metric: float(v)} for e, v in enumerate(values, start=1)]
+        kept: list = []
+        index: dict = {}
+        for i, h in enumerate(hist):
+            item = SimpleNamespace(checkpoint=Checkpoint(f"/ckpt/{trial}/{i}"), metrics={**h, RANK_KEY: checkpoint_rank(h, metric, mode)})
+            index[item.checkpoint] = i
+            _insert_into_sorted_list(kept, item, key=lambda r: r.metrics[RANK_KEY], checkpoint_to_report_index=index)
+            kept = kept[-2:]  # the worst are deleted first
+        assert kept[-1].metrics["epoch"] == best_epoch(hist, metric, mode), (values, mode)
 
 
 def test_shape_and_collate_from_arrow_and_numpy_agree(tmp_path: Path) -> None:
