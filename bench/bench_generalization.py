@@ -1,7 +1,8 @@
 """Generalisation benchmark: the registered models and the single-modality baselines on several generated corpora
 (evidence layouts x seeds x class counts), scored on each corpus's held-out test split.
 
-Protocol (docs/GENERALIZATION.md): every model trains with the shipped defaults (``train.optim``, ``train.loss``,
+Protocol (docs/GENERALIZATION.md): every model trains with the shipped defaults (``train.optim`` with the model's
+own default lr, ``train.loss``,
 the model's own builder defaults, the packaged MiniLM text tower) plus the tiny sizes of the demo preset, through
 the same ``raypipe.train.fit`` as ``raypipe train``, with the same epoch budget and early stopping on val for all
 (``--epochs``, ``--patience``); the single-modality baselines (``--lr-grid-models``, DMAFNet too when named there)
@@ -94,6 +95,7 @@ def train_one(model: str, data: str, root: Path, seed: int, args: argparse.Names
     """One ``fit``: the shipped defaults plus the protocol's epoch budget and early stopping (both on val)."""
     from raypipe.config import load_config
     from raypipe.train import fit
+    from raypipe.train_worker import base_lr
 
     # A variant or an lr candidate gets its own run name: under the same name Ray Train would resume another run.
     name = model + (f"-{variant}" if variant else "") + (f"-lr{lr:g}" if lr is not None else "")
@@ -110,7 +112,7 @@ def train_one(model: str, data: str, root: Path, seed: int, args: argparse.Names
     test = None if variant else res.test_metrics.get("test/f_sco")  # variants: val only, by design
     return {"model": f"{model}@{variant}" if variant else model, "test_f_sco": test, "val_f_sco": res.best_value,
             "best_epoch": res.best_epoch, "epochs_run": len(res.history), "epochs": args.epochs,
-            "patience": args.patience, "lr": lr if lr is not None else cfg.train.optim.lr, "num_test": res.num_test,
+            "patience": args.patience, "lr": lr if lr is not None else base_lr(cfg), "num_test": res.num_test,
             # val F_sco per epoch: what a shorter budget or another patience would have chosen, read from val only
             "val_curve": [h.get("val/f_sco") for h in res.history], "seconds": time.perf_counter() - t0}
 
@@ -203,8 +205,8 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
 def val_table(rows: list[dict[str, Any]], base_lr: float | None = None) -> str:
     """DMAFNet as shipped vs its diagnostic variants: best-epoch VAL F_sco per layout (mean +- std over seeds).
 
-    The variants train at the shipped lr; where DMAFNet's own lr was chosen on val, its column is its run at
-    ``base_lr`` (from ``lr_candidates``), not the val-chosen maximum of several lrs (that would flatter it). A
+    The variants train at the shipped lr of their day; where DMAFNet's own lr was chosen on val, its column is its
+    run at that ``base_lr`` (from ``lr_candidates``), not the val-chosen maximum of several lrs (that would flatter it). A
     variant may have run on fewer seeds than DMAFNet: its cell also gives its mean difference from DMAFNet on the
     seeds both have, the number a default is chosen on."""
     # lr candidates (``dmafnet@lr=...``) exist only where they lost: their means would be biased; see lr_val_table.
@@ -385,11 +387,19 @@ def run_chunk(args: argparse.Namespace, previous: dict[str, Any], out: Path) -> 
     return kept + rows
 
 
-def shipped_lr() -> float:
-    """``train.optim.lr`` of the demo preset the benchmark starts from (the shipped default)."""
+def shipped_lr(model: str) -> float:
+    """The lr ``model`` trains at from the demo preset the benchmark starts from (its shipped default)."""
     from raypipe.config import load_config
+    from raypipe.train_worker import base_lr
 
-    return load_config("demo", []).train.optim.lr
+    return base_lr(load_config("demo", [f"model.name={model}"]))
+
+
+def variant_lr(rows: list[dict[str, Any]]) -> float | None:
+    """The one lr every diagnostic variant was trained at (the shipped lr of its day), or None: the variants of the
+    64-video record trained at 3e-4, DMAFNet's shipped lr before the per-model defaults."""
+    lrs = {r["lr"] for r in rows if r["model"].startswith("dmafnet@") and "@lr=" not in r["model"] and "lr" in r}
+    return lrs.pop() if len(lrs) == 1 else None
 
 
 def main() -> int:
@@ -432,8 +442,9 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps({"runs": rows, "margins": margins, "chunks": chunks,
                                                   "seconds": sum(c["seconds"] for c in chunks)}, indent=1))
     grid = any(r["model"] == "dmafnet" and r.get("lr_candidates") for r in rows)
-    base = shipped_lr() if grid else None
-    diagnostic, lrs, lr_val = val_table(rows, base), lr_table(rows), lr_val_table(rows)
+    base = shipped_lr("dmafnet") if grid else None
+    diagnostic = val_table(rows, (variant_lr(rows) or base) if grid else None)
+    lrs, lr_val = lr_table(rows), lr_val_table(rows)
     ship = shipped_vs_chosen(rows, base) if base is not None else ""
     (out / "table.md").write_text(table + "\n\nPer corpus, test F_sco (val F_sco in brackets):\n\n"
                                   + per_seed_table(rows) + "\n"

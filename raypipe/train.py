@@ -43,13 +43,14 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from raypipe.config import ConfigError, RaypipeConfig, config_to_dict
+from raypipe.config import ConfigError, RaypipeConfig, config_to_dict, validate_config
+from raypipe.config.base import apply_override
 from raypipe.config.paths import resolve_paths
 from raypipe.config.train import TASK_METRICS
 from raypipe.data import DataError, DataSpec, prepare_data
 from raypipe.io import fs as rfs
 from raypipe.train_timeline import log_phases, mark, phase_seconds
-from raypipe.train_worker import FAULT_ENV, FAULT_MARKER, RANK_KEY, selection_key, train_loop_per_worker
+from raypipe.train_worker import FAULT_ENV, FAULT_MARKER, RANK_KEY, base_lr, selection_key, train_loop_per_worker
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -125,6 +126,16 @@ def model_kwargs(cfg: RaypipeConfig, spec: DataSpec) -> dict[str, Any]:
     except ModelOptionError as exc:
         raise ConfigError(f"config error: {exc}") from None
     return with_defaults(cfg.model.name, kwargs)
+
+
+def resolve_lr(cfg: RaypipeConfig) -> RaypipeConfig:
+    """``train.optim.lr: auto`` -> the model's registry default (:func:`raypipe.train_worker.base_lr`), in a copy,
+    so that MLflow's params, the checkpoint and the run's config name the rate the run trained at."""
+    if cfg.train.optim.lr != "auto":
+        return cfg
+    data = config_to_dict(cfg)  # through the dict, so the number counts as set and the run's config records it
+    apply_override(data, ["train", "optim", "lr"], base_lr(cfg))
+    return validate_config(data)
 
 
 def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:
@@ -228,8 +239,8 @@ def check_workers(cfg: RaypipeConfig, spec: DataSpec) -> None:
 
 def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]]:
     """Everything checked before Ray starts -> ``(cfg with absolute paths, data spec, model kwargs)``."""
-    cfg = resolve_paths(cfg)
     _builder_params(cfg.model.name)
+    cfg = resolve_lr(resolve_paths(cfg))
     if cfg.train.use_gpu is False and cfg.train.amp != "none":  # also enforced by the config model
         raise ConfigError("config error: train.amp needs train.use_gpu=true")
     try:

@@ -91,10 +91,20 @@ def lr_schedule(optim: Any, *, steps_per_epoch: int, epochs: int) -> Any:
     )
 
 
+def base_lr(cfg: RaypipeConfig) -> float:
+    """``train.optim.lr``, or where it is ``auto`` the model's own default from the registry."""
+    lr = cfg.train.optim.lr
+    if lr == "auto":
+        from raypipe.models import default_lr
+
+        return default_lr(cfg.model.name)
+    return float(lr)
+
+
 def param_groups(model: torch.nn.Module, cfg: RaypipeConfig) -> list[dict[str, Any]]:
-    """AdamW groups: text encoder at ``text_lr``, the rest at ``lr``; no weight decay on biases, norms and the
-    temperature (decaying them only fights the normalisation)."""
-    o = cfg.train.optim
+    """AdamW groups: text encoder at ``text_lr``, the rest at :func:`base_lr`; no weight decay on biases, norms
+    and the temperature (decaying them only fights the normalisation)."""
+    o, lr = cfg.train.optim, base_lr(cfg)
     groups: dict[tuple[bool, bool], list[Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -107,7 +117,7 @@ def param_groups(model: torch.nn.Module, cfg: RaypipeConfig) -> list[dict[str, A
         out.append(
             {
                 "params": params,
-                "lr": o.text_lr if is_text else o.lr,
+                "lr": o.text_lr if is_text else lr,
                 "weight_decay": 0.0 if no_decay else o.weight_decay,
                 "name": f"{'text' if is_text else 'main'}{'_no_decay' if no_decay else ''}",
             }
@@ -362,7 +372,7 @@ def setup(loop_config: dict[str, Any], timeline: list[tuple[str, float]] | None 
         parallel_strategy_kwargs={"find_unused_parameters": t.find_unused_parameters} if world > 1 else None,
     )
     core = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
-    optimizer = torch.optim.AdamW(param_groups(core, cfg), lr=t.optim.lr)
+    optimizer = torch.optim.AdamW(param_groups(core, cfg), lr=base_lr(cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(t.optim, steps_per_epoch=steps_per_epoch(spec, cfg, world), epochs=t.epochs)
     )

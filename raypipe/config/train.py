@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raypipe.config.base import StrictModel
 from raypipe.config.corruption import CorruptionConfig
@@ -48,6 +49,10 @@ SCHEDULE_PARAMS: dict[str, tuple[str, ...]] = {
 class OptimConfig(StrictModel):
     """AdamW with its own learning rate for the text encoder (fine-tuned BERT wants ~5e-5, fresh heads ~1e-3).
 
+    ``lr: auto`` (default) is the model's own rate from the registry (``raypipe.models.default_lr``: DMAFNet 1e-4,
+    the single-modality baselines 3e-3, the others 3e-4; each measured in docs/GENERALIZATION.md); it is resolved
+    when training starts, so MLflow and the checkpoint record the number. A number here wins for every model.
+
     Every schedule starts with a linear warm-up over ``warmup_steps`` optimizer steps, then (step = optimizer
     step, ``steps_per_epoch`` = train rows per worker / batch_size / grad_accum, rounded up):
 
@@ -59,7 +64,7 @@ class OptimConfig(StrictModel):
     * ``constant``: the LR after warm-up stays ``lr`` / ``text_lr``.
     """
 
-    lr: float = Field(default=3e-4, gt=0)
+    lr: float | Literal["auto"] = "auto"
     text_lr: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
@@ -69,6 +74,20 @@ class OptimConfig(StrictModel):
     step_epochs: int = Field(default=5, ge=1)
     gamma: float = Field(default=0.1, gt=0, le=1)
     max_decays: int | None = Field(default=None, ge=1)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number_or_auto(cls, value: object) -> object:
+        """One message for both members of the union (pydantic would report one per member)."""
+        if value == "auto":
+            return value
+        try:
+            lr = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            lr = math.nan
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError("must be a number > 0 or 'auto' (the model's own default)")
+        return lr
 
     @model_validator(mode="after")
     def _only_options_of_the_schedule(self) -> OptimConfig:

@@ -139,8 +139,9 @@ def plan_trials(base: dict[str, Any], exp: ExperimentSpec, scale: Scale, seeds: 
 
 def _stage_plan(cfg: RaypipeConfig, specs: Specs) -> dict[str, Any]:
     """What a trial needs of one training stage: its config, data spec (and the key of its splits), model kwargs."""
-    from raypipe.train import model_kwargs
+    from raypipe.train import model_kwargs, resolve_lr
 
+    cfg = resolve_lr(cfg)
     spec = specs(cfg)
     return {"cfg": config_to_dict(cfg), "spec": spec.to_dict(), "spec_key": specs.key(spec),
             "kwargs": model_kwargs(cfg, spec)}

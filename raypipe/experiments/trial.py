@@ -81,6 +81,7 @@ def build_worker(cfg: RaypipeConfig, spec: DataSpec, model_kwargs: dict[str, Any
     from raypipe.train_worker import (
         Worker,
         amp_setup,
+        base_lr,
         build_objectives,
         needs_pairs,
         param_groups,
@@ -92,7 +93,7 @@ def build_worker(cfg: RaypipeConfig, spec: DataSpec, model_kwargs: dict[str, Any
     seed_everything(t.seed)
     model = create_model(cfg.model.name, **model_kwargs).to(device)
     loss_cfg, objective, val_objective = build_objectives(cfg, model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.optim.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=base_lr(cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(cfg, steps_per_epoch(spec, cfg, 1)))
     autocast, scaler = amp_setup(device, t.amp)
     return Worker(

@@ -23,7 +23,9 @@ the inputs of the auxiliary losses in :mod:`raypipe.losses`:
 
 # Importing the model modules runs their @register_model decorators.
 from raypipe.models import baselines, bilstm_attn, cavnet, dmafnet, mfb, videobert  # noqa: F401
-from raypipe.models.registry import builder_params, create_model, list_models, register_model
+from raypipe.models.registry import builder_params, create_model, default_lr, list_models, register_model
 from raypipe.models.resolve import ModelOptionError, resolve_kwargs
 
-__all__ = ["ModelOptionError", "builder_params", "create_model", "list_models", "register_model", "resolve_kwargs"]
+__all__ = [
+    "ModelOptionError", "builder_params", "create_model", "default_lr", "list_models", "register_model", "resolve_kwargs",
+]

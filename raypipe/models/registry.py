@@ -1,7 +1,9 @@
 """One registry and one ``create_model``, in the manner of timm.
 
 Each paper model lives in its own module and registers its builder with ``@register_model("name")``.
-Builders take keyword-only arguments, so a misspelt option fails loudly at build time.
+Builders take keyword-only arguments, so a misspelt option fails loudly at build time. An entry also carries the
+model's default learning rate (``train.optim.lr: auto``): the architectures differ by more than a factor of 10 in
+the rate they train best at (docs/GENERALIZATION.md measures it), so one global default fits none of them well.
 """
 
 from __future__ import annotations
@@ -15,13 +17,23 @@ from torch import nn
 ModelBuilder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, ModelBuilder] = {}
+_DEFAULT_LR: dict[str, float] = {}
+
+# The learning rate of a model registered without one: the rate the fusion models were measured at first.
+FALLBACK_LR = 3e-4
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+def register_model(name: str, *, default_lr: float = FALLBACK_LR) -> Callable[[ModelBuilder], ModelBuilder]:
+    """``default_lr``: the AdamW rate of everything but a pretrained text tower (that has ``train.optim.text_lr``)
+    when ``train.optim.lr`` is ``auto``; an explicit ``train.optim.lr`` always wins."""
+    if not default_lr > 0:
+        raise ValueError(f"model {name!r}: default_lr must be > 0, got {default_lr}")
+
     def decorator(fn: ModelBuilder) -> ModelBuilder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = fn
+        _DEFAULT_LR[name] = default_lr
         return fn
 
     return decorator
@@ -35,6 +47,12 @@ def get_builder(name: str) -> ModelBuilder:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     return _REGISTRY[name]
+
+
+def default_lr(name: str) -> float:
+    """The learning rate ``train.optim.lr: auto`` resolves to for model ``name``."""
+    get_builder(name)  # the one error message for an unknown name
+    return _DEFAULT_LR[name]
 
 
 def builder_params(name: str) -> list[str]:

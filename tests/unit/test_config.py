@@ -28,7 +28,9 @@ def test_overrides_are_typed() -> None:
     [
         (["train.lrr=1"], "config error: train.lrr: unknown key (allowed: "),
         (["bogus.key=1"], "config error: bogus: unknown key"),
-        (["train.optim.lr=abc"], "config error: train.optim.lr: Input should be a valid number"),
+        (["train.optim.lr=abc"], "config error: train.optim.lr: must be a number > 0 or 'auto'"),
+        (["train.optim.lr=0"], "config error: train.optim.lr: must be a number > 0 or 'auto'"),
+        (["train.optim.lr=true"], "config error: train.optim.lr: must be a number > 0 or 'auto'"),
         (["train.epochs=0"], "config error: train.epochs: Input should be greater than or equal to 1"),
         (["train.amp=fp32"], "config error: train.amp: Input should be 'none', 'bf16' or 'fp16'"),
         (["train.amp=bf16", "train.use_gpu=false"], "train.amp='bf16' needs train.use_gpu=true"),

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raypipe.config import config_to_dict
 from raypipe.data import (
     DataError,
     collate,
@@ -302,6 +303,9 @@ def test_prepare_passes_data_dims_and_loss_switches(train_overrides: list[str]) 
     assert kwargs["mask_token_id"] == 103 and "text_dim" in kwargs
     _, _, kw = _prepare(train_overrides + ["model.name=dmafnet", "train.loss.unimodal=0.5"])
     assert kw["unimodal"] is True
+    # lr auto: the run's config (what the workers, MLflow's params and the checkpoint get) names the model's rate.
+    auto, _, _ = _prepare(train_overrides + ["model.name=dmafnet", "train.optim.lr=auto"])
+    assert auto.train.optim.lr == 1e-4 and config_to_dict(auto)["train"]["optim"]["lr"] == 1e-4
     # A builder without aux switches gets none, and its aux weights are ignored.
     _, _, kw = _prepare(train_overrides + ["model.name=frames_only", "model.params={aggregation: avgpool}",
                                            "train.loss.unimodal=0.5"])
@@ -360,6 +364,28 @@ def test_text_encoder_gets_its_own_lr_and_no_decay_on_norms() -> None:
     assert groups["main_no_decay"]["weight_decay"] == 0.0 and groups["main"]["weight_decay"] == 0.01
     n_text = sum(p.numel() for g in groups.values() if g["name"].startswith("text") for p in g["params"])
     assert n_text == sum(p.numel() for p in model.text_encoder.parameters())
+
+
+@pytest.mark.parametrize("name", ["dmafnet", "text_only", "frames_only", "audio_only", "mfb", "bilstm_attn", "cavnet"])
+def test_lr_auto_is_the_models_own_default_and_an_explicit_lr_wins(name: str) -> None:
+    """``train.optim.lr: auto`` (the default) trains each model at its registry rate (the benchmark's val choices:
+    DMAFNet 1e-4, the single-modality baselines 3e-3, the rest 3e-4); resolving it writes the number into the
+    config that MLflow's params and the checkpoint record; a number given by the user is never replaced."""
+    from raypipe.config import load_config
+    from raypipe.models import create_model, default_lr
+    from raypipe.train import resolve_lr
+    from raypipe.train_worker import base_lr, param_groups
+
+    expected = {"dmafnet": 1e-4, "text_only": 3e-3, "frames_only": 3e-3, "audio_only": 3e-3}.get(name, 3e-4)
+    cfg = load_config("demo", [f"model.name={name}"])
+    assert cfg.train.optim.lr == "auto" and default_lr(name) == expected and base_lr(cfg) == expected
+    resolved = resolve_lr(cfg)
+    assert resolved.train.optim.lr == expected and config_to_dict(resolved)["train"]["optim"]["lr"] == expected
+    assert cfg.train.optim.lr == "auto"  # a copy: the caller's config is not changed
+    explicit = load_config("demo", [f"model.name={name}", "train.optim.lr=2e-3"])
+    assert resolve_lr(explicit).train.optim.lr == 2e-3 and base_lr(explicit) == 2e-3
+    model = create_model("frames_only", num_classes=3, frame_dim=16)
+    assert {g["lr"] for g in param_groups(model, cfg)} == {expected}
 
 
 def test_trailing_text_padding_is_trimmed_per_batch() -> None:
