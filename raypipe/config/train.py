@@ -49,8 +49,8 @@ SCHEDULE_PARAMS: dict[str, tuple[str, ...]] = {
 class OptimConfig(StrictModel):
     """AdamW with its own learning rate for the text encoder (fine-tuned BERT wants ~5e-5, fresh heads ~1e-3).
 
-    ``lr: auto`` (default) is the model's own rate from the registry (``raypipe.models.default_lr``: DMAFNet 1e-4,
-    the single-modality baselines 3e-3, the others 3e-4; each measured in docs/GENERALIZATION.md); it is resolved
+    ``lr: auto`` (default) is the model's own rate from the registry (``raypipe.models.default_lr``: DMAFNet 1e-4;
+    the single-modality baselines, MFB and BiLSTM 3e-3; the others 3e-4; each measured in docs/GENERALIZATION.md); it is resolved
     when training starts, so MLflow and the checkpoint record the number. A number here wins for every model.
 
     Every schedule starts with a linear warm-up over ``warmup_steps`` optimizer steps, then (step = optimizer

@@ -369,14 +369,15 @@ def test_text_encoder_gets_its_own_lr_and_no_decay_on_norms() -> None:
 @pytest.mark.parametrize("name", ["dmafnet", "text_only", "frames_only", "audio_only", "mfb", "bilstm_attn", "cavnet"])
 def test_lr_auto_is_the_models_own_default_and_an_explicit_lr_wins(name: str) -> None:
     """``train.optim.lr: auto`` (the default) trains each model at its registry rate (the benchmark's val choices:
-    DMAFNet 1e-4, the single-modality baselines 3e-3, the rest 3e-4); resolving it writes the number into the
+    DMAFNet 1e-4; the single-modality baselines, MFB and BiLSTM 3e-3; the rest 3e-4); resolving it writes the number into the
     config that MLflow's params and the checkpoint record; a number given by the user is never replaced."""
     from raypipe.config import load_config
     from raypipe.models import create_model, default_lr
     from raypipe.train import resolve_lr
     from raypipe.train_worker import base_lr, param_groups
 
-    expected = {"dmafnet": 1e-4, "text_only": 3e-3, "frames_only": 3e-3, "audio_only": 3e-3}.get(name, 3e-4)
+    expected = {"dmafnet": 1e-4, "text_only": 3e-3, "frames_only": 3e-3, "audio_only": 3e-3, "mfb": 3e-3,
+                "bilstm_attn": 3e-3}.get(name, 3e-4)
     cfg = load_config("demo", [f"model.name={name}"])
     assert cfg.train.optim.lr == "auto" and default_lr(name) == expected and base_lr(cfg) == expected
     resolved = resolve_lr(cfg)
