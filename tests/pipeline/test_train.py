@@ -29,6 +29,7 @@ from raypipe.data import find_shard_files, prepare_batch, to_torch
 from raypipe.metrics import compute_metrics
 from raypipe.models import list_models
 from raypipe.train import FAULT_ENV, FAULT_MARKER, TrainResult, fit
+from raypipe.train_worker import base_lr
 
 # Tiny model sizes: every run here is a few seconds of compute per epoch on 2 CPUs.
 TINY: dict[str, dict[str, Any]] = {
@@ -189,7 +190,9 @@ def test_mlflow_run_has_params_metrics_artifacts_and_a_loadable_registered_model
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["model.name"] == "dmafnet" and params["train.optim.lr"] == str(cfg.train.optim.lr)
+    # lr auto is logged as the rate the run trained at (DMAFNet's registry default), never as "auto"
+    assert cfg.train.optim.lr == "auto" and params["train.optim.lr"] == str(base_lr(cfg)) == "0.0001"
+    assert params["model.name"] == "dmafnet"
     assert int(params["data.num_test"]) == res.num_test > 0
     assert params["model.params.fusion_layers"] == "1" and int(params["data.num_classes"]) >= 2
     for key in ("train/loss", "train/loss_contrastive", "train/loss_vtm", "val/f_sco", "val/hit_at_1",
