@@ -2,8 +2,8 @@
 (evidence layouts x seeds x class counts), scored on each corpus's held-out test split.
 
 Protocol (docs/GENERALIZATION.md): every model trains with the shipped defaults (``train.optim`` with the model's
-own default lr, ``train.loss``,
-the model's own builder defaults, the packaged MiniLM text tower) plus the tiny sizes of the demo preset, through
+own default lr, ``train.loss``, the model's own builder defaults, the packaged MiniLM text tower) plus the tiny
+sizes of the demo preset, through
 the same ``raypipe.train.fit`` as ``raypipe train``, with the same epoch budget and early stopping on val for all
 (``--epochs``, ``--patience``); the single-modality baselines (``--lr-grid-models``, DMAFNet too when named there)
 also get their lr chosen per corpus on val from ``--lrs`` (only the chosen run's test score is kept; ``--reuse``
