@@ -47,9 +47,10 @@ TINY: dict[str, dict[str, Any]] = {
 }
 
 # The comparison runs: same data, split, epochs, optimiser defaults (train.optim: lr, text_lr, warm-up) and workers;
-# only the model differs, with its own default lr (``lr: auto``: DMAFNet 1e-4, the baselines 3e-3). DMAFNet uses its default text tower (the packaged MiniLM) and its default MIL-NCE (K=3);
-# MLM is off only for speed (its (B, L, vocab) logits dominate a step on 2 CPUs; the every-model test trains
-# DMAFNet with MLM on). Batches of 2 per worker give enough optimiser steps on ~40 training rows.
+# only the model differs, with its own default lr (``lr: auto``: DMAFNet 1e-4, the baselines 3e-3). DMAFNet uses
+# its default text tower (the packaged MiniLM) and its default MIL-NCE (K=3); MLM is off only for speed (its
+# (B, L, vocab) logits dominate a step on 2 CPUs; the every-model test trains DMAFNet with MLM on). Batches of 2
+# per worker give enough optimiser steps on ~80 training rows.
 _OPT = OptimConfig()  # the shipped defaults, not test.yaml's
 DEFAULT_OPTIM = f"train.optim={{lr: {_OPT.lr}, text_lr: {_OPT.text_lr:g}, warmup_steps: {_OPT.warmup_steps}}}"
 COMMON = ["train.num_workers=2", "train.epochs=10", "train.batch_size=2", "train.val_fraction=0.25",
