@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from raypipe.config import ConfigError, RaypipeConfig, config_to_dict, validate_config
 from raypipe.config.base import apply_override
 from raypipe.config.paths import resolve_paths
-from raypipe.config.train import TASK_METRICS
+from raypipe.config.train import TASK_METRICS, auto_schedule, optimizer_steps
 from raypipe.data import DataError, DataSpec, prepare_data
 from raypipe.io import fs as rfs
 from raypipe.train_timeline import log_phases, mark, phase_seconds
@@ -128,14 +128,41 @@ def model_kwargs(cfg: RaypipeConfig, spec: DataSpec) -> dict[str, Any]:
     return with_defaults(cfg.model.name, kwargs)
 
 
+def _with_values(cfg: RaypipeConfig, values: dict[str, Any]) -> RaypipeConfig:
+    """A copy of ``cfg`` with dotted ``values`` set, through the dict, so that each counts as set and MLflow's params,
+    the checkpoint and the run's config name the number the run trained with (not ``auto``)."""
+    data = config_to_dict(cfg)
+    for key, value in values.items():
+        apply_override(data, key.split("."), value)
+    return validate_config(data)
+
+
 def resolve_lr(cfg: RaypipeConfig) -> RaypipeConfig:
-    """``train.optim.lr: auto`` -> the model's registry default (:func:`raypipe.train_worker.base_lr`), in a copy,
-    so that MLflow's params, the checkpoint and the run's config name the rate the run trained at."""
+    """``train.optim.lr: auto`` -> the model's registry default (:func:`raypipe.train_worker.base_lr`)."""
     if cfg.train.optim.lr != "auto":
         return cfg
-    data = config_to_dict(cfg)  # through the dict, so the number counts as set and the run's config records it
-    apply_override(data, ["train", "optim", "lr"], base_lr(cfg))
-    return validate_config(data)
+    return _with_values(cfg, {"train.optim.lr": base_lr(cfg)})
+
+
+def schedule_needs_data(cfg: RaypipeConfig) -> bool:
+    return "auto" in (cfg.train.epochs, cfg.train.batch_size)
+
+
+def resolve_schedule(cfg: RaypipeConfig, num_train: int | None, workers: int) -> RaypipeConfig:
+    """``train.epochs`` / ``batch_size`` / ``early_stopping_patience: auto`` -> numbers for ``num_train`` training rows
+    over ``workers`` workers (:func:`raypipe.config.train.auto_schedule`); logged once, since they set the run's
+    length. ``num_train`` may be None when :func:`schedule_needs_data` is false."""
+    t = cfg.train
+    if "auto" not in (t.epochs, t.batch_size, t.early_stopping_patience):
+        return cfg
+    values = auto_schedule(t, num_train, workers)
+    if schedule_needs_data(cfg):
+        logger.info("train: %s epochs of batch %s per worker (%d steps each; %s training rows, %d worker(s)), early "
+                    "stopping after %s epochs without a better %s (train.epochs / batch_size: auto)",
+                    values["epochs"], values["batch_size"],
+                    optimizer_steps((num_train or 0) // workers, values["batch_size"] or 1, t.optim.grad_accum),
+                    num_train, workers, values["early_stopping_patience"] or "no", t.metric)
+    return _with_values(cfg, {f"train.{k}": v for k, v in values.items()})
 
 
 def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:
@@ -321,6 +348,7 @@ def build_trainer(
         mark(marks, "ray_init")
         cfg, _ = planned(cfg, "train")  # auto workers / CPUs / GPU from the cluster; refuses what cannot be placed
         check_workers(cfg, spec)
+    cfg = resolve_schedule(cfg, spec.num_train, cfg.train.num_workers)  # auto epochs / batch for the planned workers
     run_name = run_name or cfg.train.run_name
     run_dir = _run_dir(cfg, run_name)
     from raypipe.data import ray_datasets

@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from raypipe.config import LossConfig, RaypipeConfig, config_to_dict
+from raypipe.config.train import optimizer_steps
 from raypipe.data import DataSpec
 from raypipe.io import fs as rfs
 from raypipe.schema import SHARD_DIMS
@@ -126,9 +127,8 @@ def param_groups(model: torch.nn.Module, cfg: RaypipeConfig) -> list[dict[str, A
 
 
 def steps_per_epoch(spec: DataSpec, cfg: RaypipeConfig, world: int) -> int:
-    rows = spec.num_train // world  # the equal streaming split truncates the remainder
-    batches = math.ceil(rows / cfg.train.batch_size)
-    return max(1, math.ceil(batches / cfg.train.optim.grad_accum))
+    # the equal streaming split truncates the remainder
+    return optimizer_steps(spec.num_train // world, cfg.train.batch_size, cfg.train.optim.grad_accum)
 
 
 def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int, world: int, storage: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from raypipe.config.base import StrictModel
 from raypipe.config.corruption import CorruptionConfig
@@ -44,6 +44,22 @@ SCHEDULE_PARAMS: dict[str, tuple[str, ...]] = {
     "step": ("step_epochs", "gamma", "max_decays"),
     "constant": (),
 }
+
+
+# ``train.epochs`` / ``batch_size`` / ``early_stopping_patience: auto`` (the defaults): a run sized from its training
+# split once the workers are planned (:func:`auto_schedule`). A corpus of a few dozen rows gets small batches and
+# more epochs, so it takes as many optimizer steps as the generalisation benchmark trains with (batch 2, ~16
+# steps per epoch); a large corpus keeps batch 16 and 5 epochs. docs/GENERALIZATION.md measures the choice.
+AUTO_STEPS_PER_EPOCH = 16  # the batch shrinks (to 2 at least) until each worker takes this many steps per epoch
+AUTO_MAX_BATCH = 16  # ... and is never larger than this (the fixed default before auto)
+AUTO_TARGET_STEPS = 480  # the epochs grow until the run has this many optimizer steps ...
+AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 5, 30  # ... within these bounds
+AUTO_PATIENCE = 6  # early stopping (on val) that comes with an auto epoch budget
+
+
+def optimizer_steps(rows: int, batch_size: int, grad_accum: int = 1) -> int:
+    """Optimizer steps per epoch of one worker that reads ``rows`` training rows."""
+    return max(1, math.ceil(math.ceil(rows / batch_size) / grad_accum))
 
 
 class OptimConfig(StrictModel):
@@ -112,8 +128,10 @@ class TrainConfig(StrictModel):
     # or a text file with one code per line (tab-separated names allowed). None: the sorted labels of the data.
     taxonomy: PathStr | None = None
     task: Literal["single_label", "multi_label"] = "single_label"
-    epochs: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=16, ge=1)  # per worker
+    # "auto": sized from the training rows per worker at start (:func:`auto_schedule`; the resolved numbers are what
+    # MLflow, the checkpoint and the log show). A number is taken as it is.
+    epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"  # per worker
     # "auto": planned from the cluster at start (raypipe.resources): one worker per GPU when it has GPUs, else
     # 2 (8 at most on big CPU nodes), with the CPUs left after data reading split over the workers.
     num_workers: int | Literal["auto"] = "auto"
@@ -132,8 +150,9 @@ class TrainConfig(StrictModel):
     # the best epoch (chosen on val) is scored on it once at the end -> ``test/*`` in MLflow and on the registered
     # version. 0 = no test split (the run then claims no test metrics).
     test_fraction: float = Field(default=0.2, ge=0, lt=1)
-    # Stop when train.metric has not improved for this many epochs (on val; None = run every epoch).
-    early_stopping_patience: int | None = Field(default=None, ge=1)
+    # Stop when train.metric has not improved for this many epochs (on val; None = run every epoch). "auto":
+    # AUTO_PATIENCE when train.epochs is auto (a budget chosen for you comes with early stopping), else None.
+    early_stopping_patience: int | None | Literal["auto"] = "auto"
     # Rows held in the per-worker shuffle buffer (seeded per epoch); 0 streams in shard order.
     shuffle_buffer: int = Field(default=256, ge=0)
     # Read and prepare the feature shards once (on the driver) into Ray's object store instead of streaming them
@@ -168,6 +187,20 @@ class TrainConfig(StrictModel):
     init_from: ModelUri | None = None
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @field_validator("epochs", "batch_size", "early_stopping_patience", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: object, info: ValidationInfo) -> object:
+        """One message for every member of the union (pydantic would report one per member)."""
+        if value == "auto" or (value is None and info.field_name == "early_stopping_patience"):
+            return value
+        count = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, str) and value.strip().isdigit():
+            count = int(value)
+        if count is not None and count >= 1:
+            return count
+        none = ", null" if info.field_name == "early_stopping_patience" else ""
+        raise ValueError(f"must be a whole number >= 1{none} or 'auto'")
 
     @model_validator(mode="after")
     def _pretrain(self) -> TrainConfig:
@@ -209,6 +242,22 @@ class TrainConfig(StrictModel):
         if dup:
             raise ValueError(f"holdout_classes lists {dup} more than once")
         return self
+
+
+def auto_schedule(t: TrainConfig, num_train: int | None, workers: int) -> dict[str, int | None]:
+    """``{"batch_size", "epochs", "early_stopping_patience"}`` with every ``auto`` of ``t`` resolved for
+    ``num_train`` training rows read by ``workers`` workers (``num_train`` may be None when only the patience is
+    auto). Why these numbers: the constants above; a run that sets all three gets them back unchanged."""
+    if num_train is None and "auto" in (t.epochs, t.batch_size):
+        raise ValueError("auto epochs / batch_size need the number of training rows")
+    rows = max(1, (num_train or 0) // max(1, workers))  # the equal streaming split truncates the remainder
+    batch = t.batch_size if t.batch_size != "auto" else min(AUTO_MAX_BATCH, max(2, rows // AUTO_STEPS_PER_EPOCH))
+    steps = optimizer_steps(rows, batch, t.optim.grad_accum)
+    epochs = t.epochs if t.epochs != "auto" else min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_TARGET_STEPS / steps)))
+    patience = t.early_stopping_patience
+    if patience == "auto":
+        patience = AUTO_PATIENCE if t.epochs == "auto" else None
+    return {"batch_size": batch, "epochs": epochs, "early_stopping_patience": patience}
 
 
 class EvalConfig(StrictModel):

@@ -139,10 +139,10 @@ def plan_trials(base: dict[str, Any], exp: ExperimentSpec, scale: Scale, seeds: 
 
 def _stage_plan(cfg: RaypipeConfig, specs: Specs) -> dict[str, Any]:
     """What a trial needs of one training stage: its config, data spec (and the key of its splits), model kwargs."""
-    from raypipe.train import model_kwargs, resolve_lr
+    from raypipe.train import model_kwargs, resolve_lr, resolve_schedule
 
-    cfg = resolve_lr(cfg)
     spec = specs(cfg)
+    cfg = resolve_schedule(resolve_lr(cfg), spec.num_train, workers=1)  # a trial trains in one process
     return {"cfg": config_to_dict(cfg), "spec": spec.to_dict(), "spec_key": specs.key(spec),
             "kwargs": model_kwargs(cfg, spec)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from raypipe.config import ConfigError, RaypipeConfig, config_to_dict, validate_config
 from raypipe.config.base import apply_override
@@ -91,8 +91,9 @@ def validate_search_space(cfg: RaypipeConfig) -> None:
                 if problem:
                     errors.append(f"config error: tune.search_space.{key}: {problem}")
                     break
-    max_epochs = max_epochs_of(cfg)
-    if cfg.tune.scheduler == "asha" and cfg.tune.asha.grace_period > (cfg.tune.asha.max_t or max_epochs):
+    max_epochs = max_epochs_of(cfg)  # "auto": checked again once the sweep has resolved it from the data
+    if (cfg.tune.scheduler == "asha" and max_epochs != "auto"
+            and cfg.tune.asha.grace_period > (cfg.tune.asha.max_t or max_epochs)):
         errors.append(
             f"config error: tune.asha.grace_period: {cfg.tune.asha.grace_period} exceeds the trials' epochs "
             f"({cfg.tune.asha.max_t or max_epochs}); ASHA could never stop a trial"
@@ -125,8 +126,9 @@ def expected_trials(cfg: RaypipeConfig) -> int:
     return n
 
 
-def max_epochs_of(cfg: RaypipeConfig) -> int:
-    """The most epochs any trial can run (train.epochs, or the largest value it is swept over)."""
+def max_epochs_of(cfg: RaypipeConfig) -> int | Literal["auto"]:
+    """The most epochs any trial can run (train.epochs, or the largest value it is swept over); ``auto`` until
+    :func:`raypipe.train.resolve_schedule` has sized it from the data."""
     spec = cfg.tune.search_space.get("train.epochs")
     if not spec:
         return cfg.train.epochs

@@ -82,6 +82,7 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     from ray import tune as rt
 
     from raypipe.runtime import ensure_ray, fit_tuner, planned
+    from raypipe.train import prepare, resolve_schedule, schedule_needs_data
 
     validate_search_space(cfg)
     t = cfg.tune
@@ -91,9 +92,14 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     # that could never be placed is refused now instead of pending forever.
     ensure_ray(cfg)
     trial_cfg, _ = planned(cfg, "tune")
+    # auto epochs / batch: sized once for the sweep from the training rows over one trial's workers (a value the
+    # search space sets still wins in its trials)
+    num_train = prepare(trial_cfg)[1].num_train if schedule_needs_data(trial_cfg) else None
+    trial_cfg = resolve_schedule(trial_cfg, num_train, trial_cfg.train.num_workers)
+    validate_search_space(trial_cfg)
     base = portable_base(trial_cfg)
     fp = fingerprint(cfg)
-    max_epochs = max_epochs_of(cfg)
+    max_epochs = int(max_epochs_of(trial_cfg))
     metric, mode = sweep_metric(cfg)
 
     tracker = SweepTracker(cfg, path) if cfg.tracking.enabled else None

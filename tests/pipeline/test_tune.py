@@ -57,7 +57,7 @@ def test_search_space_entries_are_checked_on_load(space: str, expected: str) -> 
         ("{train.optim.lrr: {loguniform: [1.0e-4, 1.0e-2]}}", "tune.search_space.train.optim.lrr: value 0.0001 is "
          "rejected: train.optim.lrr: unknown key (allowed: "),
         ("{train.epochs: {choice: [2, 0]}}", "tune.search_space.train.epochs: value 0 is rejected: train.epochs: "
-         "Input should be greater than or equal to 1"),
+         "must be a whole number >= 1 or 'auto'"),
         ("{train.optim: {choice: [1]}}", "tune.search_space.train.optim: value 1 is rejected"),
         ("{model.params.no_such_option: {choice: [1]}}", "'no_such_option' is not an option of model 'dmafnet'"),
     ],
@@ -189,7 +189,12 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
         "sweep4", "train.epochs=2", "tune.num_samples=4", "tune.max_concurrent_trials=2", "tune.scheduler=none",
         "tune.search_space={train.optim.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
         "tune.register_best=true", "tracking.registered_model_name=sweep4-best",
+        "train.batch_size=auto",  # sized once for the whole sweep from its training rows (one worker per trial)
     )
+    from raypipe.config.train import auto_schedule
+    from raypipe.train import prepare
+
+    batch = auto_schedule(cfg.train, prepare(cfg)[1].num_train, cfg.tune.resources.num_workers or 1)["batch_size"]
     sigint = signal.getsignal(signal.SIGINT)
     result = tune(cfg)
 
@@ -209,6 +214,7 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
         run = children[t.mlflow_run_id]
         assert run.data.tags["raypipe.trial_id"] == t.trial_id
         assert float(run.data.params["train.optim.lr"]) == pytest.approx(t.params["train.optim.lr"])
+        assert run.data.params["train.batch_size"] == str(batch)  # the number, not auto
         history = client.get_metric_history(run.info.run_id, "val/f_sco")
         assert sorted(m.step for m in history) == [1, 2]
         assert run.info.status == "FINISHED"
@@ -234,6 +240,7 @@ def test_sweep_logs_every_trial_as_a_child_run_and_exports_a_trainable_best_conf
     best = yaml.safe_load(Path(result.best_config_path).read_text())
     assert "tune" not in best and "parent_run_id" not in best.get("tracking", {})
     assert best["train"]["optim"]["lr"] == pytest.approx(result.best.params["train.optim.lr"])
+    assert best["train"]["batch_size"] == batch
     assert main(["train", "-c", result.best_config_path, "--epochs", "1"]) == 0
     retrained = client.search_runs([_mlflow(cfg)[1]], filter_string="attributes.run_name = 'sweep4-best'")
     assert len(retrained) == 1 and "mlflow.parentRunId" not in retrained[0].data.tags

@@ -389,6 +389,45 @@ def test_lr_auto_is_the_models_own_default_and_an_explicit_lr_wins(name: str) ->
     assert {g["lr"] for g in param_groups(model, cfg)} == {expected}
 
 
+@pytest.mark.parametrize(
+    ("rows", "workers", "expected"),
+    [
+        # 96 training rows over 2 workers (a 160-video corpus): batch 3, 16 steps per epoch, 30 epochs, patience 6
+        (96, 2, {"batch_size": 3, "epochs": 30, "early_stopping_patience": 6}),
+        (20, 1, {"batch_size": 2, "epochs": 30, "early_stopping_patience": 6}),  # 10 steps: the epoch bound
+        (2_000, 2, {"batch_size": 16, "epochs": 8, "early_stopping_patience": 6}),  # 63 steps -> 480 / 63
+        (1_000_000, 8, {"batch_size": 16, "epochs": 5, "early_stopping_patience": 6}),  # the fixed defaults of old
+    ],
+)
+def test_auto_schedule_sizes_a_run_from_its_training_rows(rows: int, workers: int, expected: dict) -> None:
+    """``train.epochs`` / ``batch_size`` / ``early_stopping_patience: auto`` (the defaults): small corpora get small
+    batches and more epochs (>= 16 steps per epoch, ~480 steps per run, early stopping on val), large ones batch
+    16 and 5 epochs; resolved into the config the workers, MLflow and the checkpoint get."""
+    from raypipe.config import load_config
+    from raypipe.config.train import auto_schedule
+    from raypipe.train import resolve_schedule
+
+    cfg = load_config(None)
+    assert auto_schedule(cfg.train, rows, workers) == expected
+    resolved = resolve_schedule(cfg, rows, workers)
+    assert {k: getattr(resolved.train, k) for k in expected} == expected
+    assert config_to_dict(resolved)["train"]["epochs"] == expected["epochs"] and cfg.train.epochs == "auto"
+
+
+def test_auto_schedule_keeps_what_the_user_set() -> None:
+    from raypipe.config import load_config
+    from raypipe.config.train import auto_schedule
+
+    t = load_config(None, ["train.epochs=7"]).train  # a budget set by hand: no early stopping unless asked for
+    assert auto_schedule(t, 96, 2) == {"batch_size": 3, "epochs": 7, "early_stopping_patience": None}
+    t = load_config(None, ["train.batch_size=32", "train.early_stopping_patience=null", "train.optim.grad_accum=2"]).train
+    assert auto_schedule(t, 96, 2) == {"batch_size": 32, "epochs": 30, "early_stopping_patience": None}  # 1 step
+    t = load_config("test").train  # epochs and batch set, patience auto: nothing to read from the data
+    assert auto_schedule(t, None, 2) == {"batch_size": t.batch_size, "epochs": t.epochs, "early_stopping_patience": None}
+    with pytest.raises(ValueError, match="need the number of training rows"):
+        auto_schedule(load_config(None).train, None, 2)
+
+
 def test_trailing_text_padding_is_trimmed_per_batch() -> None:
     from raypipe.data import to_torch
 

@@ -48,7 +48,7 @@ def _cfg(tmp_path, *, zero_shot: bool):
     names.write_text("".join(f"{c}\t{n}\n" for c, n in NAMES.items()))
     return load_config(None, [
         "model.name=cavnet", "model.params.dim=16", "model.params.heads=2", "model.params.gate_hidden=8",
-        "model.params.proj_dim=8", "train.loss.mlm=0", "train.loss.vtm=0", "train.metric=val/top1", "train.epochs=2",
+        "model.params.proj_dim=8", "train.loss.mlm=0", "train.loss.vtm=0", "train.metric=val/top1", "train.epochs=2", "train.early_stopping_patience=null",
         "train.batch_size=4", "train.use_gpu=false", "train.val_fraction=0.25", "train.test_fraction=0.25",
         f"train.holdout_classes={HELD}", f"eval.zero_shot={str(zero_shot).lower()}", f"eval.class_names={names}"])
 
