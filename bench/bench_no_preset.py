@@ -1,0 +1,69 @@
+"""A run without a preset: the ``auto`` training schedule against the fixed one it replaced, side by side.
+
+``raypipe train --data ... --set model.name=M`` with nothing else set: full-size models (no preset), the default
+workers (2 on a small host), the default splits (val 0.2, test 0.2). Two protocols per model and corpus:
+
+* ``auto``: the defaults (``train.epochs`` / ``batch_size`` / ``early_stopping_patience: auto``,
+  :func:`raypipe.config.train.auto_schedule`);
+* ``old``: the fixed defaults before them (5 epochs, batch 16 per worker, no early stopping).
+
+The choice between them is read from ``val``; ``test`` is recorded beside it. Corpora are the generalisation
+benchmark's embedded shards (``--cache`` of ``bench_generalization.py``, one folder per layout/seed/size).
+
+    python bench/bench_no_preset.py --cache /tmp/gen160/cache --corpora split-s0-v160 weak_text-s0-v160 \
+        --models dmafnet text_only frames_only --out bench/results/no_preset_schedule.jsonl
+
+Appends one JSON line per run to ``--out`` (take the machine-wide lock on a shared host: one local Ray per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+PROTOCOLS = {
+    "auto": [],
+    "old": ["train.epochs=5", "train.batch_size=16", "train.early_stopping_patience=null"],
+}
+
+
+def run_one(data: str, model: str, protocol: str, root: Path) -> dict:
+    from raypipe.config import load_config
+    from raypipe.train import fit
+
+    cfg = load_config(None, [f"train.data={data}", f"train.storage_path={root}", f"model.name={model}",
+                             "tracking.enabled=false", "train.register_model=false",
+                             f"train.run_name={model}-{protocol}", *PROTOCOLS[protocol]])
+    t0 = time.perf_counter()
+    res = fit(cfg)
+    return {"model": model, "proto": protocol, "val": res.best_value, "test": res.test_metrics.get("test/f_sco"),
+            "best_epoch": res.best_epoch, "epochs_run": len(res.history), "num_test": res.num_test,
+            "s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", required=True, help="bench_generalization's --cache folder")
+    ap.add_argument("--corpora", nargs="+", required=True, help="folders under --cache, e.g. split-s0-v160")
+    ap.add_argument("--models", nargs="+", default=["dmafnet", "text_only", "frames_only"])
+    ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    ap.add_argument("--out", default="bench/results/no_preset_schedule.jsonl")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for corpus in args.corpora:
+        for model in args.models:
+            for protocol in args.protocols:
+                with tempfile.TemporaryDirectory(prefix="no_preset_") as tmp:
+                    row = {"corpus": corpus, **run_one(f"{args.cache}/{corpus}/features", model, protocol, Path(tmp))}
+                logging.info("%s", row)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
