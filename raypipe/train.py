@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from raypipe.config import ConfigError, RaypipeConfig, config_to_dict, validate_config
 from raypipe.config.base import apply_override
 from raypipe.config.paths import resolve_paths
-from raypipe.config.train import TASK_METRICS, auto_schedule, optimizer_steps
+from raypipe.config.train import SCHEDULE_KEYS, TASK_METRICS, auto_schedule, optimizer_steps
 from raypipe.data import DataError, DataSpec, prepare_data
 from raypipe.io import fs as rfs
 from raypipe.train_timeline import log_phases, mark, phase_seconds
@@ -128,7 +128,7 @@ def model_kwargs(cfg: RaypipeConfig, spec: DataSpec) -> dict[str, Any]:
     return with_defaults(cfg.model.name, kwargs)
 
 
-def _with_values(cfg: RaypipeConfig, values: dict[str, Any]) -> RaypipeConfig:
+def with_values(cfg: RaypipeConfig, values: dict[str, Any]) -> RaypipeConfig:
     """A copy of ``cfg`` with dotted ``values`` set, through the dict, so that each counts as set and MLflow's params,
     the checkpoint and the run's config name the number the run trained with (not ``auto``)."""
     data = config_to_dict(cfg)
@@ -141,7 +141,7 @@ def resolve_lr(cfg: RaypipeConfig) -> RaypipeConfig:
     """``train.optim.lr: auto`` -> the model's registry default (:func:`raypipe.train_worker.base_lr`)."""
     if cfg.train.optim.lr != "auto":
         return cfg
-    return _with_values(cfg, {"train.optim.lr": base_lr(cfg)})
+    return with_values(cfg, {"train.optim.lr": base_lr(cfg)})
 
 
 def schedule_needs_data(cfg: RaypipeConfig) -> bool:
@@ -153,7 +153,7 @@ def resolve_schedule(cfg: RaypipeConfig, num_train: int | None, workers: int) ->
     over ``workers`` workers (:func:`raypipe.config.train.auto_schedule`); logged once, since they set the run's
     length. ``num_train`` may be None when :func:`schedule_needs_data` is false."""
     t = cfg.train
-    if "auto" not in (t.epochs, t.batch_size, t.early_stopping_patience):
+    if "auto" not in (getattr(t, k) for k in SCHEDULE_KEYS):
         return cfg
     values = auto_schedule(t, num_train, workers)
     if schedule_needs_data(cfg):
@@ -162,7 +162,7 @@ def resolve_schedule(cfg: RaypipeConfig, num_train: int | None, workers: int) ->
                     values["epochs"], values["batch_size"],
                     optimizer_steps((num_train or 0) // workers, values["batch_size"] or 1, t.optim.grad_accum),
                     num_train, workers, values["early_stopping_patience"] or "no", t.metric)
-    return _with_values(cfg, {f"train.{k}": v for k, v in values.items()})
+    return with_values(cfg, {f"train.{k}": values[k] for k in SCHEDULE_KEYS})
 
 
 def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:

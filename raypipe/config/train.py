@@ -55,6 +55,7 @@ AUTO_MAX_BATCH = 16  # ... and is never larger than this (the fixed default befo
 AUTO_TARGET_STEPS = 480  # the epochs grow until the run has this many optimizer steps ...
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 5, 30  # ... within these bounds
 AUTO_PATIENCE = 6  # early stopping (on val) that comes with an auto epoch budget
+SCHEDULE_KEYS = ("batch_size", "epochs", "early_stopping_patience")  # the train keys auto_schedule sizes
 
 
 def optimizer_steps(rows: int, batch_size: int, grad_accum: int = 1) -> int:

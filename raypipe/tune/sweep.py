@@ -14,6 +14,7 @@ import yaml
 from raypipe import tracking
 from raypipe.config import ConfigError, RaypipeConfig
 from raypipe.config.base import flatten
+from raypipe.config.train import SCHEDULE_KEYS
 from raypipe.io import fs as rfs
 from raypipe.reports import plot_trials
 from raypipe.reports import trials_table as format_table
@@ -82,7 +83,7 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     from ray import tune as rt
 
     from raypipe.runtime import ensure_ray, fit_tuner, planned
-    from raypipe.train import prepare, resolve_schedule, schedule_needs_data
+    from raypipe.train import prepare, resolve_schedule, schedule_needs_data, with_values
 
     validate_search_space(cfg)
     t = cfg.tune
@@ -92,13 +93,14 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     # that could never be placed is refused now instead of pending forever.
     ensure_ray(cfg)
     trial_cfg, _ = planned(cfg, "tune")
-    # auto epochs / batch: sized once for the sweep from the training rows over one trial's workers (a value the
-    # search space sets still wins in its trials)
+    fp = fingerprint(cfg)  # of the config as given: a resumed sweep sizes its schedule again the same way
+    # auto epochs / batch: sized once for the sweep from the training rows over one trial's workers, into the
+    # trials' base, MLflow's sweep params and the exported best config (a value the search space sets still wins)
     num_train = prepare(trial_cfg)[1].num_train if schedule_needs_data(trial_cfg) else None
-    trial_cfg = resolve_schedule(trial_cfg, num_train, trial_cfg.train.num_workers)
+    sized = resolve_schedule(trial_cfg, num_train, trial_cfg.train.num_workers).train
+    cfg, trial_cfg = (with_values(c, {f"train.{k}": getattr(sized, k) for k in SCHEDULE_KEYS}) for c in (cfg, trial_cfg))
     validate_search_space(trial_cfg)
     base = portable_base(trial_cfg)
-    fp = fingerprint(cfg)
     max_epochs = int(max_epochs_of(trial_cfg))
     metric, mode = sweep_metric(cfg)
 
