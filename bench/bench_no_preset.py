@@ -14,6 +14,8 @@ benchmark's embedded shards (``--cache`` of ``bench_generalization.py``, one fol
         --models dmafnet text_only frames_only --out bench/results/no_preset_schedule.jsonl
 
 Appends one JSON line per run to ``--out`` (take the machine-wide lock on a shared host: one local Ray per run).
+The committed rows (session 12) came from this script's prototype, which set the same ``auto`` numbers explicitly
+(their ``extra`` field) and ``train.num_workers=2``; the summary table is in docs/GENERALIZATION.md.
 """
 
 from __future__ import annotations
