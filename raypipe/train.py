@@ -160,7 +160,7 @@ def resolve_schedule(cfg: RaypipeConfig, num_train: int | None, workers: int) ->
         logger.info("train: %s epochs of batch %s per worker (%d steps each; %s training rows, %d worker(s)), early "
                     "stopping after %s epochs without a better %s (train.epochs / batch_size: auto)",
                     values["epochs"], values["batch_size"],
-                    optimizer_steps((num_train or 0) // workers, values["batch_size"] or 1, t.optim.grad_accum),
+                    optimizer_steps((num_train or 0) // workers, values["batch_size"], t.optim.grad_accum),
                     num_train, workers, values["early_stopping_patience"] or "no", t.metric)
     return with_values(cfg, {f"train.{k}": values[k] for k in SCHEDULE_KEYS})
 
