@@ -13,6 +13,9 @@ benchmark's embedded shards (``--cache`` of ``bench_generalization.py``, one fol
     python bench/bench_no_preset.py --cache /tmp/gen160/cache --corpora split-s0-v160 weak_text-s0-v160 \
         --models dmafnet text_only frames_only --out bench/results/no_preset_schedule.jsonl
 
+``--set KEY=VALUE`` (repeatable) runs a variant on top of the protocol and records it in the row's ``set`` field
+(session 13: ``--set model.params.pool=mean`` against the default rows of the same corpora).
+
 Appends one JSON line per run to ``--out`` (take the machine-wide lock on a shared host: one local Ray per run).
 The committed rows (session 12) came from this script's prototype, which set the same ``auto`` numbers explicitly
 (their ``extra`` field) and ``train.num_workers=2``; the summary table is in docs/GENERALIZATION.md.
@@ -33,13 +36,13 @@ PROTOCOLS = {
 }
 
 
-def run_one(data: str, model: str, protocol: str, root: Path) -> dict:
+def run_one(data: str, model: str, protocol: str, root: Path, extra: list[str]) -> dict:
     from raypipe.config import load_config
     from raypipe.train import fit
 
     cfg = load_config(None, [f"train.data={data}", f"train.storage_path={root}", f"model.name={model}",
                              "tracking.enabled=false", "train.register_model=false",
-                             f"train.run_name={model}-{protocol}", *PROTOCOLS[protocol]])
+                             f"train.run_name={model}-{protocol}", *PROTOCOLS[protocol], *extra])
     t0 = time.perf_counter()
     res = fit(cfg)
     return {"model": model, "proto": protocol, "val": res.best_value, "test": res.test_metrics.get("test/f_sco"),
@@ -53,6 +56,8 @@ def main() -> int:
     ap.add_argument("--corpora", nargs="+", required=True, help="folders under --cache, e.g. split-s0-v160")
     ap.add_argument("--models", nargs="+", default=["dmafnet", "text_only", "frames_only"])
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override on top of the protocol (a variant under test; recorded in the row)")
     ap.add_argument("--out", default="bench/results/no_preset_schedule.jsonl")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,7 +65,10 @@ def main() -> int:
         for model in args.models:
             for protocol in args.protocols:
                 with tempfile.TemporaryDirectory(prefix="no_preset_") as tmp:
-                    row = {"corpus": corpus, **run_one(f"{args.cache}/{corpus}/features", model, protocol, Path(tmp))}
+                    data = f"{args.cache}/{corpus}/features"
+                    row = {"corpus": corpus, **run_one(data, model, protocol, Path(tmp), args.overrides)}
+                if args.overrides:
+                    row["set"] = args.overrides
                 logging.info("%s", row)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")

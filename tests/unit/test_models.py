@@ -139,6 +139,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, float], bool]] = [
     ("dmafnet", {"text_as_query": False}, {**ALL_AUX, "mlm": 0.0}, False),
     ("dmafnet", {"text_as_query": True}, CLS_ONLY, False),
     ("dmafnet", {"modality_dropout": 0.5}, ALL_AUX, False),
+    ("dmafnet", {"pool": "mean", "modality_dropout": 0.5}, {**ALL_AUX, "unimodal": 1.0}, False),
+    ("dmafnet", {"pool": "mean", "text_as_query": False}, {**ALL_AUX, "mlm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "mlm": 0.0, "vtm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "vtm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "contrastive": 0.0, "mlm": 0.0}, False),
@@ -596,6 +598,26 @@ def test_token_models_default_to_the_packaged_minilm_with_freezing_and_a_vocabul
     check_text_tokenizer("minilm", minilm_tok)  # the shards' own tokenizer: fine
     with pytest.raises(ValueError, match="another vocabulary.*mask_token_id 4 \\(encoder: 103\\)"):
         check_text_tokenizer("minilm", {**minilm_tok, "name": "xlm", "mask_token_id": 4})
+
+
+def test_dmafnet_pool_reads_the_fused_sequence_as_first_token_or_masked_mean() -> None:
+    """``pool="mean"`` classifies the mean of the valid fused positions (padding excluded), ``"cls"`` the first."""
+    from raypipe.models.layers import masked_mean
+
+    torch.manual_seed(0)
+    batch = make_batch()
+    for text_as_query in (True, False):
+        model = build("dmafnet", CLS_ONLY, text_as_query=text_as_query, pool="mean").eval()
+        video, vmask = model.encode_video(batch)
+        tmask = batch["attention_mask"].bool()
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        fused = model.fuse(text, tmask, video, vmask)  # (B, Lq, H)
+        qmask = tmask if text_as_query else vmask
+        torch.testing.assert_close(model(batch)["logits"], model.head(masked_mean(fused, qmask)))
+        model.pool = "cls"
+        torch.testing.assert_close(model(batch)["logits"], model.head(fused[:, 0]))
+    with pytest.raises(ValueError, match="pool must be one of"):
+        build("dmafnet", CLS_ONLY, pool="max")
 
 
 def test_dmafnet_gives_milnce_k_text_candidates_per_clip() -> None:
