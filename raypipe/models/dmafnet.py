@@ -11,7 +11,7 @@
 
     text_as_query=True (paper prose, Fig. 2):   x = F_t;  N x { x += CA(LN x, LN F_v); x += FFN(LN x) }
     text_as_query=False (Eq. 4, F_vt^0 = F_v):  x = F_v;  N x { x += CA(LN x, LN F_t); x += FFN(LN x) }
-    x -> LN -> F_vt;  F_vt[:,0] -> MLP -> logits (B,C)
+    x -> LN -> F_vt;  F_vt[:,0] (pool="cls") or its masked mean (pool="mean") -> MLP -> logits (B,C)
 
     F_v[:,0] -> MLP, F_t[:,0] -> MLP -> uni_logits (B,2,C)   one head per stream, training only      [unimodal]
     training, a fraction p of clips: the fused head sees only one stream (the other one empty)   [modality_dropout]
@@ -245,7 +245,10 @@ class DMAFNet(nn.Module):
 
     def fuse(self, text: Tensor, text_mask: Tensor, video: Tensor, video_mask: Tensor) -> Tensor:
         """The N stacked multimodal layers -> F_vt on the query positions (text or video, see module doc)."""
-        x, ctx, ctx_mask = self._query_context(text, text_mask, video, video_mask)
+        if self.text_as_query:
+            x, ctx, ctx_mask = text, video, video_mask  # (B, L, H) queries over (B, 1+S, H)
+        else:
+            x, ctx, ctx_mask = video, text, text_mask  # (B, 1+S, H) queries over (B, L, H)
         for layer in self.fusion:
             x = layer(x, ctx, ctx_mask)
         return self.fusion_norm(x)  # (B, Lq, H)
@@ -259,13 +262,6 @@ class DMAFNet(nn.Module):
     def summary(self, x: Tensor, mask: Tensor) -> Tensor:
         """``(B, H)`` from a stream ``(B, L, H)``: its first token (``pool="cls"``) or its masked mean."""
         return x[:, 0] if self.pool == "cls" else masked_mean(x, mask)
-
-    def _query_context(
-        self, text: Tensor, text_mask: Tensor, video: Tensor, video_mask: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        if self.text_as_query:
-            return text, video, video_mask  # (B, L, H) queries over (B, 1+S, H)
-        return video, text, text_mask  # (B, 1+S, H) queries over (B, L, H)
 
     # --------------------------------------------------------------------------------------------- forward
 
@@ -283,9 +279,9 @@ class DMAFNet(nn.Module):
             if self.training and self.modality_dropout:
                 first = self._drop_streams(batch, first, text, text_mask, video, video_mask)  # (B, H)
         elif video is not None:
-            first = self.summary(video, video_mask)  # (B, H)
+            first = self.summary(video, video_mask)  # (B, H) [VCLS] or the stream's mean
         else:
-            first = self.summary(text, text_mask)  # (B, H)
+            first = self.summary(text, text_mask)  # (B, H) [CLS] or the stream's mean
         out["logits"] = self.head(first)  # (B, C)
 
         if self.contrastive:
