@@ -13,7 +13,7 @@
     text_as_query=False (Eq. 4, F_vt^0 = F_v):  x = F_v;  N x { x += CA(LN x, LN F_t); x += FFN(LN x) }
     x -> LN -> F_vt;  F_vt[:,0] (pool="cls") or its masked mean (pool="mean") -> MLP -> logits (B,C)
 
-    F_v[:,0] -> MLP, F_t[:,0] -> MLP -> uni_logits (B,2,C)   one head per stream, training only      [unimodal]
+    F_v[:,0], F_t[:,0] (or each stream's mean) -> MLP each -> uni_logits (B,2,C)   training only        [unimodal]
     training, a fraction p of clips: the fused head sees only one stream (the other one empty)   [modality_dropout]
     masked ids -> BERT -> fusion -> MLM head (tied to the word embeddings) -> mlm_logits (B,L,V)  [mlm]
     (F_t, F_v) positives + ALBEF hard negatives -> fusion -> F_vt[:,0] -> Linear -> vtm_logits (3B,2)  [vtm]
