@@ -1,8 +1,8 @@
 """Synthetic demo/test corpus: real encoded videos (PyAV) with WBDC-style annotations and a two-level taxonomy.
 
 Why synthetic: the demo and the test suite must run offline on a laptop, yet exercise the real decode path
-(H.264/AAC in mp4, a few mkv and webm, variable frame rate, no-audio tracks, corrupt files) and give the
-downstream models a label signal that is *learnable by random-init small encoders* and that *needs fusion*.
+(H.264/AAC in mp4, a few mkv and webm; with ``codecs="wide"`` also hevc 8/10-bit, vp9, mpeg4, prores in mov;
+variable frame rate, no-audio tracks, corrupt files) and give the downstream models a label signal that is *learnable by random-init small encoders* and that *needs fusion*.
 
 Evidence scheme (the reason for every choice below)
 ----------------------------------------------------
@@ -59,6 +59,7 @@ import math
 import os
 import time
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
@@ -84,6 +85,16 @@ RESOLUTIONS = ((160, 120), (176, 144), (240, 180), (320, 180), (320, 240), (426,
 HD_RESOLUTIONS = ((854, 480), (960, 540), (1280, 720), (1280, 720), (1920, 1080))
 GOP_CHOICES = (12, 30, 50, 100, 250)
 AAC_RATES = (16000, 22050, 44100)
+# ``corpus.codecs: wide``: (container, video codec, audio codec), one drawn per video; what uploads also carry
+# besides h264: hevc 8 and 10 bit, vp9, mpeg4 part 2, prores in mov; mp3, flac and pcm audio.
+WIDE_CODECS = (
+    ("mp4", "h264", "aac"),
+    ("mp4", "hevc", "aac"),
+    ("mkv", "hevc10", "flac"),
+    ("webm", "vp9", "opus"),
+    ("mkv", "mpeg4", "mp3"),
+    ("mov", "prores", "pcm_s16le"),
+)
 TONE_MIN_HZ, TONE_MAX_HZ = 300.0, 4000.0
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
 TEXTURES = ("flat", "hstripes", "vstripes", "diagonal")
@@ -141,7 +152,7 @@ class VideoSpec:
 
     video_id: str
     path: Path
-    container: str  # "mp4" | "mkv" | "webm"
+    container: str  # "mp4" | "mkv" | "webm" | "mov"
     duration_s: float
     fps: float | None  # None for variable frame rate
     vfr: bool
@@ -434,8 +445,14 @@ def plan_video(
     rng = _video_rng(cfg.seed, cfg.id_prefix, index)
     n1, n2 = cfg.num_level1, cfg.num_level2_per_level1
     a, b = divmod(label_idx, n2)
-    if container is None:
+    video_codec, audio_codec = "h264", "aac"
+    if container is None and cfg.codecs == "wide":
+        draw = _video_rng(cfg.seed, cfg.id_prefix, index, salt=9).integers(0, len(WIDE_CODECS))
+        container, video_codec, audio_codec = WIDE_CODECS[int(draw)]
+    elif container is None:
         container = "mkv" if index % 10 == 3 else "webm" if index % 10 == 7 else "mp4"
+    if container == "webm" and video_codec == "h264":  # webm holds vp8/vp9 and opus only
+        video_codec, audio_codec = "vp8", "opus"
     if vfr is None:
         vfr = index == 1
     has_audio = _layout_audio(cfg, index, has_audio)
@@ -448,7 +465,7 @@ def plan_video(
     sizes = HD_RESOLUTIONS if cfg.resolutions == "hd" else RESOLUTIONS
     width, height = (int(x) for x in sizes[int(rng.integers(0, len(sizes)))])
     gop = int(rng.choice(GOP_CHOICES))
-    sample_rate = 48000 if container == "webm" else int(rng.choice(AAC_RATES))
+    sample_rate = 48000 if audio_codec == "opus" else int(rng.choice(AAC_RATES))
 
     frame_l1 = _other(rng, n1, a) if rng.random() < cfg.noise_rate else a
     audio_idx = _other(rng, n2, b) if rng.random() < cfg.noise_rate else b
@@ -488,8 +505,8 @@ def plan_video(
         label=label,
         label_l1=label[:2],
         has_annotation=has_annotation,
-        video_codec="vp8" if container == "webm" else "h264",
-        audio_codec=("opus" if container == "webm" else "aac") if has_audio else None,
+        video_codec=video_codec,
+        audio_codec=audio_codec if has_audio else None,
         sample_rate=sample_rate if has_audio else None,
         frame_l1=f"{frame_l1 + 1:02d}",
         audio_index=audio_idx if has_audio and not silent_audio else None,
@@ -600,7 +617,49 @@ def _audio_signal(
     return (rng.uniform(0.3, 0.5) * (tone + hum + noise)).astype(np.float32)
 
 
-_FORMATS = {"mp4": "mp4", "mkv": "matroska", "webm": "webm"}
+_FORMATS = {"mp4": "mp4", "mkv": "matroska", "webm": "webm", "mov": "mov"}
+# audio codec -> (encoder, samples per frame we hand it, sample format); PyAV re-chunks and converts as the
+# encoder needs (mp3 1152-sample s32p frames, flac and pcm s16).
+_AUDIO_ENCODERS = {
+    "aac": ("aac", 1024, "fltp"),
+    "opus": ("libopus", 960, "flt"),
+    "mp3": ("libmp3lame", 1024, "fltp"),
+    "flac": ("flac", 1024, "fltp"),
+    "pcm_s16le": ("pcm_s16le", 1024, "fltp"),
+}
+
+
+# Not deadline=realtime for vpx: its positive cpu-used adapts speed to wall-clock time, so files would differ run to
+# run under load. "good" at cpu-used 5 is deterministic and as fast.
+_VPX = {"deadline": "good", "cpu-used": "5", "threads": "1", "flags": "+bitexact"}
+_X264_KEYINT = "keyint={gop}:min-keyint={gop}:scenecut=0"
+_X265 = {"preset": "ultrafast", "crf": "28", "x265-params": _X264_KEYINT + ":pools=none:frame-threads=1:log-level=error"}
+# video codec -> (encoder, pixel format, options; "{gop}" is the video's keyframe interval). Single-threaded, fixed
+# GOP, chosen so a corpus is the same bytes on every run and machine load.
+_VIDEO_ENCODERS = {
+    "h264": ("libx264", "yuv420p", {"preset": "ultrafast", "crf": "26", "threads": "1", "flags": "+bitexact",
+                                    "x264-params": _X264_KEYINT}),
+    "vp8": ("libvpx", "yuv420p", _VPX),
+    "vp9": ("libvpx-vp9", "yuv420p", {**_VPX, "row-mt": "0"}),
+    "hevc": ("libx265", "yuv420p", _X265),
+    "hevc10": ("libx265", "yuv420p10le", _X265),
+    "mpeg4": ("mpeg4", "yuv420p", {"qscale": "5", "threads": "1", "flags": "+bitexact"}),
+    "prores": ("prores_ks", "yuv422p10le", {"profile": "0", "threads": "1", "flags": "+bitexact"}),  # profile 0: proxy
+}
+
+
+def _add_video_stream(out: Any, spec: VideoSpec) -> Any:
+    """The video stream of ``spec.video_codec`` (see ``_VIDEO_ENCODERS``)."""
+    encoder, pix_fmt, options = _VIDEO_ENCODERS[spec.video_codec]
+    options = {k: v.format(gop=spec.keyframe_interval) for k, v in options.items()}
+    stream = out.add_stream(encoder, rate=30 if spec.vfr else int(spec.fps or 30), options=options)
+    if encoder.startswith("libvpx"):
+        stream.bit_rate = 400_000
+    stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, pix_fmt
+    stream.codec_context.gop_size = spec.keyframe_interval
+    if spec.vfr:
+        stream.codec_context.time_base = Fraction(1, 1000)
+    return stream
 
 
 def _encode_video(plan: _Plan, path: Path) -> None:
@@ -625,45 +684,18 @@ def _encode_video(plan: _Plan, path: Path) -> None:
 
     tmp = path.with_name(path.name + ".part")
     with av.open(str(tmp), "w", format=_FORMATS[spec.container], options={"fflags": "+bitexact"}) as out:
-        if spec.container == "webm":
-            vstream = out.add_stream(
-                "libvpx",
-                rate=30 if spec.vfr else int(spec.fps or 30),
-                # Not deadline=realtime: its positive cpu-used adapts speed to wall-clock time, so files
-                # would differ run to run under load. "good" at cpu-used 5 is deterministic and as fast.
-                options={"deadline": "good", "cpu-used": "5", "threads": "1", "flags": "+bitexact"},
-            )
-            vstream.bit_rate = 400_000
-        else:
-            vstream = out.add_stream(
-                "libx264",
-                rate=30 if spec.vfr else int(spec.fps or 30),
-                options={
-                    "preset": "ultrafast",
-                    "crf": "26",
-                    "threads": "1",
-                    "flags": "+bitexact",
-                    "x264-params": f"keyint={spec.keyframe_interval}:min-keyint={spec.keyframe_interval}:scenecut=0",
-                },
-            )
-        vstream.width, vstream.height, vstream.pix_fmt = spec.width, spec.height, "yuv420p"
-        vstream.codec_context.gop_size = spec.keyframe_interval
-        if spec.vfr:
-            vstream.codec_context.time_base = Fraction(1, 1000)
+        vstream = _add_video_stream(out, spec)
 
         astream = None
         audio_packets: list[Any] = []
         if audio is not None:
             assert spec.sample_rate is not None
-            codec = "libopus" if spec.container == "webm" else "aac"
+            codec, chunk, sample_fmt = _AUDIO_ENCODERS[spec.audio_codec or "aac"]
             astream = out.add_stream(codec, rate=spec.sample_rate, layout="mono", options={"flags": "+bitexact"})
             astream.bit_rate = 64_000
-            chunk = 960 if codec == "libopus" else 1024
             for start in range(0, len(audio), chunk):
                 piece = audio[start : start + chunk]
-                fr = av.AudioFrame.from_ndarray(
-                    piece[None, :], format="flt" if codec == "libopus" else "fltp", layout="mono"
-                )
+                fr = av.AudioFrame.from_ndarray(piece[None, :], format=sample_fmt, layout="mono")
                 fr.sample_rate = spec.sample_rate
                 fr.pts = start
                 fr.time_base = Fraction(1, spec.sample_rate)
@@ -945,14 +977,12 @@ def generate_corpus(cfg: CorpusConfig) -> CorpusInfo:
 
 
 def summarize(info: CorpusInfo) -> dict[str, Any]:
-    """Counts a person wants to see after generating: containers, audio, durations, bad inputs."""
+    """Counts a person wants to see after generating: containers and codecs, audio, durations, bad inputs."""
     vids = info.videos
-    containers: dict[str, int] = {}
-    for v in vids:
-        containers[v.container] = containers.get(v.container, 0) + 1
     return {
         "videos": len(vids),
-        "containers": containers,
+        "containers": dict(Counter(v.container for v in vids)),
+        "codecs": dict(Counter(f"{v.video_codec}/{v.audio_codec or '-'}" for v in vids)),
         "no_audio": sum(not v.has_audio for v in vids),
         "silent_audio": sum(v.silent_audio for v in vids),
         "vfr": sum(v.vfr for v in vids),

@@ -79,6 +79,9 @@ class CorpusConfig(StrictModel):
     # Frame sizes drawn per video: "small" 160x120 to 640x360 (fast to generate, the tests' corpora), "hd" 480p to
     # 1080p (raypipe.corpus.HD_RESOLUTIONS), where decoding costs what it costs on real uploads.
     resolutions: Literal["small", "hd"] = "small"
+    # Containers and codecs: "classic" h264/aac in mp4 and mkv, vp8/opus in webm (the tests' corpora); "wide" draws
+    # each video from raypipe.corpus.WIDE_CODECS (hevc 8/10-bit, vp9, mpeg4, prores, mp3/flac/pcm audio; mov too).
+    codecs: Literal["classic", "wide"] = "classic"
 
     @model_validator(mode="after")
     def _durations(self) -> CorpusConfig:
