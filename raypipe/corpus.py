@@ -2,7 +2,8 @@
 
 Why synthetic: the demo and the test suite must run offline on a laptop, yet exercise the real decode path
 (H.264/AAC in mp4, a few mkv and webm; with ``codecs="wide"`` also hevc 8/10-bit, vp9, mpeg4, prores in mov;
-variable frame rate, no-audio tracks, corrupt files) and give the downstream models a label signal that is *learnable by random-init small encoders* and that *needs fusion*.
+variable frame rate, no-audio tracks, corrupt files) and give the downstream models a label signal that is
+*learnable by random-init small encoders* and that *needs fusion*.
 
 Evidence scheme (the reason for every choice below)
 ----------------------------------------------------
