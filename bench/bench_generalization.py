@@ -28,10 +28,14 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mean_sd  # noqa: E402
 
 # Class grid per layout (level1 x level2-per-level1): 4 to 9 classes, so no default is judged on one grid only.
 GRIDS = {"split": (2, 2), "text_rich": (3, 2), "weak_text": (2, 3), "no_audio": (3, 3)}
@@ -163,15 +167,6 @@ def train_model(model: str, data: str, root: Path, seed: int, args: argparse.Nam
     return rows
 
 
-def _mean_sd(vals: list[float]) -> str:
-    """``mean +- std`` over seeds; one seed is marked as such (a std of 0 would read as "stable")."""
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f} (1 seed)"
-    return f"{statistics.mean(vals):.3f} +- {statistics.pstdev(vals):.3f}"
-
-
 def summarise(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Markdown table (layout x model, test F_sco mean +- std) and the per-layout fusion margins."""
     layouts = sorted({r["layout"] for r in rows}, key=list(GRIDS).index)
@@ -183,7 +178,7 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         cells = []
         for m in models:
             vals = [r["test_f_sco"] for r in rows if r["layout"] == lay and r["model"] == m]
-            cells.append(_mean_sd(vals))
+            cells.append(mean_sd(vals))
         per_seed, best = [], []
         for seed in sorted({r["seed"] for r in rows if r["layout"] == lay}):
             got = {r["model"]: r["test_f_sco"] for r in rows if r["layout"] == lay and r["seed"] == seed}
@@ -225,12 +220,12 @@ def val_table(rows: list[dict[str, Any]], base_lr: float | None = None) -> str:
     lines = ["| layout | " + " | ".join(head) + " |", "|---|" + "---|" * len(names)]
     for lay in layouts:
         base = {r["seed"]: val(r) for r in rows if r["layout"] == lay and r["model"] == "dmafnet"}
-        cells = [f"{_mean_sd(list(base.values()))} ({len(base)} seeds)"]
+        cells = [f"{mean_sd(list(base.values()))} ({len(base)} seeds)"]
         for n in names[1:]:
             got = {r["seed"]: r["val_f_sco"] for r in rows if r["layout"] == lay and r["model"] == n}
             diffs = [v - base[s] for s, v in got.items() if s in base]
             diff = f"; {statistics.mean(diffs):+.3f} on {len(diffs)} seeds" if diffs else ""
-            cells.append(_mean_sd(list(got.values())) + diff)
+            cells.append(mean_sd(list(got.values())) + diff)
         lines.append(f"| {lay} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -282,7 +277,7 @@ def lr_val_table(rows: list[dict[str, Any]]) -> str:
                 if r["layout"] == lay and r["model"] == m:
                     for k, v in r["lr_candidates"].items():
                         per_lr.setdefault(k, []).append(v)
-            cells = ", ".join(f"{k}: {_mean_sd(v)}" for k, v in sorted(per_lr.items(), key=lambda kv: float(kv[0])))
+            cells = ", ".join(f"{k}: {mean_sd(v)}" for k, v in sorted(per_lr.items(), key=lambda kv: float(kv[0])))
             lines.append(f"| {lay} | {m} | {cells} |")
     return "\n".join(lines)
 

@@ -14,7 +14,10 @@ benchmark's embedded shards (``--cache`` of ``bench_generalization.py``, one fol
         --models dmafnet text_only frames_only --out bench/results/no_preset_schedule.jsonl
 
 ``--set KEY=VALUE`` (repeatable) runs a variant on top of the protocol and records it in the row's ``set`` field
-(session 13: ``--set model.params.pool=mean`` against the default rows of the same corpora).
+(session 13: ``--set model.params.pool=mean`` against the default rows of the same corpora). ``--summary ROWS``
+prints, per corpus kind, DMAFNet minus the best single-modality baseline (mean +- std over seeds) and runs nothing:
+
+    python bench/bench_no_preset.py --summary bench/results/no_preset_12class.jsonl
 
 Appends one JSON line per run to ``--out`` (take the machine-wide lock on a shared host: one local Ray per run).
 The committed rows (session 12) came from this script's prototype, which set the same ``auto`` numbers explicitly
@@ -26,9 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mean_sd  # noqa: E402
 
 PROTOCOLS = {
     "auto": [],
@@ -50,16 +57,42 @@ def run_one(data: str, model: str, protocol: str, root: Path, extra: list[str]) 
             "s": round(time.perf_counter() - t0, 1)}
 
 
+def margins_table(rows: list[dict], proto: str = "auto") -> str:
+    """Markdown: per corpus kind (the corpus name without its ``-sSEED-...`` part), DMAFNet minus the better of
+    text_only and frames_only on val and on test, mean +- std over the seeds that have all three (default rows
+    only: a row with a ``set`` variant is left out)."""
+    runs: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r["proto"] == proto and not r.get("set"):
+            runs.setdefault(r["corpus"], {})[r["model"]] = r
+    kinds: dict[str, list[tuple[float, float]]] = {}
+    for corpus, got in runs.items():
+        if {"dmafnet", "text_only", "frames_only"} <= got.keys():
+            margin = [got["dmafnet"][s] - max(got["text_only"][s], got["frames_only"][s]) for s in ("val", "test")]
+            kinds.setdefault(corpus.split("-s")[0], []).append((margin[0], margin[1]))
+    lines = ["| corpus kind | seeds | DMAFNet - best single, val | same, test |", "|---|---|---|---|"]
+    for kind, ms in sorted(kinds.items()):
+        cells = [mean_sd(list(v)) for v in zip(*ms, strict=True)]
+        lines.append(f"| {kind} | {len(ms)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", required=True, help="bench_generalization's --cache folder")
-    ap.add_argument("--corpora", nargs="+", required=True, help="folders under --cache, e.g. split-s0-v160")
+    ap.add_argument("--summary", metavar="JSONL", help="print the margins table of these rows and exit (no runs)")
+    ap.add_argument("--cache", help="bench_generalization's --cache folder")
+    ap.add_argument("--corpora", nargs="+", help="folders under --cache, e.g. split-s0-v160")
     ap.add_argument("--models", nargs="+", default=["dmafnet", "text_only", "frames_only"])
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override on top of the protocol (a variant under test; recorded in the row)")
     ap.add_argument("--out", default="bench/results/no_preset_schedule.jsonl")
     args = ap.parse_args()
+    if args.summary:
+        print(margins_table([json.loads(line) for line in Path(args.summary).read_text().splitlines() if line]))
+        return 0
+    if not (args.cache and args.corpora):
+        ap.error("--cache and --corpora are required to run (or --summary to read rows)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for corpus in args.corpora:
         for model in args.models:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def write_result(path: str, result: dict) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def mean_sd(vals: list[float]) -> str:
+    """``mean +- std`` over seeds; one seed is marked as such (a std of 0 would read as "stable")."""
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f} (1 seed)"
+    return f"{statistics.mean(vals):.3f} +- {statistics.pstdev(vals):.3f}"

@@ -140,3 +140,26 @@ def test_a_chunk_stopped_half_way_keeps_the_runs_it_has_not_replaced(bench) -> N
     assert got == {(0, "dmafnet"): 0.8, (0, "text_only"): 0.1,
                    (1, "dmafnet"): 0.1, (1, "dmafnet@lr=0.001"): 0.1, (1, "text_only"): 0.1}
     assert rows == [{"layout": "split", "seed": 0, "videos": 64, **new[0]}]
+
+
+def test_no_preset_margins_are_dmafnet_minus_the_better_single_per_seed_without_variant_rows() -> None:
+    """bench_no_preset.py --summary: per corpus kind, DMAFNet minus max(text_only, frames_only) on val and test,
+    mean +- std over the seeds that ran all three; rows of a ``--set`` variant stay out."""
+    spec = importlib.util.spec_from_file_location("bench_no_preset", ROOT / "bench" / "bench_no_preset.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(corpus: str, model: str, val: float, test: float, **kw) -> dict:
+        return {"corpus": corpus, "model": model, "proto": "auto", "val": val, "test": test, **kw}
+
+    rows = [
+        row("split12-s1-v300", "dmafnet", 0.8, 0.7), row("split12-s1-v300", "text_only", 0.3, 0.2),
+        row("split12-s1-v300", "frames_only", 0.6, 0.5),
+        row("split12-s2-v300", "dmafnet", 0.6, 0.5), row("split12-s2-v300", "text_only", 0.5, 0.6),
+        row("split12-s2-v300", "frames_only", 0.4, 0.3),
+        row("split12-s2-v300", "dmafnet", 0.99, 0.99, set=["model.params.pool=mean"]),  # a variant: left out
+        row("text_rich12-s3-v300", "dmafnet", 0.9, 0.9),  # no baselines ran: no margin
+    ]
+    table = mod.margins_table(rows)
+    assert "| split12 | 2 | 0.150 +- 0.050 | 0.050 +- 0.150 |" in table  # val +0.2, +0.1; test +0.2, -0.1
+    assert "text_rich12" not in table
