@@ -12,6 +12,7 @@
     text_as_query=True (paper prose, Fig. 2):   x = F_t;  N x { x += CA(LN x, LN F_v); x += FFN(LN x) }
     text_as_query=False (Eq. 4, F_vt^0 = F_v):  x = F_v;  N x { x += CA(LN x, LN F_t); x += FFN(LN x) }
     x -> LN -> F_vt;  F_vt[:,0] (pool="cls") or its masked mean (pool="mean") -> MLP -> logits (B,C)
+    (sentence_term) + sigmoid(Linear(that summary)) (B,1) * MLP(text_emb (B,Dt)) (B,C): a gated late text term
 
     F_v[:,0], F_t[:,0] (or each stream's mean) -> MLP each -> uni_logits (B,2,C)   training only        [unimodal]
     training, a fraction p of clips: the fused head sees only one stream (the other one empty)   [modality_dropout]
@@ -64,6 +65,12 @@ Choices where the paper is open, and why:
   the reading that matches its pretraining. Measured on 12-class corpora of 300 videos (docs/GENERALIZATION.md):
   level with or behind ``"cls"`` on val (-0.015, +0.014, -0.016 on three corpora), so the paper's reading stays the
   default.
+* Gated late text term (``sentence_term``, not in the paper, off by default): the shards' ``text_emb`` (the
+  frozen sentence embedding the text-only baseline classifies) through its own MLP, scaled per clip by a gate
+  read from the fused summary and added to the logits; a clip whose text modality dropout emptied gets no term.
+  Why: on corpora where the text alone decides, the fine-tuned token path can end level with or below a small
+  classifier on the frozen sentence embedding; the gate lets the fused model keep that classifier and still
+  overrule it where the frames disagree (gated fusion, issue #10).
 * MLM runs a second text pass on the masked ids, as ALBEF does, so classification, contrastive and VTM see the
   clean text. MLM and VTM are training-time objectives: in eval mode the model returns logits (and the
   contrastive outputs), never random masks or random negatives.
@@ -134,6 +141,8 @@ class DMAFNet(nn.Module):
         milnce_candidates: int,
         modality_dropout: float = 0.0,
         pool: str = "cls",
+        text_dim: int = 0,
+        sentence_term: bool = False,
     ) -> None:
         super().__init__()
         self.modalities = check_modalities(modalities, MODALITIES)
@@ -169,6 +178,11 @@ class DMAFNet(nn.Module):
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.pool = pool
+        if sentence_term and not both:
+            raise ValueError(f"sentence_term needs a video stream and the text but modalities={self.modalities}")
+        if sentence_term and text_dim <= 0:
+            raise ValueError(f"sentence_term reads the shards' text_emb but text_dim={text_dim}")
+        self.sentence_term = sentence_term
         self.vocab_size = vocab_size
 
         hidden = text_hidden
@@ -207,6 +221,9 @@ class DMAFNet(nn.Module):
             self.fusion_norm = nn.LayerNorm(hidden)
 
         self.head = MLPHead(hidden, hidden, num_classes, dropout=dropout)
+        if sentence_term:
+            self.sentence_head = MLPHead(text_dim, hidden, num_classes, dropout=dropout)
+            self.sentence_gate = nn.Linear(hidden, 1)
         if unimodal:
             self.uni_heads = nn.ModuleDict(
                 {s: MLPHead(hidden, hidden, num_classes, dropout=dropout) for s in ("video", "text")}
@@ -274,15 +291,18 @@ class DMAFNet(nn.Module):
             text_mask = batch["attention_mask"].bool()  # (B, L)
             text = self.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
 
+        no_text = None  # (B,) clips whose text modality dropout emptied, or None
         if video is not None and text is not None:
             first = self.fused_summary(text, text_mask, video, video_mask)  # (B, H) fused summary
             if self.training and self.modality_dropout:
-                first = self._drop_streams(batch, first, text, text_mask, video, video_mask)  # (B, H)
+                first, no_text = self._drop_streams(batch, first, text, text_mask, video, video_mask)  # (B, H)
         elif video is not None:
             first = self.summary(video, video_mask)  # (B, H) [VCLS] or the stream's mean
         else:
             first = self.summary(text, text_mask)  # (B, H) [CLS] or the stream's mean
         out["logits"] = self.head(first)  # (B, C)
+        if self.sentence_term:
+            out["logits"] = out["logits"] + self._sentence_logits(batch, first, no_text)  # (B, C)
 
         if self.contrastive:
             out["con_video"] = self.con_video_proj(video[:, 0])  # (B, P)
@@ -299,11 +319,22 @@ class DMAFNet(nn.Module):
             out.update(self._vtm(out, first, text, text_mask, video, video_mask))
         return out
 
+    def _sentence_logits(self, batch: Mapping[str, Tensor], first: Tensor, no_text: Tensor | None) -> Tensor:
+        """``(B, C)``: the gated late term, ``sigmoid(w . fused) * MLP(text_emb)`` (module doc, ``sentence_term``).
+
+        A clip whose text modality dropout emptied gets no term, so the dropout still forces the frame path.
+        """
+        gate = torch.sigmoid(self.sentence_gate(first))  # (B, 1) from the fused summary
+        if no_text is not None:
+            gate = gate * (~no_text).unsqueeze(1).to(gate.dtype)  # (B, 1)
+        return gate * self.sentence_head(batch["text_emb"].float())  # (B, C)
+
     def _drop_streams(
         self, batch: Mapping[str, Tensor], first: Tensor, text: Tensor, text_mask: Tensor, video: Tensor,
         video_mask: Tensor,
-    ) -> Tensor:
-        """The fused first token with, for a random fraction of clips, one stream emptied (module doc).
+    ) -> tuple[Tensor, Tensor]:
+        """The fused first token with, for a random fraction of clips, one stream emptied (module doc), and the
+        ``(B,)`` mask of the clips whose text was the one emptied.
 
         Only the dropped clips are re-encoded (their empty stream) and re-fused, so the clean pass above stays
         the one the auxiliary losses read.
@@ -313,7 +344,7 @@ class DMAFNet(nn.Module):
         drop_text = dropped & (torch.rand(b, device=first.device) < 0.5)  # (B,) the rest of `dropped`: video
         drop_video = dropped & ~drop_text
         if not dropped.any():
-            return first
+            return first, drop_text
         text, text_mask = text.clone(), text_mask.clone()
         video, video_mask = video.clone(), video_mask.clone()
         if drop_text.any():
@@ -330,7 +361,7 @@ class DMAFNet(nn.Module):
         fused = self.fused_summary(text[dropped], text_mask[dropped], video[dropped], video_mask[dropped])  # (n, H)
         first = first.clone()
         first[dropped] = fused
-        return first
+        return first, drop_text
 
     def _mlm(self, batch: Mapping[str, Tensor], video: Tensor, video_mask: Tensor) -> dict[str, Tensor]:
         masked_ids, labels = mask_tokens(
@@ -432,13 +463,13 @@ def dmafnet(
     milnce_candidates: int = 3,
     modality_dropout: float = 0.0,
     pool: str = "cls",
+    sentence_term: bool = False,
 ) -> DMAFNet:
     """Paper defaults: 12 frame layers, N = 6 multimodal layers, BERT-base text, frames + text (audio off).
 
-    ``text_dim`` (the sentence embedding) is accepted for the trainer's uniform call and unused: DMAFNet reads
-    token ids. The auxiliary switches are normally set by the trainer from the loss weights.
+    DMAFNet reads token ids; ``text_dim`` (the shards' sentence embedding) is read only by ``sentence_term``.
+    The auxiliary switches are normally set by the trainer from the loss weights.
     """
-    del text_dim
     return DMAFNet(
         num_classes=num_classes,
         frame_dim=frame_dim,
@@ -468,4 +499,6 @@ def dmafnet(
         milnce_candidates=milnce_candidates,
         modality_dropout=modality_dropout,
         pool=pool,
+        text_dim=text_dim,
+        sentence_term=sentence_term,
     )

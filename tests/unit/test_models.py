@@ -141,6 +141,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, float], bool]] = [
     ("dmafnet", {"modality_dropout": 0.5}, ALL_AUX, False),
     ("dmafnet", {"pool": "mean", "modality_dropout": 0.5}, {**ALL_AUX, "unimodal": 1.0}, False),
     ("dmafnet", {"pool": "mean", "text_as_query": False}, {**ALL_AUX, "mlm": 0.0}, False),
+    ("dmafnet", {"sentence_term": True, "modality_dropout": 0.5}, ALL_AUX, False),
+    ("dmafnet", {"sentence_term": True}, {**CLS_ONLY, "unimodal": 0.5}, True),
     ("dmafnet", {}, {**ALL_AUX, "mlm": 0.0, "vtm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "vtm": 0.0}, False),
     ("dmafnet", {}, {**ALL_AUX, "contrastive": 0.0, "mlm": 0.0}, False),
@@ -618,6 +620,39 @@ def test_dmafnet_pool_reads_the_fused_sequence_as_first_token_or_masked_mean() -
         torch.testing.assert_close(model(batch)["logits"], model.head(fused[:, 0]))
     with pytest.raises(ValueError, match="pool must be one of"):
         build("dmafnet", CLS_ONLY, pool="max")
+
+
+def test_dmafnet_sentence_term_adds_the_gated_sentence_classifier_and_drops_it_with_the_text() -> None:
+    """``sentence_term``: logits = head(fused) + sigmoid(gate(fused)) * MLP(text_emb); a clip whose text modality
+    dropout emptied gets no term (its logits are the fused head's alone)."""
+    torch.manual_seed(0)
+    batch = make_batch()
+    model = build("dmafnet", CLS_ONLY, sentence_term=True).eval()
+    first = model.fused_summary(*_streams(model, batch))  # (B, H)
+    gate = torch.sigmoid(model.sentence_gate(first))  # (B, 1)
+    expected = model.head(first) + gate * model.sentence_head(batch["text_emb"])
+    torch.testing.assert_close(model(batch)["logits"], expected)
+    changed = {**batch, "text_emb": batch["text_emb"] + 1.0}
+    assert not torch.allclose(model(changed)["logits"], model(batch)["logits"])  # the term reads text_emb
+
+    dropped = build("dmafnet", CLS_ONLY, sentence_term=True, modality_dropout=0.99, dropout=0.0).train()
+    streams = _streams(dropped, batch)
+    torch.manual_seed(1)
+    first, no_text = dropped._drop_streams(batch, dropped.fused_summary(*streams), *streams)
+    torch.testing.assert_close(
+        dropped._sentence_logits(changed, first, no_text)[no_text], torch.zeros(int(no_text.sum()), C)
+    )
+    assert no_text.any() and (~no_text).any()  # seed 1 empties the text of some clips, the video of others
+    for kwargs in ({"modalities": ("text",)}, {"text_dim": 0}):
+        with pytest.raises(ValueError, match="sentence_term"):
+            build("dmafnet", CLS_ONLY, sentence_term=True, **kwargs)
+
+
+def _streams(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``(text, text_mask, video, video_mask)`` of a DMAFNet's clean pass."""
+    video, vmask = model.encode_video(batch)
+    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    return text, batch["attention_mask"].bool(), video, vmask
 
 
 def test_dmafnet_gives_milnce_k_text_candidates_per_clip() -> None:
