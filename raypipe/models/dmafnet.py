@@ -78,6 +78,8 @@ Choices where the paper is open, and why:
   contrastive outputs), never random masks or random negatives.
 """
 
+# Long module: the paper's model read top to bottom (encoders, fusion, heads, then the training-only objectives
+# MIL-NCE / MLM / VTM that share its layers); the options where the paper is open live beside what they change.
 from __future__ import annotations
 
 import logging
