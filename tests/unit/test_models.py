@@ -426,9 +426,7 @@ def test_dmafnet_vtm_pairs_are_albef_ordered_hard_negatives() -> None:
     batch = {k: v[:2] for k, v in make_batch().items()}
     out = model(batch)
     assert out["vtm_labels"].tolist() == [1, 1, 0, 0, 0, 0]
-    video, vmask = model.encode_video(batch)
-    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
-    tmask = batch["attention_mask"].bool()
+    text, tmask, video, vmask = _streams(model, batch)
     swap = torch.tensor([1, 0])
     expected = torch.cat(
         [
@@ -446,9 +444,7 @@ def test_dmafnet_query_side_decides_the_fused_sequence() -> None:
     batch = make_batch()
     for text_as_query, length in ((True, 10), (False, 1 + 6)):
         model = build("dmafnet", CLS_ONLY, text_as_query=text_as_query).eval()
-        video, vmask = model.encode_video(batch)
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
-        fused = model.fuse(text, batch["attention_mask"].bool(), video, vmask)
+        fused = model.fuse(*_streams(model, batch))
         assert fused.shape == (4, length, 16)
 
 
@@ -610,9 +606,7 @@ def test_dmafnet_pool_reads_the_fused_sequence_as_first_token_or_masked_mean() -
     batch = make_batch()
     for text_as_query in (True, False):
         model = build("dmafnet", CLS_ONLY, text_as_query=text_as_query, pool="mean").eval()
-        video, vmask = model.encode_video(batch)
-        tmask = batch["attention_mask"].bool()
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        text, tmask, video, vmask = _streams(model, batch)
         fused = model.fuse(text, tmask, video, vmask)  # (B, Lq, H)
         qmask = tmask if text_as_query else vmask
         torch.testing.assert_close(model(batch)["logits"], model.head(masked_mean(fused, qmask)))
