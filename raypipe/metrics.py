@@ -60,6 +60,15 @@ def is_wbdc_code(label: Any) -> bool:
     return bool(_WBDC_CODE.match(str(label)))
 
 
+def score_for_classes(classes: Any) -> str:
+    """The default selection score for these class names: ``f_sco`` for WBDC level-2 codes, else ``f1_macro``.
+
+    Why: the WBDC score derives level 1 from the code's first two digits, so it is undefined for class-folder or
+    manifest labels ("cat", "dog"); macro-F1 is its level-2 half and weighs every class alike, as F_sco does.
+    """
+    return "f_sco" if all(is_wbdc_code(c) for c in classes) else "f1_macro"
+
+
 def f_sco_parts(y_true_l2: Any, y_pred_l2: Any) -> dict[str, float]:
     """The four F1 numbers of the WBDC score plus their mean under ``"f_sco"``.
 

@@ -192,6 +192,19 @@ def _versions(cfg: RaypipeConfig) -> tuple[str | None, str, str]:
     return champion_v, target_v, "force" if pc.force else "compare"
 
 
+def _policy_metric(cfg: RaypipeConfig, classes: list[str]) -> str:
+    """``promote.metric``, else the training metric without its prefix; left at its default (f_sco), it resolves
+    for the classes as training does (:func:`raypipe.train.resolve_metric`): f1_macro unless they are WBDC codes."""
+    from raypipe.metrics import score_for_classes
+
+    if cfg.promote.metric:
+        return cfg.promote.metric
+    t = cfg.train
+    if t.metric == "val/f_sco" and "metric" not in t.model_fields_set:
+        return score_for_classes(classes)
+    return t.metric.partition("/")[2]
+
+
 def promote(cfg: RaypipeConfig) -> dict[str, Any]:
     """Compare champion and challenger (or roll back / force), move the champion alias when due, record it.
 
@@ -221,6 +234,7 @@ def promote(cfg: RaypipeConfig) -> dict[str, Any]:
     mismatch = _comparable(new, old, role, mode) if old is not None else None
     data = _evaluation_set(cfg, new)
     check_fits(new, role, data)
+    metric = report["metric"] = _policy_metric(cfg, data.classes)
     report["evaluation"] = {"data": data.uri, "split": data.split, "rows": len(data.video_ids),
                             "fingerprint": data.fingerprint, "video_ids": data.video_ids}
     report["challenger"].update(arch=new.arch, metrics=score(new, data, pc.batch_size))

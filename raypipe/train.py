@@ -201,16 +201,40 @@ def check_text_encoder(name: str, kwargs: dict[str, Any], spec: DataSpec) -> Non
 
 
 def check_metric_for_classes(cfg: RaypipeConfig, classes: list[str]) -> None:
-    from raypipe.metrics import is_wbdc_code
-
-    name = cfg.train.metric.partition("/")[2]
-    if name == "f_sco" and not all(is_wbdc_code(c) for c in classes):
-        example = next(c for c in classes if not is_wbdc_code(c))
+    """An f_sco metric needs WBDC codes as classes (one line naming the scores that work otherwise)."""
+    example = _first_non_wbdc(classes)
+    if cfg.train.metric.partition("/")[2] == "f_sco" and example is not None:
         others = ", ".join(f"val/{m}" for m in TASK_METRICS[cfg.train.task] if m != "f_sco")
         raise ConfigError(
             f"config error: train.metric: val/f_sco needs 4-digit WBDC level-2 codes as classes (found {example!r}); "
             f"use one of {others}"
         )
+
+
+def resolve_metric(cfg: RaypipeConfig, classes: list[str]) -> RaypipeConfig:
+    """The default ``train.metric`` (val/f_sco) becomes val/f1_macro when the classes are not WBDC codes
+    (:func:`raypipe.metrics.score_for_classes`).
+
+    Why: class folders and manifests name classes freely, and a first run on them should train with the defaults
+    instead of stopping at a metric it cannot compute. A metric the user set (command line, YAML, preset) is kept
+    and checked (:func:`check_metric_for_classes`). The resolved name is set in the returned config, so the
+    workers, MLflow's params, the checkpoint and the sweep's trials see what the run selects by.
+    """
+    from raypipe.metrics import score_for_classes
+
+    t = cfg.train
+    if "metric" in t.model_fields_set or t.metric != "val/f_sco" or score_for_classes(classes) == "f_sco":
+        check_metric_for_classes(cfg, classes)
+        return cfg
+    logger.info("train.metric: val/f1_macro (the default val/f_sco needs 4-digit WBDC codes as classes, found %r); "
+                "set train.metric to choose", _first_non_wbdc(classes))
+    return with_values(cfg, {"train.metric": "val/f1_macro"})
+
+
+def _first_non_wbdc(classes: list[str]) -> str | None:
+    from raypipe.metrics import is_wbdc_code
+
+    return next((c for c in classes if not is_wbdc_code(c)), None)
 
 
 def check_holdout(holdout: list[str], classes: list[str]) -> None:
@@ -284,7 +308,7 @@ def prepare(cfg: RaypipeConfig) -> tuple[RaypipeConfig, DataSpec, dict[str, Any]
     except DataError as exc:
         raise ConfigError(f"config error: train.data: {exc}") from None
     check_holdout(cfg.train.holdout_classes, spec.classes)
-    check_metric_for_classes(cfg, spec.classes)
+    cfg = resolve_metric(cfg, spec.classes)
     check_workers(cfg, spec)
     check_pretrain_model(cfg)
     check_init_from(cfg)

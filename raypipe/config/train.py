@@ -160,6 +160,8 @@ class TrainConfig(StrictModel):
     # again every epoch. Worth it when the features fit in the driver's memory and epochs are short (small sets,
     # sweeps): the streamed read is then most of an epoch's time.
     cache_data: bool = False
+    # What picks the best epoch and stops early. Left at its default, a run on classes that are not 4-digit WBDC codes
+    # (class folders, manifest labels) uses val/f1_macro instead (raypipe.train.resolve_metric); set, it is used as is.
     metric: str = "val/f_sco"
     mode: Literal["max", "min"] = "max"
     keep_best: int = Field(default=2, ge=1)

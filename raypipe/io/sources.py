@@ -135,6 +135,16 @@ def _list_folder(cfg: SourceConfig, storage: StorageConfig | None, class_folders
     return refs
 
 
+def _hint_class_folders(refs: list[VideoRef]) -> None:
+    """Say how to label videos that sit one folder per class: a plain folder source lists them unlabelled (a
+    folder per night or camera is as common, so the folder names are not taken as labels unasked)."""
+    tops = {r.video_id.split("/", 1)[0] for r in refs}
+    if len(tops) >= 2 and all("/" in r.video_id for r in refs):
+        shown = ", ".join(sorted(tops)[:4]) + (" ..." if len(tops) > 4 else "")
+        log.info("%d videos in %d subfolders (%s) and no annotations: they are embedded without labels; "
+                 "--set embed.source.kind=class_folders labels each by its folder", len(refs), len(tops), shown)
+
+
 def _list_glob(cfg: SourceConfig, storage: StorageConfig | None) -> list[VideoRef]:
     fs, pattern = resolve(cfg.uri, storage)
     prefix = pattern.split("*")[0].split("?")[0].split("[")[0]
@@ -338,6 +348,8 @@ def list_videos(source_cfg: SourceConfig, storage: StorageConfig | None = None) 
             joined.append(r)
         log.info("joined annotations: %d of %d videos annotated", sum(1 for r in joined if r.title or r.label), len(refs))
         refs = joined
+    if kind in ("folder", "s3") and not annotations:
+        _hint_class_folders(refs)
     refs.sort(key=lambda r: r.video_id)
     if source_cfg.limit:
         refs = refs[: source_cfg.limit]

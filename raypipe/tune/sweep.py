@@ -83,7 +83,7 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     from ray import tune as rt
 
     from raypipe.runtime import ensure_ray, fit_tuner, planned
-    from raypipe.train import prepare, resolve_schedule, schedule_needs_data, with_values
+    from raypipe.train import prepare, resolve_schedule, with_values
 
     validate_search_space(cfg)
     t = cfg.tune
@@ -95,10 +95,14 @@ def tune(cfg: RaypipeConfig, *, callbacks: list[Any] | None = None) -> SweepResu
     trial_cfg, _ = planned(cfg, "tune")
     fp = fingerprint(cfg)  # of the config as given: a resumed sweep sizes its schedule again the same way
     # auto epochs / batch: sized once for the sweep from the training rows over one trial's workers, into the
-    # trials' base, MLflow's sweep params and the exported best config (a value the search space sets still wins)
-    num_train = prepare(trial_cfg)[1].num_train if schedule_needs_data(trial_cfg) else None
-    sized = resolve_schedule(trial_cfg, num_train, trial_cfg.train.num_workers).train
-    cfg, trial_cfg = (with_values(c, {f"train.{k}": getattr(sized, k) for k in SCHEDULE_KEYS}) for c in (cfg, trial_cfg))
+    # trials' base, MLflow's sweep params and the exported best config (a value the search space sets still wins);
+    # the default train.metric as the data's classes resolve it (raypipe.train.resolve_metric), likewise
+    prepared, spec, _ = prepare(trial_cfg)
+    sized = resolve_schedule(trial_cfg, spec.num_train, trial_cfg.train.num_workers).train
+    values = {f"train.{k}": getattr(sized, k) for k in SCHEDULE_KEYS}
+    if prepared.train.metric != trial_cfg.train.metric:
+        values["train.metric"] = prepared.train.metric
+    cfg, trial_cfg = (with_values(c, values) for c in (cfg, trial_cfg))
     validate_search_space(trial_cfg)
     base = portable_base(trial_cfg)
     max_epochs = int(max_epochs_of(trial_cfg))

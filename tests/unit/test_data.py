@@ -333,14 +333,32 @@ def test_impossible_combinations_fail_before_ray(train_overrides: list[str], ove
     assert "\n" not in str(err.value)
 
 
-def test_f_sco_needs_wbdc_codes(tmp_path: Path) -> None:
-    from raypipe.config import ConfigError
+def test_default_metric_follows_the_classes_and_a_set_f_sco_needs_wbdc_codes(tmp_path: Path, train_overrides: list[str]) -> None:
+    from raypipe.config import ConfigError, config_to_dict
 
-    root = write_shards(tmp_path / "f", 20)
-    tax = tmp_path / "tax.json"
-    tax.write_text(json.dumps(["cat", "dog"]))
+    root = Path(train_overrides[0].partition("=")[2])
+    rest = train_overrides[1:]
+    named = tmp_path / "named"  # the same rows labelled by name, as class folders or a manifest label them
+    named.mkdir()
+    for part in sorted(root.glob("part-*.parquet")):
+        rows = pq.read_table(part).to_pylist()
+        for r in rows:
+            r["label"] = r["label"] and f"class_{r['label']}"
+            r["label_l1"], r["labels"] = None, [f"class_{c}" for c in r["labels"]]
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(part)), named / part.name)
+    # class names such as folders give: the default metric becomes macro-F1, set in the run's config (what the
+    # workers, MLflow and the checkpoint read) ...
+    cfg, spec, _ = _prepare([f"train.data={named}", *rest])
+    assert spec.classes[0] == "class_0101" and spec.num_train > 0
+    assert cfg.train.metric == "val/f1_macro" and config_to_dict(cfg)["train"]["metric"] == "val/f1_macro"
+    # ... while f_sco asked for by name is refused in one line, and another metric is kept as it is
     with pytest.raises(ConfigError, match="val/f_sco needs 4-digit WBDC level-2 codes"):
-        _prepare([f"train.data={root}", f"train.taxonomy={tax}"])
+        _prepare([f"train.data={named}", *rest, "train.metric=val/f_sco"])
+    cfg, _, _ = _prepare([f"train.data={named}", *rest, "train.metric=val/hit@1"])
+    assert cfg.train.metric == "val/hit@1"
+    # WBDC codes keep the default, left unset
+    cfg, _, _ = _prepare(train_overrides)
+    assert cfg.train.metric == "val/f_sco" and "metric" not in config_to_dict(cfg)["train"]
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:

@@ -93,6 +93,17 @@ def test_config_keeps_training_off_the_champion_and_checks_the_metric() -> None:
         load_config("test", ["nightly.night=a/b"])
 
 
+def test_policy_metric_resolves_the_default_for_the_classes_as_training_does() -> None:
+    from raypipe.promote import _policy_metric
+
+    names, codes = ["cat", "dog"], ["0101", "0102"]
+    assert _policy_metric(load_config(None), names) == "f1_macro"  # the default f_sco cannot score names
+    assert _policy_metric(load_config(None), codes) == "f_sco"
+    assert _policy_metric(load_config(None, ["train.metric=val/hit@1"]), names) == "hit@1"
+    assert _policy_metric(load_config(None, ["train.metric=val/f_sco"]), names) == "f_sco"  # asked for: kept
+    assert _policy_metric(load_config(None, ["promote.metric=top1"]), codes) == "top1"
+
+
 # ------------------------------------------------------------------------------ registry and refusals
 
 

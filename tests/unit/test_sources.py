@@ -5,6 +5,7 @@ listed URI decodes with PyAV (the listing is what the embed job hands to its dec
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def test_manifest_row_without_uri_is_a_config_error(tmp_path: Path) -> None:
         list_videos(SourceConfig(uri=str(manifest)))
 
 
-def test_class_folders_take_the_label_from_the_folder_and_annotations_still_join(videos: CorpusInfo, tmp_path: Path) -> None:
+def test_class_folders_take_the_label_from_the_folder_and_annotations_still_join(
+    videos: CorpusInfo, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "classes"
     layout = {"0101": videos.videos[:2], "0202": videos.videos[2:3]}
     for label, specs in layout.items():
@@ -102,6 +105,19 @@ def test_class_folders_take_the_label_from_the_folder_and_annotations_still_join
     first = joined[f"0101/{videos.videos[0].path.stem}"]
     assert first.title == "annotated title" and first.label == "0101"
     assert all(_decodes(r.source_uri) for r in refs.values())
+    # the same tree as a plain folder (the default kind): unlabelled, with one line saying how to label it, which
+    # a tree with a video outside any subfolder (not one folder per class) does not get
+    (root / videos.videos[3].path.name).unlink()
+    with caplog.at_level(logging.INFO, logger="raypipe.io.sources"):
+        plain = list_videos(SourceConfig(uri=str(root), annotations_auto=False))
+    assert len(plain) == 3 and all(r.label is None for r in plain)
+    assert "3 videos in 2 subfolders (0101, 0202) and no annotations" in caplog.text
+    assert "--set embed.source.kind=class_folders" in caplog.text
+    caplog.clear()
+    shutil.copy(videos.videos[3].path, root / videos.videos[3].path.name)
+    with caplog.at_level(logging.INFO, logger="raypipe.io.sources"):
+        list_videos(SourceConfig(uri=str(root), annotations_auto=False))
+    assert "subfolders" not in caplog.text
 
 
 def test_a_folder_source_joins_the_annotations_json_beside_it(videos: CorpusInfo, tmp_path: Path) -> None:
