@@ -117,6 +117,39 @@ def encode_fit(per_batch: list[list[float]]) -> tuple[float, float]:
     return float(coef[0]), float(coef[1])
 
 
+def loop_ratios(plain: dict, pipe: dict, variants: dict[str, dict], one_cpu: dict[str, dict]) -> dict[str, float]:
+    """Pipeline against plain loop, from the children's summaries (``seconds``: the work timed by each side).
+
+    Two readings of the anchor, both kept: ``pipeline_vs_plain_videos_per_s`` takes the plain loop's ``seconds``,
+    which start after its imports and model building, while the pipeline's include its actors' imports and model
+    loading (the stricter reading, this benchmark's headline since it was written); ``..._incl_model_startup``
+    adds the plain loop's start-up (imports, listing, model building) to its side, as the issue's anchor was timed
+    ("24.0 s including model start-up"). Neither counts ``ray.init``; ``pipeline_vs_plain_total_time`` is the
+    whole of both processes.
+    """
+    plain_work = plain["seconds"]
+    plain_incl = plain_work + plain.get("startup_s", 0.0)
+    ratios = {
+        "pipeline_vs_plain_videos_per_s": round(plain_work / pipe["seconds"], 3),
+        "pipeline_vs_plain_videos_per_s_incl_model_startup": round(plain_incl / pipe["seconds"], 3),
+        "pipeline_vs_plain_total_time": round(pipe["total_s"] / plain["total_s"], 3),
+        "pipeline_vs_plain_peak_rss": round(pipe["peak_rss_mb"] / max(plain["peak_rss_mb"], 1e-9), 3),
+        "plain_decode_share": round(plain["decode_s"] / plain_work, 3),
+    }
+    if pipe.get("first_row_s") is not None:
+        # Upper bound of the steady ratio: the pipeline's first batch is counted in its start-up (the plain loop's
+        # start-up is only its model building), ~4 % of 200 videos.
+        ratios["pipeline_vs_plain_after_first_row"] = round(plain_work / (pipe["seconds"] - pipe["first_row_s"]), 3)
+    for v, r in variants.items():
+        ratios[f"pipeline[{v}]_vs_plain_videos_per_s"] = round(plain_work / r["seconds"], 3)
+        ratios[f"pipeline[{v}]_vs_plain_videos_per_s_incl_model_startup"] = round(plain_incl / r["seconds"], 3)
+    if one_cpu:
+        ratios["pipeline_2cpu_vs_1cpu_videos_per_s"] = round(one_cpu["pipeline"]["seconds"] / pipe["seconds"], 3)
+        ratios["plain_2cpu_vs_1cpu_videos_per_s"] = round(one_cpu["plain"]["seconds"] / plain_work, 3)
+        ratios["pipeline_vs_plain_videos_per_s_1cpu"] = round(one_cpu["plain"]["seconds"] / one_cpu["pipeline"]["seconds"], 3)
+    return ratios
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--videos", type=int, default=200)
@@ -152,24 +185,10 @@ def main() -> int:
         durations = [v["duration_s"] for v in json.loads((root / "corpus.json").read_text())["videos"]]
     per_video, per_frame = encode_fit(plain["per_batch"])
     n = plain["videos"]
-    ratios = {
-        "pipeline_vs_plain_videos_per_s": round((n / pipe["seconds"]) / (n / plain["seconds"]), 3),
-        "pipeline_vs_plain_total_time": round(pipe["total_s"] / plain["total_s"], 3),
-        "pipeline_vs_plain_peak_rss": round(pipe["peak_rss_mb"] / max(plain["peak_rss_mb"], 1e-9), 3),
-        "plain_decode_share": round(plain["decode_s"] / plain["seconds"], 3),
-    }
-    if pipe.get("first_row_s") is not None:
-        # Upper bound of the steady ratio: the pipeline's first batch is counted in its start-up (the plain loop's
-        # start-up is only its model building), ~4 % of 200 videos.
-        ratios["pipeline_vs_plain_after_first_row"] = round(plain["seconds"] / (pipe["seconds"] - pipe["first_row_s"]), 3)
+    ratios = loop_ratios(plain, pipe, variants, one_cpu)
     plain.pop("per_batch")
-    for v, r in variants.items():
-        ratios[f"pipeline[{v}]_vs_plain_videos_per_s"] = round(plain["seconds"] / r["seconds"], 3)
     if one_cpu:
         one_cpu["plain"].pop("per_batch")
-        ratios["pipeline_2cpu_vs_1cpu_videos_per_s"] = round(one_cpu["pipeline"]["seconds"] / pipe["seconds"], 3)
-        ratios["plain_2cpu_vs_1cpu_videos_per_s"] = round(one_cpu["plain"]["seconds"] / plain["seconds"], 3)
-        ratios["pipeline_vs_plain_videos_per_s_1cpu"] = round(one_cpu["plain"]["seconds"] / one_cpu["pipeline"]["seconds"], 3)
     result = {"benchmark": "bench_loop", **environment(), "cpus": args.cpus, "preset": args.preset,
               "corpus": {"generator": f"raypipe.corpus seed=5 max_duration_s=20 bad_inputs=true resolutions={args.resolutions}",
                          "files": n,
@@ -185,12 +204,16 @@ def main() -> int:
         first = f"{r['first_row_s']:.1f}" if r.get("first_row_s") else "-"
         print(f"{name[:30]:<14} {n:>6} {r['videos_ok']:>4} {start:>10.1f} {r['seconds']:>7.1f} {n / r['seconds']:>8.2f} "
               f"{r['peak_rss_mb']:>12.0f} {first:>11}")
-    print(f"pipeline / plain: videos/s x{ratios['pipeline_vs_plain_videos_per_s']:.2f}, total time "
+    print(f"pipeline / plain: videos/s x{ratios['pipeline_vs_plain_videos_per_s']:.2f} "
+          f"(x{ratios['pipeline_vs_plain_videos_per_s_incl_model_startup']:.2f} with the loop's model start-up), total time "
           f"x{ratios['pipeline_vs_plain_total_time']:.2f}, peak RSS x{ratios['pipeline_vs_plain_peak_rss']:.2f}; "
           f"plain loop spends {ratios['plain_decode_share']:.0%} of its time decoding")
     if "pipeline_vs_plain_after_first_row" in ratios:
         print(f"pipeline / plain after the pipeline's first row (its workers up): videos/s at most "
               f"x{ratios['pipeline_vs_plain_after_first_row']:.2f}")
+    for v in variants:
+        print(f"pipeline[{v}] / plain: videos/s x{ratios[f'pipeline[{v}]_vs_plain_videos_per_s']:.2f} "
+              f"(x{ratios[f'pipeline[{v}]_vs_plain_videos_per_s_incl_model_startup']:.2f} with the loop's model start-up)")
     for name, r in (("pipeline", pipe), *variants.items()):
         print(f"{name}: stage busy share of wall {r.get('stage_busy_share')}, decode {r['decode_seconds']:.1f} s, "
               f"encode {(r.get('stage_seconds') or {}).get('encode', 0):.1f} s over {r['seconds']:.1f} s")
