@@ -333,9 +333,8 @@ def prepare_data(
         vocab = found
     if not labelled.any() and not keep_unlabelled:
         raise DataError(
-            f"none of the {len(targets)} rows at {uri!r} has a label: embed the videos with their labels "
-            "(embed.source.annotations, embed.source.kind=class_folders for one folder per class, or a manifest's "
-            "labels column)"
+            f"none of the {len(targets)} rows at {uri!r} has a label: embed the videos with their labels (embed."
+            "source.annotations, embed.source.kind=class_folders for one folder per class, a manifest's labels column)"
         )
     known = set(vocab)
     in_vocab = np.fromiter(
