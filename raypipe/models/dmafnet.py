@@ -72,8 +72,8 @@ Choices where the paper is open, and why:
   classifier on the frozen sentence embedding; the gate lets the fused model keep that classifier and still
   overrule it where the frames disagree (gated fusion, issue #10). Measured on three 12-class corpora of 300
   videos, one seed each, no preset (docs/GENERALIZATION.md): val F_sco +0.015 (`text_rich`), 0.000 (`split`),
-  +0.020 (`weak_text`) over the default, about one val row each; a second `text_rich` seed -0.005. Seeds
-  disagree, so it stays off.
+  +0.020 (`weak_text`) over the default, about one val row each; the second seeds -0.005 (`text_rich`) and
+  -0.026 (`weak_text`): level on the mean of five, so it stays off.
 * MLM runs a second text pass on the masked ids, as ALBEF does, so classification, contrastive and VTM see the
   clean text. MLM and VTM are training-time objectives: in eval mode the model returns logits (and the
   contrastive outputs), never random masks or random negatives.
