@@ -193,16 +193,11 @@ def _versions(cfg: RaypipeConfig) -> tuple[str | None, str, str]:
 
 
 def _policy_metric(cfg: RaypipeConfig, classes: list[str]) -> str:
-    """``promote.metric``, else the training metric without its prefix; left at its default (f_sco), it resolves
-    for the classes as training does (:func:`raypipe.train.resolve_metric`): f1_macro unless they are WBDC codes."""
-    from raypipe.metrics import score_for_classes
+    """``promote.metric``, else what training selects by on these classes (:func:`raypipe.train.selection_metric`:
+    the default f_sco becomes f1_macro unless they are WBDC codes), without its ``val/`` prefix."""
+    from raypipe.train import selection_metric
 
-    if cfg.promote.metric:
-        return cfg.promote.metric
-    t = cfg.train
-    if t.metric == "val/f_sco" and "metric" not in t.model_fields_set:
-        return score_for_classes(classes)
-    return t.metric.partition("/")[2]
+    return cfg.promote.metric or selection_metric(cfg.train, classes).partition("/")[2]
 
 
 def promote(cfg: RaypipeConfig) -> dict[str, Any]:

@@ -211,24 +211,33 @@ def check_metric_for_classes(cfg: RaypipeConfig, classes: list[str]) -> None:
         )
 
 
+def selection_metric(t: Any, classes: list[str]) -> str:
+    """What a run with the ``train`` section ``t`` selects by on these classes: ``t.metric`` as set, or, left at its
+    default (val/f_sco), the score the classes allow (:func:`raypipe.metrics.score_for_classes`). One rule for
+    training (:func:`resolve_metric`) and ``raypipe promote``."""
+    from raypipe.metrics import score_for_classes
+
+    if "metric" in t.model_fields_set or t.metric != "val/f_sco":
+        return t.metric
+    return f"val/{score_for_classes(classes)}"
+
+
 def resolve_metric(cfg: RaypipeConfig, classes: list[str]) -> RaypipeConfig:
     """The default ``train.metric`` (val/f_sco) becomes val/f1_macro when the classes are not WBDC codes
-    (:func:`raypipe.metrics.score_for_classes`).
+    (:func:`selection_metric`).
 
     Why: class folders and manifests name classes freely, and a first run on them should train with the defaults
     instead of stopping at a metric it cannot compute. A metric the user set (command line, YAML, preset) is kept
     and checked (:func:`check_metric_for_classes`). The resolved name is set in the returned config, so the
     workers, MLflow's params, the checkpoint and the sweep's trials see what the run selects by.
     """
-    from raypipe.metrics import score_for_classes
-
-    t = cfg.train
-    if "metric" in t.model_fields_set or t.metric != "val/f_sco" or score_for_classes(classes) == "f_sco":
+    metric = selection_metric(cfg.train, classes)
+    if metric == cfg.train.metric:
         check_metric_for_classes(cfg, classes)
         return cfg
-    logger.info("train.metric: val/f1_macro (the default val/f_sco needs 4-digit WBDC codes as classes, found %r); "
-                "set train.metric to choose", _first_non_wbdc(classes))
-    return with_values(cfg, {"train.metric": "val/f1_macro"})
+    logger.info("train.metric: %s (the default val/f_sco needs 4-digit WBDC codes as classes, found %r); "
+                "set train.metric to choose", metric, _first_non_wbdc(classes))
+    return with_values(cfg, {"train.metric": metric})
 
 
 def _first_non_wbdc(classes: list[str]) -> str | None:
