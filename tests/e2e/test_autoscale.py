@@ -404,11 +404,7 @@ def _kill_node_mid_run(cluster: FakeCluster, args: list[str], fs, output: str) -
         assert proc.poll() is None and time.monotonic() < deadline, \
             f"no part written before the run ended:\n{proc.stdout.read()[-4000:] if proc.poll() is not None else ''}"
         time.sleep(0.3)
-    # At most HOLD_AFTER videos get through the held encoder (fewer when Ray Data still buffers one in the held
-    # task's output); after a moment the count is final.
     time.sleep(3.0)
-    written = parts()
-    assert 0 < written <= HOLD_AFTER, written
     assert proc.poll() is None, "the run ended before the node could be killed"
     cluster.kill_node(GPU_GROUP)
     try:
@@ -417,6 +413,16 @@ def _kill_node_mid_run(cluster: FakeCluster, args: list[str], fs, output: str) -
         proc.kill()
         raise AssertionError(f"the run did not fail after its GPU node was killed:\n{proc.stdout.read()[-4000:]}") \
             from None
+    # What the rerun finds is what the failed run left once it ended: a video that was already past the held
+    # encoder (buffered in Ray Data) may be written after the kill, so the count is taken when the listing has
+    # stopped changing, not before the kill (a CI run counted 1 there and the rerun then kept 2).
+    written, stable_since = parts(), time.monotonic()
+    while time.monotonic() - stable_since < 3.0:
+        time.sleep(0.5)
+        if (now := parts()) != written:
+            written, stable_since = now, time.monotonic()
+    # At most HOLD_AFTER videos get through the held encoder.
+    assert 0 < written <= HOLD_AFTER, written
     return FailedRun(rc, proc.stdout.read(), cluster.samples[start:], written)
 
 
