@@ -4,6 +4,8 @@
   (before); ``frames`` = the same without audio (:func:`sample_file`);
 - ``decode_all``: every frame of the video converted to RGB at full size (what a per-frame reader such as Ray
   Data's ``read_videos`` does);
+- ``frames_rgb_before``: ``frames`` with every sampled frame converted by its own reformatter (raypipe before it
+  shared one per video: ``frame.to_ndarray(width=...)`` builds a new swscale context per frame);
 - ``raw_span``: every frame of the sampled span (the first 32 s) decoded, not converted: the cost of decoding
   through, the floor of any sampler that does not seek;
 - the GOP-aware floor as counts: frames the decoder produced / frames needed (one per sampled time).
@@ -18,6 +20,7 @@ Also fits the per-video decode cost ``a + b * min(duration, 32)`` used by ``rayp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -66,6 +69,26 @@ def raw_span(path: str, span: float) -> int:
     return n
 
 
+@contextlib.contextmanager
+def per_frame_reformatter():
+    """raypipe's decode as before its shared reformatter: each sampled frame converted by a reformatter of its own."""
+    from raypipe.io import decode
+
+    shared = decode._rgb_converter
+    decode._rgb_converter = lambda size: (lambda frame: frame.to_ndarray(width=size, height=size, format="rgb24"))
+    try:
+        yield
+    finally:
+        decode._rgb_converter = shared
+
+
+def _sample_per_frame_rgb(path: str, cfg, image_size: int):
+    from raypipe.io.decode import sample_file
+
+    with per_frame_reformatter():
+        return sample_file(path, cfg, image_size=image_size)
+
+
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least squares ``y = a + b x`` (b >= 0)."""
     n = len(xs)
@@ -92,6 +115,7 @@ def measure(videos: list[dict], root: Path, image_size: int) -> list[dict]:
         r["raypipe_before_s"], _ = _time(lambda ref=ref: decode_video(ref, cfg, image_size=image_size, gop_seek=False))
         r["frames_s"], s = _time(lambda p=path: sample_file(p, cfg, image_size=image_size))
         r["frames_before_s"], sb = _time(lambda p=path: sample_file(p, cfg, image_size=image_size, gop_seek=False))
+        r["frames_rgb_before_s"], _ = _time(lambda p=path: _sample_per_frame_rgb(p, cfg, image_size))
         r["raw_span_s"], r["raw_span_frames"] = _time(lambda p=path: raw_span(p, span))
         r["decode_all_s"], r["all_frames"] = _time(lambda p=path: decode_all(p))
         r.update(needed=s.count, decoded=s.decoded, decoded_before=sb.decoded, seeks=s.seeks, status=row["status"])
@@ -110,6 +134,8 @@ def ratios(rows: list[dict]) -> dict:
         "raypipe_vs_before": round(tot("raypipe_s") / tot("raypipe_before_s"), 3),
         "frames_vs_raw_span": round(tot("frames_s") / tot("raw_span_s"), 3),
         "frames_before_vs_raw_span": round(tot("frames_before_s") / tot("raw_span_s"), 3),
+        "frames_rgb_before_vs_raw_span": round(tot("frames_rgb_before_s") / tot("raw_span_s"), 3),
+        "frames_vs_rgb_before": round(tot("frames_s") / tot("frames_rgb_before_s"), 3),
         "raypipe_vs_raw_span": round(tot("raypipe_s") / tot("raw_span_s"), 3),
         "decode_all_vs_raypipe": round(tot("decode_all_s") / tot("raypipe_s"), 3),
         "decoded_per_needed": round(tot("decoded") / tot("needed"), 2),
@@ -144,7 +170,8 @@ def main() -> int:
     a, b = fit_line([min(r["duration_s"], 32.0) for r in ok], [r["raypipe_s"] for r in ok])
     result = {
         "benchmark": "bench_decode", **environment(),
-        "corpus": {"generator": "raypipe.corpus seed=11 max_duration_s=75 long_fraction=0.25", "videos": len(rows),
+        "corpus": {"generator": f"--corpus-dir {args.corpus_dir} (as found there)" if args.corpus_dir else
+                   "raypipe.corpus seed=11 max_duration_s=75 long_fraction=0.25", "videos": len(rows),
                    "codecs": sorted({r["codec"] for r in rows}), "containers": sorted({r["container"] for r in rows}),
                    "total_duration_s": round(sum(r["duration_s"] for r in rows), 1),
                    "mean_pixels": round(sum(r["pixels"] for r in rows) / max(len(rows), 1))},
@@ -155,12 +182,13 @@ def main() -> int:
         "videos": rows,
     }
     write_result(args.out, result)
-    print(f"{'set':<10} {'n':>3} {'now/before':>10} {'frames/raw':>10} {'before/raw':>10} {'all/raypipe':>11} "
-          f"{'dec/need':>8} {'before':>7} {'raw':>6}")
+    print(f"{'set':<10} {'n':>3} {'now/before':>10} {'frames/raw':>10} {'before/raw':>10} {'rgb_b/raw':>9} "
+          f"{'all/raypipe':>11} {'dec/need':>8} {'before':>7} {'raw':>6}")
     for name, r in result["ratios"].items():
         if r:
             print(f"{name:<10} {r['videos']:>3} {r['raypipe_vs_before']:>10.2f} {r['frames_vs_raw_span']:>10.2f} "
-                  f"{r['frames_before_vs_raw_span']:>10.2f} {r['decode_all_vs_raypipe']:>11.2f} "
+                  f"{r['frames_before_vs_raw_span']:>10.2f} {r['frames_rgb_before_vs_raw_span']:>9.2f} "
+                  f"{r['decode_all_vs_raypipe']:>11.2f} "
                   f"{r['decoded_per_needed']:>8.2f} {r['decoded_per_needed_before']:>7.2f} {r['raw_span_frames_per_needed']:>6.2f}")
     print(f"decode cost fit: {a:.4f} s + {b:.4f} s per sampled second (raypipe decode_video, this host)")
     return 0 if ok and not math.isnan(a) else 1
