@@ -159,7 +159,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         root = Path(args.corpus_dir or f"{tmp}/corpus")
-        if not (root / "corpus.json").is_file():
+        generated = not (root / "corpus.json").is_file()
+        if generated:
             generate_corpus(CorpusConfig(out=str(root), videos=args.videos, seed=11, max_duration_s=75.0,
                                          long_fraction=0.25, workers=2))
         videos = json.loads((root / "corpus.json").read_text())["videos"][: args.videos]
@@ -170,8 +171,8 @@ def main() -> int:
     a, b = fit_line([min(r["duration_s"], 32.0) for r in ok], [r["raypipe_s"] for r in ok])
     result = {
         "benchmark": "bench_decode", **environment(),
-        "corpus": {"generator": f"--corpus-dir {args.corpus_dir} (as found there)" if args.corpus_dir else
-                   "raypipe.corpus seed=11 max_duration_s=75 long_fraction=0.25", "videos": len(rows),
+        "corpus": {"generator": "raypipe.corpus seed=11 max_duration_s=75 long_fraction=0.25" if generated else
+                   f"the corpus found in --corpus-dir {args.corpus_dir}", "videos": len(rows),
                    "codecs": sorted({r["codec"] for r in rows}), "containers": sorted({r["container"] for r in rows}),
                    "total_duration_s": round(sum(r["duration_s"] for r in rows), 1),
                    "mean_pixels": round(sum(r["pixels"] for r in rows) / max(len(rows), 1))},
