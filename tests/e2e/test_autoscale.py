@@ -404,7 +404,7 @@ def _kill_node_mid_run(cluster: FakeCluster, args: list[str], fs, output: str) -
         assert proc.poll() is None and time.monotonic() < deadline, \
             f"no part written before the run ended:\n{proc.stdout.read()[-4000:] if proc.poll() is not None else ''}"
         time.sleep(0.3)
-    time.sleep(3.0)
+    time.sleep(3.0)  # the videos that got through the held encoder are written meanwhile; the kill comes after
     assert proc.poll() is None, "the run ended before the node could be killed"
     cluster.kill_node(GPU_GROUP)
     try:
