@@ -26,13 +26,12 @@ import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from raypipe.config import DecodeConfig, StorageConfig
+from raypipe.io.frame_sampler import DecodeFailure, Sampled, sample_video
 from raypipe.io.fs import local_copy, remove_tree, resolve
 from raypipe.io.sources import VideoRef
 from raypipe.io.text import build_text
@@ -45,50 +44,6 @@ REASONS = (
 )
 # Decided by the listing (``VideoRef.fail_reason``), stage "source": video2dataset's per-sample status values
 # ("failed_to_download", "failed_to_subsample"), "no_video_member", "unreadable_shard", or "truncated".
-_EPS = 1e-4
-
-
-class DecodeFailure(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass
-class _Sampled:
-    frames: np.ndarray  # (T, S, S, 3) uint8, zero-padded
-    times: np.ndarray  # (T,) float32, NaN-free, zero-padded
-    count: int
-    end_s: float | None  # where the video stream really ended, when decoding reached its end early
-    decoded: int = 0  # frames the decoder produced (the GOP-aware floor is ``count``: one per target)
-    seeks: int = 0
-
-
-def _keyframe_index(container: Any, vs: Any, until: float, start: float) -> list[tuple[float, int]]:
-    """``(time, pts)`` of the video keyframes up to the first one after ``until``: a demux pass (packets only, no
-    decoding), which costs a small fraction of decoding the same span. Empty when the stream gives no timestamps."""
-    out: list[tuple[float, int]] = []
-    for pkt in container.demux(vs):
-        if pkt.pts is None or not pkt.is_keyframe:
-            continue
-        t = float(pkt.pts * vs.time_base) - start
-        out.append((t, int(pkt.pts)))
-        if t > until:
-            break
-    out.sort()
-    return out
-
-
-def _keyframe_before(index: list[tuple[float, int]], t: float) -> tuple[float, int] | None:
-    """The last keyframe at or before ``t`` (binary search; the index is sorted by time)."""
-    lo, hi = 0, len(index)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if index[mid][0] <= t + _EPS:
-            lo = mid + 1
-        else:
-            hi = mid
-    return index[lo - 1] if lo else None
 
 
 def sample_times(duration: float, cfg: DecodeConfig) -> list[float]:
@@ -137,123 +92,6 @@ def _video_duration(container: Any, vs: Any) -> float | None:
     if container.duration is not None:
         return container.duration / 1_000_000
     return None
-
-
-def _rgb_converter(size: int) -> Callable[[Any], np.ndarray]:
-    """frame -> (S, S, 3) uint8 RGB, through one reformatter per video: ``frame.to_ndarray(width=...)`` gives every
-    frame its own reformatter, i.e. a new swscale context (the downscale's filter set-up) per sampled frame: 2.8 ms
-    a conversion at 720p against 0.7 ms reused, ~12 % of a long-GOP clip's sampling (docs/PERFORMANCE.md, Decode).
-    The shared one is rebuilt only when the source size or format changes; the pixels are the same (same scaler,
-    same bilinear default)."""
-    from av.video.reformatter import VideoReformatter
-
-    reformatter = VideoReformatter()
-    return lambda frame: reformatter.reformat(frame, width=size, height=size, format="rgb24").to_ndarray()
-
-
-def _gop_index(container: Any, vs: Any, targets: list[float], cfg: DecodeConfig, start: float) -> list[tuple[float, int]]:
-    """The keyframe index for GOP-aware sampling when the targets are dense (else empty), container rewound.
-
-    With it, before each target, when the keyframe before it lies beyond the next frame the decoder would give,
-    decoding seeks to that keyframe instead of decoding the frames in between (none of them is sampled). The frame
-    chosen for a target is the same either way: decoding from a keyframe reproduces every later frame of its GOP
-    exactly. Short GOPs then cost about half a GOP per target instead of a second of frames; long GOPs decode
-    through as before.
-    """
-    import av
-
-    if len(targets) < 2 or max(b - a for a, b in zip(targets, targets[1:], strict=False)) > cfg.seek_gap_s:
-        return []
-    try:
-        index = _keyframe_index(container, vs, targets[-1], start)
-    except (av.error.FFmpegError, ValueError, RuntimeError, OSError):
-        index = []  # a damaged stream: decode through as without the index, and report what that finds
-    try:  # back to the start: a target before the first indexed keyframe decodes from there
-        container.seek(vs.start_time or 0, stream=vs, backward=True, any_frame=False)
-    except (av.error.FFmpegError, ValueError, RuntimeError, OSError) as exc:
-        raise DecodeFailure("corrupt", f"cannot seek back to the start after indexing keyframes: {exc}") from exc
-    return index
-
-
-def _sample_video(
-    container: Any, vs: Any, targets: list[float], cfg: DecodeConfig, *, size: int, deadline: float,
-    keyframe_only: bool, gop_seek: bool = True,
-) -> _Sampled:
-    """Decode only what the target times need: sequentially while they are close, seeking across large gaps, and
-    GOP-aware (``gop_seek``, see :func:`_gop_index`) from one keyframe to the next while they are dense."""
-    import av
-
-    start = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
-    n, to_rgb = len(targets), _rgb_converter(size)
-    frames = np.zeros((cfg.max_frames, size, size, 3), np.uint8)
-    times = np.zeros(cfg.max_frames, np.float32)
-    gen = None
-    prev = pending = None
-    pos = -math.inf
-    got = 0
-    end_s = None
-    frame_period = 1.0 / float(vs.average_rate) if vs.average_rate else 1.0 / cfg.fps
-    decoded = seeks = 0
-    index = _gop_index(container, vs, targets, cfg, start) if gop_seek and not keyframe_only else []
-    try:
-        for k, t in enumerate(targets):
-            if time.monotonic() > deadline:
-                raise DecodeFailure("decode_timeout", f"decoding took longer than {cfg.max_decode_s}s")
-            seeked = False
-            kf = _keyframe_before(index, t) if index else None
-            if kf is not None:
-                nxt = (float(pending.time) - start) if pending is not None and pending.time is not None else pos
-                if gen is None or kf[0] > nxt + _EPS:
-                    container.seek(kf[1], stream=vs, backward=True, any_frame=False)
-                    gen = container.decode(vs)
-                    prev = pending = None
-                    seeks += 1
-            elif gen is None or t - pos > cfg.seek_gap_s:
-                if t > 0:
-                    container.seek(int((t + start) / vs.time_base), stream=vs, backward=True, any_frame=False)
-                    seeked = True
-                    seeks += 1
-                gen = container.decode(vs)
-                prev = pending = None
-            if seeked and keyframe_only:
-                chosen = next(gen, None)
-                pos = t
-            else:
-                cur = pending
-                pending = None
-                while True:
-                    if cur is None:
-                        cur = next(gen, None)
-                        if cur is None:
-                            break
-                        decoded += 1
-                    ts = float(cur.time) - start
-                    if ts > t + _EPS:
-                        pending = cur
-                        break
-                    prev, pos, cur = cur, ts, None
-                    if time.monotonic() > deadline:
-                        raise DecodeFailure("decode_timeout", f"decoding took longer than {cfg.max_decode_s}s")
-                chosen = prev if prev is not None else pending
-                if chosen is not None and pending is None and t >= pos + 0.9 * frame_period:  # timestamps are rounded (ms in webm)
-                    # End of stream before this target: the last frame is no longer on screen at t (the header
-                    # duration may count a longer audio track). Stop; the video really ends at pos + period.
-                    end_s = pos + frame_period
-                    break
-            if chosen is None:
-                break
-            frames[k] = to_rgb(chosen)
-            times[k] = max(0.0, float(chosen.time) - start) if chosen.time is not None else t
-            got = k + 1
-    except DecodeFailure:
-        raise
-    except (av.error.FFmpegError, ValueError, RuntimeError, OSError) as exc:
-        if got == 0:
-            raise DecodeFailure("corrupt", f"no frame could be decoded: {exc}") from exc
-        raise DecodeFailure("truncated", f"decoding stopped after {got} of {n} frames: {exc}") from exc
-    if got == 0:
-        raise DecodeFailure("corrupt", "the video stream has no decodable frame")
-    return _Sampled(frames=frames, times=times, count=got, end_s=end_s, decoded=decoded, seeks=seeks)
 
 
 def _decode_audio(
@@ -370,26 +208,29 @@ def _tar_member_file(
         return local, tmp_dir, f.read(16)
 
 
-def sample_file(path: str, cfg: DecodeConfig, *, image_size: int, gop_seek: bool = True) -> _Sampled:
+def sample_file(
+    path: str, cfg: DecodeConfig, *, image_size: int, gop_seek: bool = True, skip_nonref: bool = True
+) -> Sampled:
     """The sampled frames of one local file with the decoder's own counts (frames decoded, seeks): what the decode
-    benchmark and the GOP-equivalence test compare. Raises :class:`DecodeFailure`; no audio."""
+    benchmark and the equivalence tests compare. Raises :class:`DecodeFailure`; no audio."""
     import av
 
     with av.open(path, mode="r", metadata_errors="ignore") as container:
         vs = container.streams.video[0]
         duration = _video_duration(container, vs)
-        return _sample_video(container, vs, sample_times(duration or 0.0, cfg), cfg, size=image_size,
-                             deadline=time.monotonic() + cfg.max_decode_s, keyframe_only=False, gop_seek=gop_seek)
+        return sample_video(container, vs, sample_times(duration or 0.0, cfg), cfg, size=image_size,
+                             deadline=time.monotonic() + cfg.max_decode_s, keyframe_only=False, gop_seek=gop_seek,
+                             skip_nonref=skip_nonref)
 
 
 def decode_video(
     ref: VideoRef | dict[str, Any], decode_cfg: DecodeConfig, *, image_size: int, storage: StorageConfig | None = None,
-    gop_seek: bool = True,
+    gop_seek: bool = True, skip_nonref: bool = True,
 ) -> dict[str, Any]:
     """Decode one video into the fixed-shape row of :func:`empty_result`; never raises (see module docstring).
 
-    ``gop_seek=False`` decodes through dense targets instead of seeking keyframe to keyframe (same rows; kept for
-    the benchmark's before/after)."""
+    ``gop_seek=False`` decodes through dense targets instead of seeking keyframe to keyframe, ``skip_nonref=False``
+    decodes the non-reference frames too (same rows either way; kept for the benchmark's before/after)."""
     import av
 
     t0 = time.monotonic()
@@ -423,9 +264,9 @@ def decode_video(
             seek = len(targets) > 1 and (targets[1] - targets[0]) > decode_cfg.seek_gap_s
             keyframe_only = bool(duration and duration > decode_cfg.keyframe_only_after_s)
             deadline = t0 + decode_cfg.max_decode_s
-            sampled = _sample_video(
+            sampled = sample_video(
                 container, vs, targets, decode_cfg, size=image_size, deadline=deadline, keyframe_only=keyframe_only,
-                gop_seek=gop_seek,
+                gop_seek=gop_seek, skip_nonref=skip_nonref,
             )
             audio, audio_mask = _decode_audio(
                 container, np.asarray(targets, np.float64), sampled.count, decode_cfg, seek=seek, deadline=deadline
