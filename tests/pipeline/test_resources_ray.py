@@ -68,6 +68,9 @@ def test_watchdog_ends_a_stalled_embed_and_a_rerun_resumes(ray_session, corpus, 
     assert 0 < len(done) < 12, done
     assert run_stage("embed", lambda c: pipeline.embed_videos(c) and 0, cfg) == 4  # exit code of a stall
     monkeypatch.delenv(STALL_ENV)
+    # The resume must finish, not stall: a generous clock, since a fresh actor's start-up alone can pass 30 s on
+    # two loaded cores (CI, 2026-12-02: the healthy rerun was ended before its actor had loaded its weights).
+    cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"stall_timeout_s": 300.0})})
     summary = pipeline.embed_videos(cfg)
     assert summary["videos_skipped"] >= len(done) and summary["videos_processed"] < 12
     assert summary["rows_total"] + summary["errors_total"] == summary["videos_listed"] == 12
