@@ -6,6 +6,10 @@
   Data's ``read_videos`` does);
 - ``frames_rgb_before``: ``frames`` with every sampled frame converted by its own reformatter (raypipe before it
   shared one per video: ``frame.to_ndarray(width=...)`` builds a new swscale context per frame);
+- ``frames_with_nonref``: ``frames`` with the non-reference frames decoded too (raypipe before it sent the packets
+  no sampled time needs with ``skip_frame=NONREF``); ``long_gop_by_codec`` splits the long-GOP ratios per codec,
+  since only streams with non-reference frames (B-frames: hevc here, h264 from most encoders but not x264's
+  ultrafast, which the generated corpus uses) gain from it;
 - ``raw_span``: every frame of the sampled span (the first 32 s) decoded, not converted: the cost of decoding
   through, the floor of any sampler that does not seek;
 - the GOP-aware floor as counts: frames the decoder produced / frames needed (one per sampled time).
@@ -14,7 +18,7 @@ Ratios are sums over the videos, split into short-GOP (keyframe interval < 2 s) 
 runs every method back to back (interleaved), so load from other processes on a shared host hits all alike.
 Also fits the per-video decode cost ``a + b * min(duration, 32)`` used by ``raypipe plan``.
 
-    .venv/bin/python bench/bench_decode.py [--videos 40] [--out bench/results/bench_decode.json]
+    .venv/bin/python bench/bench_decode.py [--videos 40] [--codecs wide] [--resolutions hd] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -72,14 +76,14 @@ def raw_span(path: str, span: float) -> int:
 @contextlib.contextmanager
 def per_frame_reformatter():
     """raypipe's decode as before its shared reformatter: each sampled frame converted by a reformatter of its own."""
-    from raypipe.io import decode
+    from raypipe.io import frame_sampler
 
-    shared = decode._rgb_converter
-    decode._rgb_converter = lambda size: (lambda frame: frame.to_ndarray(width=size, height=size, format="rgb24"))
+    shared = frame_sampler._rgb_converter
+    frame_sampler._rgb_converter = lambda size: (lambda frame: frame.to_ndarray(width=size, height=size, format="rgb24"))
     try:
         yield
     finally:
-        decode._rgb_converter = shared
+        frame_sampler._rgb_converter = shared
 
 
 def _sample_per_frame_rgb(path: str, cfg, image_size: int):
@@ -87,6 +91,21 @@ def _sample_per_frame_rgb(path: str, cfg, image_size: int):
 
     with per_frame_reformatter():
         return sample_file(path, cfg, image_size=image_size)
+
+
+def gop_seconds(path: str) -> float:
+    """The mean keyframe interval of the file's video stream, from its packets (the spec's ``keyframe_interval``
+    is what the encoder was asked for; all-intra codecs such as prores make every frame a keyframe)."""
+    import av
+
+    times = []
+    with av.open(path) as c:
+        vs = c.streams.video[0]
+        for pkt in c.demux(vs):
+            if pkt.is_keyframe and pkt.pts is not None:
+                times.append(float(pkt.pts * vs.time_base))
+    times.sort()
+    return round((times[-1] - times[0]) / (len(times) - 1), 2) if len(times) > 1 else math.inf
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -109,16 +128,18 @@ def measure(videos: list[dict], root: Path, image_size: int) -> list[dict]:
     for v in videos:
         path = str(root / v["path"])
         ref = VideoRef(video_id=v["video_id"], source_uri=path)
-        r = {"video_id": v["video_id"], "duration_s": v["duration_s"], "gop_s": round(v["keyframe_interval"] / (v["fps"] or 24), 2),
+        r = {"video_id": v["video_id"], "duration_s": v["duration_s"], "gop_s": gop_seconds(path),
              "codec": v["video_codec"], "container": v["container"], "pixels": v["width"] * v["height"]}
         r["raypipe_s"], row = _time(lambda ref=ref: decode_video(ref, cfg, image_size=image_size))
         r["raypipe_before_s"], _ = _time(lambda ref=ref: decode_video(ref, cfg, image_size=image_size, gop_seek=False))
         r["frames_s"], s = _time(lambda p=path: sample_file(p, cfg, image_size=image_size))
         r["frames_before_s"], sb = _time(lambda p=path: sample_file(p, cfg, image_size=image_size, gop_seek=False))
         r["frames_rgb_before_s"], _ = _time(lambda p=path: _sample_per_frame_rgb(p, cfg, image_size))
+        r["frames_with_nonref_s"], sn = _time(lambda p=path: sample_file(p, cfg, image_size=image_size, skip_nonref=False))
         r["raw_span_s"], r["raw_span_frames"] = _time(lambda p=path: raw_span(p, span))
         r["decode_all_s"], r["all_frames"] = _time(lambda p=path: decode_all(p))
-        r.update(needed=s.count, decoded=s.decoded, decoded_before=sb.decoded, seeks=s.seeks, status=row["status"])
+        r.update(needed=s.count, decoded=s.decoded, decoded_before=sb.decoded, decoded_with_nonref=sn.decoded,
+                 skippable=s.skippable, resampled=s.resampled, seeks=s.seeks, status=row["status"])
         rows.append(r)
     return rows
 
@@ -136,10 +157,14 @@ def ratios(rows: list[dict]) -> dict:
         "frames_before_vs_raw_span": round(tot("frames_before_s") / tot("raw_span_s"), 3),
         "frames_rgb_before_vs_raw_span": round(tot("frames_rgb_before_s") / tot("raw_span_s"), 3),
         "frames_vs_rgb_before": round(tot("frames_s") / tot("frames_rgb_before_s"), 3),
+        "frames_with_nonref_vs_raw_span": round(tot("frames_with_nonref_s") / tot("raw_span_s"), 3),
+        "frames_vs_with_nonref": round(tot("frames_s") / tot("frames_with_nonref_s"), 3),
         "raypipe_vs_raw_span": round(tot("raypipe_s") / tot("raw_span_s"), 3),
         "decode_all_vs_raypipe": round(tot("decode_all_s") / tot("raypipe_s"), 3),
         "decoded_per_needed": round(tot("decoded") / tot("needed"), 2),
         "decoded_per_needed_before": round(tot("decoded_before") / tot("needed"), 2),
+        "decoded_per_needed_with_nonref": round(tot("decoded_with_nonref") / tot("needed"), 2),
+        "resampled": sum(bool(r["resampled"]) for r in rows),
         "raw_span_frames_per_needed": round(tot("raw_span_frames") / tot("needed"), 2),
     }
 
@@ -151,6 +176,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="best of N timings per method and video")
     ap.add_argument("--out", default="bench/results/bench_decode.json")
     ap.add_argument("--corpus-dir", default=None, help="generate the corpus here once and reuse it (default: a temp dir)")
+    ap.add_argument("--codecs", choices=("classic", "wide"), default="classic", help="corpus.codecs when generating")
+    ap.add_argument("--resolutions", choices=("small", "hd"), default="small", help="corpus.resolutions when generating")
     args = ap.parse_args()
     global REPEAT
     REPEAT = max(1, args.repeat)
@@ -162,7 +189,8 @@ def main() -> int:
         generated = not (root / "corpus.json").is_file()
         if generated:
             generate_corpus(CorpusConfig(out=str(root), videos=args.videos, seed=11, max_duration_s=75.0,
-                                         long_fraction=0.25, workers=2))
+                                         long_fraction=0.25, workers=2, codecs=args.codecs,
+                                         resolutions=args.resolutions))
         videos = json.loads((root / "corpus.json").read_text())["videos"][: args.videos]
         rows = measure(videos, root, args.image_size)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -171,25 +199,29 @@ def main() -> int:
     a, b = fit_line([min(r["duration_s"], 32.0) for r in ok], [r["raypipe_s"] for r in ok])
     result = {
         "benchmark": "bench_decode", **environment(),
-        "corpus": {"generator": "raypipe.corpus seed=11 max_duration_s=75 long_fraction=0.25" if generated else
+        "corpus": {"generator": "raypipe.corpus seed=11 max_duration_s=75 long_fraction=0.25 "
+                                f"codecs={args.codecs} resolutions={args.resolutions}"
+                   if generated else
                    f"the corpus found in --corpus-dir {args.corpus_dir}", "videos": len(rows),
                    "codecs": sorted({r["codec"] for r in rows}), "containers": sorted({r["container"] for r in rows}),
                    "total_duration_s": round(sum(r["duration_s"] for r in rows), 1),
                    "mean_pixels": round(sum(r["pixels"] for r in rows) / max(len(rows), 1))},
         "image_size": args.image_size, "timing": f"best of {REPEAT} per method and video, methods interleaved",
         "ratios": {"all": ratios(ok), "short_gop": ratios(short), "long_gop": ratios(long_)},
+        "long_gop_by_codec": {c: ratios([r for r in long_ if r["codec"] == c]) for c in sorted({r["codec"] for r in long_})},
         "costs": {"decode_base_s": round(a, 5), "decode_per_sampled_s": round(b, 5)},
         "durations_s": [r["duration_s"] for r in ok],
         "videos": rows,
     }
     write_result(args.out, result)
-    print(f"{'set':<10} {'n':>3} {'now/before':>10} {'frames/raw':>10} {'before/raw':>10} {'rgb_b/raw':>9} "
-          f"{'all/raypipe':>11} {'dec/need':>8} {'before':>7} {'raw':>6}")
-    for name, r in result["ratios"].items():
+    print(f"{'set':<14} {'n':>3} {'now/before':>10} {'frames/raw':>10} {'before/raw':>10} {'rgb_b/raw':>9} "
+          f"{'nonref/raw':>10} {'all/raypipe':>11} {'dec/need':>8} {'before':>7} {'raw':>6}")
+    sets = {**result["ratios"], **{f"long {c}": r for c, r in result["long_gop_by_codec"].items()}}
+    for name, r in sets.items():
         if r:
-            print(f"{name:<10} {r['videos']:>3} {r['raypipe_vs_before']:>10.2f} {r['frames_vs_raw_span']:>10.2f} "
+            print(f"{name:<14} {r['videos']:>3} {r['raypipe_vs_before']:>10.2f} {r['frames_vs_raw_span']:>10.2f} "
                   f"{r['frames_before_vs_raw_span']:>10.2f} {r['frames_rgb_before_vs_raw_span']:>9.2f} "
-                  f"{r['decode_all_vs_raypipe']:>11.2f} "
+                  f"{r['frames_with_nonref_vs_raw_span']:>10.2f} {r['decode_all_vs_raypipe']:>11.2f} "
                   f"{r['decoded_per_needed']:>8.2f} {r['decoded_per_needed_before']:>7.2f} {r['raw_span_frames_per_needed']:>6.2f}")
     print(f"decode cost fit: {a:.4f} s + {b:.4f} s per sampled second (raypipe decode_video, this host)")
     return 0 if ok and not math.isnan(a) else 1
