@@ -32,6 +32,8 @@ class DecodeFailure(Exception):
 
 @dataclass
 class Sampled:
+    """The frames chosen for the sampled times, and what it cost (the decode benchmark and the tests read it)."""
+
     frames: np.ndarray  # (T, S, S, 3) uint8, zero-padded
     times: np.ndarray  # (T,) float32, NaN-free, zero-padded
     count: int
@@ -209,7 +211,7 @@ def sample_video(
     """Decode only what the target times need: sequentially while they are close, seeking across large gaps,
     GOP-aware (``gop_seek``, see :func:`_gop_index`) from one keyframe to the next while they are dense, and
     without the non-reference frames no target shows (``skip_nonref``, see :class:`_Cursor`). Where skipping
-    cannot be shown exact, the video is sampled again without it (``_Sampled.resampled``)."""
+    cannot be shown exact, the video is sampled again without it (``Sampled.resampled``)."""
     kwargs = dict(size=size, deadline=deadline, keyframe_only=keyframe_only, gop_seek=gop_seek)
     try:
         return _sample_pass(container, vs, targets, cfg, skip_nonref=skip_nonref and not keyframe_only, **kwargs)
@@ -224,7 +226,7 @@ def _sample_pass(
     container: Any, vs: Any, targets: list[float], cfg: DecodeConfig, *, size: int, deadline: float,
     keyframe_only: bool, gop_seek: bool, skip_nonref: bool,
 ) -> Sampled:
-    """One pass of :func:`_sample_video` over the targets."""
+    """One pass of :func:`sample_video` over the targets."""
     import av
 
     start = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
