@@ -18,7 +18,8 @@ Ratios are sums over the videos, split into short-GOP (keyframe interval < 2 s) 
 runs every method back to back (interleaved), so load from other processes on a shared host hits all alike.
 Also fits the per-video decode cost ``a + b * min(duration, 32)`` used by ``raypipe plan``.
 
-    .venv/bin/python bench/bench_decode.py [--videos 40] [--codecs wide] [--resolutions hd] [--out FILE.json]
+    .venv/bin/python bench/bench_decode.py [--videos 40] [--codecs wide] [--resolutions hd] [--x264-preset medium]
+        [--corpus-dir DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -91,6 +92,34 @@ def _sample_per_frame_rgb(path: str, cfg, image_size: int):
 
     with per_frame_reformatter():
         return sample_file(path, cfg, image_size=image_size)
+
+
+def reencode_h264(videos: list[dict], root: Path, preset: str) -> list[dict]:
+    """The corpus' constant-rate h264 videos encoded again by x264 at ``preset`` (video only, same keyframe
+    interval, no scene cuts), under ``root/x264_<preset>/``. The generator's own h264 is x264's ``ultrafast``,
+    which has no B-frames; the default ``medium`` gives the B-frames (some unreferenced) that most uploads have."""
+    import av
+
+    out_dir = root / f"x264_{preset}"
+    out_dir.mkdir(exist_ok=True)
+    out = []
+    for v in videos:
+        if v["video_codec"] != "h264" or v.get("vfr"):
+            continue
+        dst = out_dir / f"{v['video_id']}.mp4"
+        if not dst.is_file():
+            params = f"keyint={v['keyframe_interval']}:min-keyint={v['keyframe_interval']}:scenecut=0"
+            with av.open(str(root / v["path"])) as src, av.open(str(dst), "w") as o:
+                vs = src.streams.video[0]
+                enc = o.add_stream("libx264", rate=vs.average_rate,
+                                   options={"preset": preset, "crf": "26", "threads": "1", "x264-params": params})
+                enc.width, enc.height, enc.pix_fmt = vs.width, vs.height, "yuv420p"
+                for f in src.decode(vs):
+                    f.pict_type = av.video.frame.PictureType.NONE  # let x264 choose the frame types
+                    o.mux(enc.encode(f))
+                o.mux(enc.encode())
+        out.append({**v, "path": str(dst.relative_to(root)), "video_codec": f"h264-{preset}"})
+    return out
 
 
 def gop_seconds(path: str) -> float:
@@ -178,6 +207,8 @@ def main() -> int:
     ap.add_argument("--corpus-dir", default=None, help="generate the corpus here once and reuse it (default: a temp dir)")
     ap.add_argument("--codecs", choices=("classic", "wide"), default="classic", help="corpus.codecs when generating")
     ap.add_argument("--resolutions", choices=("small", "hd"), default="small", help="corpus.resolutions when generating")
+    ap.add_argument("--x264-preset", default=None,
+                    help="measure the corpus' h264 videos encoded again at this x264 preset (medium: with B-frames)")
     args = ap.parse_args()
     global REPEAT
     REPEAT = max(1, args.repeat)
@@ -192,6 +223,8 @@ def main() -> int:
                                          long_fraction=0.25, workers=2, codecs=args.codecs,
                                          resolutions=args.resolutions))
         videos = json.loads((root / "corpus.json").read_text())["videos"][: args.videos]
+        if args.x264_preset:
+            videos = reencode_h264(videos, root, args.x264_preset)
         rows = measure(videos, root, args.image_size)
     ok = [r for r in rows if r["status"] == "ok"]
     short = [r for r in ok if r["gop_s"] < 2.0]
@@ -203,6 +236,7 @@ def main() -> int:
                                 f"codecs={args.codecs} resolutions={args.resolutions}"
                    if generated else
                    f"the corpus found in --corpus-dir {args.corpus_dir}", "videos": len(rows),
+                   "h264_encoded_again_with_x264_preset": args.x264_preset,
                    "codecs": sorted({r["codec"] for r in rows}), "containers": sorted({r["container"] for r in rows}),
                    "total_duration_s": round(sum(r["duration_s"] for r in rows), 1),
                    "mean_pixels": round(sum(r["pixels"] for r in rows) / max(len(rows), 1))},
