@@ -15,7 +15,8 @@ Audio: resampled to mono ``audio_sample_rate``; window ``k`` is ``[t_k - w/2, t_
 (VGGish's fixed 0.96 s windows drift against 1 fps frames).
 
 :func:`decode_video` never raises: failures come back as ``status="failed"`` with a ``reason`` from
-:data:`REASONS` and the error text.
+:data:`REASONS` and the error text. Which frames the decoder produces to find the sampled ones (seeks, GOPs,
+skipped non-reference frames) is :mod:`raypipe.io.frame_sampler`.
 """
 
 from __future__ import annotations
